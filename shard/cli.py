@@ -1,0 +1,62 @@
+"""`sluice-shard`: load one tensor-parallel slice of a model and serve it over gRPC."""
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from shard import dist
+from shard.config import ShardConfig
+
+
+def parse_args(argv: list[str] | None = None) -> ShardConfig:
+    p = argparse.ArgumentParser(prog="sluice-shard", description=__doc__)
+    p.add_argument("--model-id", type=Path, required=True, help="model directory (config.json + safetensors)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--uds-path", default="/tmp/sluice-shard", help="listen on {uds-path}-{rank}")
+    p.add_argument("--port", type=int, default=None, help="listen on TCP instead of a unix socket")
+    p.add_argument("--host", default="127.0.0.1", help="TCP address to bind with --port")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--cuda-memory-fraction", type=float, default=0.9)
+    p.add_argument("--cpu-kv-cache-gb", type=float, default=4.0)
+    p.add_argument("--watermark-gamma", type=float, default=0.5)
+    p.add_argument("--watermark-delta", type=float, default=2.0)
+    p.add_argument("--json-output", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format='{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
+        if a.json_output else f"%(asctime)s %(levelname)s shard-{a.rank} %(name)s: %(message)s",
+    )
+    return ShardConfig(
+        model_dir=a.model_id, rank=a.rank, world_size=a.world_size, master_addr=a.master_addr,
+        master_port=a.master_port, uds_path=a.uds_path, port=a.port, host=a.host, device=a.device,
+        dtype=a.dtype, block_size=a.block_size, cuda_memory_fraction=a.cuda_memory_fraction,
+        cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
+        watermark_gamma=a.watermark_gamma, watermark_delta=a.watermark_delta,
+    )
+
+
+async def _main(config: ShardConfig) -> None:
+    from shard.runner import ModelRunner, resolve_device
+    from shard.server import serve
+
+    dist.init(config.rank, config.world_size, config.master_addr, config.master_port, resolve_device(config))
+    runner = ModelRunner(config)
+    logging.getLogger(__name__).info(
+        "loaded %s (%s on %s, kernels: %s)", config.model_dir, runner.dtype, runner.device, runner.kernel_backend
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(runner, config.address, stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_main(parse_args(argv)))

@@ -1,0 +1,36 @@
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    """Everything one shard process needs; built only by shard/cli.py."""
+
+    model_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    uds_path: str = "/tmp/sluice-shard"  # listens on f"{uds_path}-{rank}" unless `port` is set
+    port: int | None = None
+    host: str = "127.0.0.1"
+    device: str = "auto"  # "auto": cuda:{rank} when CUDA is available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA (float16 if the model says so), float32 on CPU
+    block_size: int = 16
+    cuda_memory_fraction: float = 0.9
+    cpu_kv_cache_bytes: int = 4 << 30
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block size must be a power of two, got {self.block_size}")
+        if not 0 < self.cuda_memory_fraction <= 1:
+            raise ValueError(f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}")
+
+    @property
+    def address(self) -> str:
+        """The gRPC address this shard listens on."""
+        return f"{self.host}:{self.port}" if self.port else f"unix://{self.uds_path}-{self.rank}"

@@ -1,0 +1,80 @@
+"""Torch implementations of the paged-attention kernels: the CPU backend and the test oracle.
+
+KV cache layout (per layer, K and V alike): [num_blocks, block_size, num_kv_heads, head_dim];
+the slot of position p of a sequence is block_table[p // block_size] * block_size
++ p % block_size.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Write each token's K and V into its slot of the paged cache."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = key
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = value
+
+
+def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """[num_reqs, length, num_kv_heads, head_dim]: the first `length` positions of each row."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
+    return cache.view(-1, *cache.shape[2:])[slots]
+
+
+def _attend(q, k, v, mask, scale):
+    """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask [B, 1, Lq, Lk] bool -> [B, Hq, Lq, D]."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def attention_decode(
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim], one token per request
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,  # [num_reqs] int32, including the query token
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+    max_context_len: int,
+) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
+    """Attention of one new token per request over its whole cached sequence."""
+    k = _gather_kv(k_cache, block_tables, max_context_len).transpose(1, 2)
+    v = _gather_kv(v_cache, block_tables, max_context_len).transpose(1, 2)
+    pos = torch.arange(max_context_len, device=query.device)
+    mask = (pos[None, :] < context_lens[:, None])[:, None, None, :]
+    return _attend(query.unsqueeze(2), k, v, mask, scale).squeeze(2)
+
+
+def attention_extend(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,  # [num_reqs + 1] int32
+    context_lens: torch.Tensor,  # [num_reqs] int32, cached prefix + new tokens
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each request's new tokens over its cached prefix and themselves.
+
+    Query row j of a request with q_len new tokens and context_len in all sits at position
+    context_len - q_len + j and sees positions 0..that position.
+    """
+    out = torch.empty_like(query)
+    starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    for i, ctx_len in enumerate(lens):
+        q = query[starts[i] : starts[i + 1]]  # [q_len, Hq, D]
+        q_len = q.shape[0]
+        k = _gather_kv(k_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
+        v = _gather_kv(v_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        k_pos = torch.arange(ctx_len, device=q.device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        out[starts[i] : starts[i + 1]] = _attend(q.transpose(0, 1)[None], k, v, mask, scale)[0].transpose(0, 1)
+    return out

@@ -1,0 +1,28 @@
+"""Paged attention: stores this step's K/V, then attends over the cache."""
+import torch
+from torch import nn
+
+from shard import kernels
+from shard.context import get_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # Set by the runner when it allocates the cache: [num_blocks, block_size, num_kv_heads, head_dim].
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
+        ctx = get_context()
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.max_query_len == 1:  # decode
+            out = kernels.attention_decode(
+                q, self.k_cache, self.v_cache, ctx.context_lens, ctx.block_tables, self.scale, ctx.max_context_len
+            )
+        else:  # prefill or extend
+            out = kernels.attention_extend(
+                q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, self.scale
+            )
+        return out.reshape(q.shape[0], -1)

@@ -1,0 +1,45 @@
+"""Load safetensors weights into a model whose parameters carry `weight_loader`s.
+
+Each rank opens the files lazily and reads only its own slice of every tensor.
+"""
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def _default_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    param.data.copy_(loaded[:])
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Fill every parameter of `model` from `model_dir/*.safetensors`; fail on a missing one."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
+    params = dict(model.named_parameters())  # tied weights appear once
+    packed = getattr(model, "packed_modules_mapping", {})
+    loaded_names: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                target, shard_id = name, None
+                for fragment, (packed_name, packed_id) in packed.items():
+                    if f".{fragment}." in name:
+                        target, shard_id = name.replace(fragment, packed_name), packed_id
+                        break
+                param = params.get(target)
+                if param is None:
+                    if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
+                        continue
+                    raise KeyError(f"checkpoint tensor {name} has no parameter in the model")
+                loader = getattr(param, "weight_loader", _default_loader)
+                with torch.no_grad():
+                    loader(param, f.get_slice(name), shard_id) if shard_id is not None else loader(param, f.get_slice(name))
+                loaded_names.add(target)
+    missing = set(params) - loaded_names
+    if missing:
+        raise KeyError(f"parameters missing from the checkpoint: {sorted(missing)[:5]}")

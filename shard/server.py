@@ -1,0 +1,126 @@
+"""gRPC servicer: protobuf <-> step dataclasses, and the only shard module that touches `pb`."""
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from shard.pb import shard_pb2 as pb
+from shard.pb import shard_pb2_grpc
+from shard.runner import ModelRunner
+from shard.sampler import SamplingParams
+from shard.step import NewRequest, RunningRequest, StepInput, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        do_sample=p.do_sample,
+        temperature=p.temperature or 1.0,
+        top_k=p.top_k,
+        top_p=p.top_p or 1.0,
+        typical_p=p.typical_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty,
+        seed=p.seed,
+        watermark=p.watermark,
+        top_n_tokens=p.top_n_tokens,
+    )
+
+
+def step_from_pb(req: pb.StepRequest) -> StepInput:
+    return StepInput(
+        step_id=req.step_id,
+        new_requests=[
+            NewRequest(r.req_id, list(r.token_ids), r.num_cached_tokens, r.num_scheduled_tokens, list(r.block_ids), sampling_from_pb(r.sampling))
+            for r in req.new_requests
+        ],
+        running_requests=[RunningRequest(r.req_id, r.num_scheduled_tokens, list(r.new_block_ids)) for r in req.running_requests],
+        forget_req_ids=list(req.forget_req_ids),
+    )
+
+
+def step_to_pb(out: StepOutput) -> pb.StepResponse:
+    return pb.StepResponse(
+        step_id=out.step_id,
+        outputs=[
+            pb.TokenOutput(
+                req_id=o.req_id, token_id=o.token_id, logprob=o.logprob,
+                top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in o.top_tokens],
+            )
+            for o in out.outputs
+        ],
+        forward_ns=out.forward_ns,
+        sample_ns=out.sample_ns,
+    )
+
+
+class ShardServicer(shard_pb2_grpc.ShardServicer):
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        # Every torch call runs on this one thread, in arrival order; the event loop stays free.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def Info(self, request, context):
+        r = self.runner
+        return pb.InfoResponse(
+            architecture=r.hf_config.architectures[0],
+            dtype=str(r.dtype).removeprefix("torch."),
+            device_type=r.device.type,
+            vocab_size=r.hf_config.vocab_size,
+            eos_token_ids=r.eos_token_ids,
+            block_size=r.config.block_size,
+            max_position_embeddings=r.hf_config.max_position_embeddings,
+            world_size=r.config.world_size,
+            rank=r.config.rank,
+        )
+
+    async def Health(self, request, context):
+        self.runner.health()
+        return pb.HealthResponse()
+
+    async def Warmup(self, request, context):
+        num_blocks = await self._run(
+            self.runner.warmup, request.max_batch_prefill_tokens, request.max_batch_size, request.max_num_blocks
+        )
+        return pb.WarmupResponse(num_blocks=num_blocks, block_bytes=self.runner.block_bytes)
+
+    async def ClearCache(self, request, context):
+        await self._run(self.runner.clear)
+        return pb.ClearCacheResponse()
+
+    async def Step(self, request_iterator, context):
+        async for request in request_iterator:
+            try:
+                out = await self._run(self.runner.step, step_from_pb(request))
+            except Exception as e:  # the router fails the step's requests and forgets them
+                log.exception("step %d failed", request.step_id)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            yield step_to_pb(out)
+
+
+async def serve(runner: ModelRunner, address: str, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardServicer(runner), server)
+    if address.startswith("unix://"):
+        path = address.removeprefix("unix://")
+        if os.path.exists(path):
+            os.unlink(path)
+        old_umask = os.umask(0o177)  # socket readable and writable by its owner only
+        try:
+            server.add_insecure_port(address)
+            await server.start()
+        finally:
+            os.umask(old_umask)
+    else:
+        server.add_insecure_port(address)
+        await server.start()
+    log.info("shard %d serving on %s", runner.config.rank, address)
+    await stop.wait()
+    await server.stop(grace=1)
