@@ -1,0 +1,122 @@
+"""`sluice-launcher`: start one shard per device and the router, and supervise them.
+
+Every flag can also be given as its upper-case environment variable (MODEL_ID, NUM_SHARD...).
+"""
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from launcher.config import LaunchConfig, visible_gpus
+from launcher.process import ChildFailed, Supervisor
+
+log = logging.getLogger("launcher")
+
+# Flags forwarded verbatim to one child: (flag, type, help).
+ROUTER_FLAGS = [
+    ("--max-concurrent-requests", int, "requests in flight before answering 429"),
+    ("--max-best-of", int, "largest best_of a request may ask for"),
+    ("--max-stop-sequences", int, "most stop sequences per request"),
+    ("--max-top-n-tokens", int, "largest top_n_tokens a request may ask for"),
+    ("--max-input-tokens", int, "longest prompt in tokens"),
+    ("--max-total-tokens", int, "longest prompt + generation in tokens"),
+    ("--max-batch-prefill-tokens", int, "prompt tokens computed per step"),
+    ("--max-batch-size", int, "requests per step"),
+    ("--max-num-blocks", int, "cap on the KV-cache blocks (0: what warmup finds)"),
+    ("--payload-limit", int, "largest request body in bytes"),
+]
+SHARD_FLAGS = [
+    ("--cuda-memory-fraction", float, "fraction of GPU memory for weights, activations and KV cache"),
+    ("--cpu-kv-cache-gb", float, "KV cache size on CPU"),
+    ("--block-size", int, "tokens per KV block"),
+    ("--watermark-gamma", float, "watermark green-list fraction"),
+    ("--watermark-delta", float, "watermark logit bias"),
+]
+
+
+def _env(flag: str, default=None):
+    return os.environ.get(flag.lstrip("-").replace("-", "_").upper(), default)
+
+
+def parse_args(argv: list[str] | None = None) -> LaunchConfig:
+    p = argparse.ArgumentParser(prog="sluice-launcher", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and devices")
+    g.add_argument("--model-id", type=Path, default=_env("--model-id", "models/SmolLM2-135M-Instruct"))
+    g.add_argument("--num-shard", type=int, default=_env("--num-shard"),
+                   help="tensor-parallel ranks (default: visible GPUs, else 1 on CPU)")
+    g.add_argument("--dtype", default=_env("--dtype", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
+    g = p.add_argument_group("network")
+    g.add_argument("--hostname", default=_env("--hostname", "0.0.0.0"))
+    g.add_argument("--port", type=int, default=int(_env("--port", 3000)))
+    g.add_argument("--shard-uds-path", default=_env("--shard-uds-path", "/tmp/sluice-shard"))
+    g.add_argument("--master-addr", default=_env("--master-addr", "127.0.0.1"))
+    g.add_argument("--master-port", type=int, default=int(_env("--master-port", 29500)))
+    g = p.add_argument_group("lifecycle and logs")
+    g.add_argument("--graceful-termination-timeout", type=float, default=float(_env("--graceful-termination-timeout", 90)))
+    g.add_argument("--json-output", action="store_true", default=_env("--json-output", "") not in ("", "0", "false"))
+    router = p.add_argument_group("batching and validation limits (router)")
+    for flag, kind, help_text in ROUTER_FLAGS:
+        router.add_argument(flag, type=kind, default=_env(flag), help=help_text)
+    shard = p.add_argument_group("shard runtime")
+    for flag, kind, help_text in SHARD_FLAGS:
+        shard.add_argument(flag, type=kind, default=_env(flag), help=help_text)
+    a = p.parse_args(argv)
+
+    def forwarded(flags):
+        out = []
+        for flag, kind, _ in flags:
+            value = getattr(a, flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                out += [flag, str(kind(value))]
+        return tuple(out)
+
+    return LaunchConfig(
+        model_id=a.model_id.resolve(), num_shard=int(a.num_shard or max(visible_gpus(), 1)), port=a.port,
+        hostname=a.hostname, shard_uds_path=a.shard_uds_path, master_addr=a.master_addr, master_port=a.master_port,
+        dtype=a.dtype, json_output=a.json_output, graceful_termination_timeout_s=a.graceful_termination_timeout,
+        router_args=forwarded(ROUTER_FLAGS), shard_args=forwarded(SHARD_FLAGS),
+    )
+
+
+def _check_port_free(hostname: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((hostname, port))
+        except OSError as e:
+            raise SystemExit(f"port {port} on {hostname} is not available: {e.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher: %(message)s")
+    if not (config.model_id / "config.json").exists():
+        raise SystemExit(f"{config.model_id} is not a model directory (no config.json); run `make model`")
+    _check_port_free(config.hostname, config.port)
+    log.info("model %s, %d shard(s), port %d", config.model_id, config.num_shard, config.port)
+    supervisor = Supervisor(config)
+
+    def request_stop(signum, frame):
+        log.info("received %s: draining", signal.Signals(signum).name)
+        supervisor.stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    code = 0
+    try:
+        supervisor.start()
+        code = supervisor.supervise()
+    except ChildFailed as e:
+        log.error("%s during startup", e)
+        code = 1
+    except (KeyboardInterrupt, TimeoutError) as e:
+        code = 1 if isinstance(e, TimeoutError) else 0
+        if code:
+            log.error("%s", e)
+    finally:
+        supervisor.shutdown()
+    sys.exit(code)

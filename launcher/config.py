@@ -1,0 +1,59 @@
+"""`LaunchConfig` and the argv of every child, built in one place."""
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    model_id: Path
+    num_shard: int
+    port: int = 3000
+    hostname: str = "0.0.0.0"
+    shard_uds_path: str = "/tmp/sluice-shard"
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    dtype: str = "auto"
+    json_output: bool = False
+    graceful_termination_timeout_s: float = 90.0
+    router_args: tuple[str, ...] = ()  # batching and validation limits, passed through verbatim
+    shard_args: tuple[str, ...] = ()  # e.g. --cuda-memory-fraction, passed through verbatim
+
+    def __post_init__(self):
+        if self.num_shard < 1:
+            raise ValueError(f"--num-shard must be at least 1, got {self.num_shard}")
+
+    def shard_address(self, rank: int) -> str:
+        return f"unix://{self.shard_uds_path}-{rank}"
+
+    def shard_argv(self, rank: int) -> list[str]:
+        argv = [
+            sys.executable, "-m", "shard", "--model-id", str(self.model_id), "--rank", str(rank),
+            "--world-size", str(self.num_shard), "--master-addr", self.master_addr,
+            "--master-port", str(self.master_port), "--uds-path", self.shard_uds_path, "--dtype", self.dtype,
+            *self.shard_args,
+        ]
+        return argv + ["--json-output"] if self.json_output else argv
+
+    def router_argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "router", "--model-id", str(self.model_id),
+                "--hostname", self.hostname, "--port", str(self.port), *self.router_args]
+        for rank in range(self.num_shard):
+            argv += ["--shard", self.shard_address(rank)]
+        return argv + ["--json-output"] if self.json_output else argv
+
+    def shard_env(self, rank: int, cpu_count: int) -> dict[str, str]:
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.num_shard),
+                   MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+        if visible_gpus() == 0:  # CPU shards share the cores instead of each taking all of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count // self.num_shard)))
+        return env

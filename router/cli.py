@@ -1,0 +1,105 @@
+"""`sluice-router`: the HTTP front end. Connects to the shards, sizes the KV pool, serves."""
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from router.block_manager import BlockManager
+from router.config import RouterConfig
+from router.engine import Engine
+from router.scheduler import Scheduler, SchedulerConfig
+from router.server import ServerState, build_app
+from router.shard_client import ShardedClient
+from router.tokenizer import Tokenizer
+from router.validation import ValidationLimits
+
+log = logging.getLogger("router")
+
+
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    p = argparse.ArgumentParser(prog="sluice-router", description=__doc__)
+    p.add_argument("--model-id", type=Path, required=True, help="model directory (tokenizer files)")
+    p.add_argument("--shard", action="append", dest="shards", required=True,
+                   help="gRPC address of a shard, once per rank in rank order (unix:///path or host:port)")
+    p.add_argument("--hostname", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--max-concurrent-requests", type=int, default=128)
+    p.add_argument("--max-best-of", type=int, default=1)
+    p.add_argument("--max-stop-sequences", type=int, default=4)
+    p.add_argument("--max-top-n-tokens", type=int, default=5)
+    p.add_argument("--max-input-tokens", type=int)
+    p.add_argument("--max-total-tokens", type=int)
+    p.add_argument("--max-batch-prefill-tokens", type=int)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-num-blocks", type=int, default=0, help="cap the KV pool (0: what warmup finds)")
+    p.add_argument("--payload-limit", type=int, default=2_000_000)
+    p.add_argument("--json-output", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format='{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
+        if a.json_output else "%(asctime)s %(levelname)s router %(name)s: %(message)s",
+    )
+    return RouterConfig(
+        model_dir=a.model_id, shard_addresses=tuple(a.shards), model_id=a.model_id.name, hostname=a.hostname,
+        port=a.port, max_concurrent_requests=a.max_concurrent_requests, max_best_of=a.max_best_of,
+        max_stop_sequences=a.max_stop_sequences, max_top_n_tokens=a.max_top_n_tokens,
+        max_input_tokens=a.max_input_tokens, max_total_tokens=a.max_total_tokens,
+        max_batch_prefill_tokens=a.max_batch_prefill_tokens, max_batch_size=a.max_batch_size,
+        max_num_blocks=a.max_num_blocks, payload_limit=a.payload_limit,
+    )
+
+
+async def _serve(config: RouterConfig) -> None:
+    tokenizer = Tokenizer(config.model_dir)
+    shards = ShardedClient(list(config.shard_addresses))
+    await shards.wait_ready(config.shard_connect_timeout_s)
+    info = await shards.info()
+    await shards.clear_cache()  # a restarted router must not inherit request state
+
+    max_total = config.max_total_tokens or min(4096, info.max_position_embeddings)
+    max_input = config.max_input_tokens or max_total - 1
+    prefill_budget = config.max_batch_prefill_tokens or max_input + 50
+    if max_total > info.max_position_embeddings:
+        raise SystemExit(f"--max-total-tokens {max_total} exceeds the model's {info.max_position_embeddings} positions")
+    if prefill_budget < 1:
+        raise SystemExit("--max-batch-prefill-tokens must be positive")
+    num_blocks = await shards.warmup(prefill_budget, config.max_batch_size, config.max_num_blocks)
+    if num_blocks * info.block_size < max_total:
+        raise SystemExit(f"the KV cache holds {num_blocks * info.block_size} tokens, fewer than "
+                         f"--max-total-tokens {max_total}: lower it or give the cache more memory")
+    log.info("model %s (%s, %s on %s, %d shard(s)); KV cache: %d tokens; limits: input %d, total %d, prefill %d",
+             config.model_id, info.architecture, info.dtype, info.device_type, info.world_size,
+             num_blocks * info.block_size, max_input, max_total, prefill_budget)
+
+    scheduler = Scheduler(SchedulerConfig(config.max_batch_size, prefill_budget), BlockManager(num_blocks, info.block_size))
+    engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids)
+    limits = ValidationLimits(config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total)
+    state = ServerState(engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests)
+    app = build_app(state, config.payload_limit)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    engine_task = asyncio.create_task(engine.run(), name="engine")
+    engine_task.add_done_callback(lambda t: stop.set())  # the loop never returns unless it crashed
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.hostname, config.port).start()
+    log.info("serving on http://%s:%d", config.hostname, config.port)
+    await stop.wait()
+    await runner.cleanup()
+    if engine_task.done() and not engine_task.cancelled():
+        await shards.close()
+        raise SystemExit(f"the batching loop stopped: {engine_task.exception()!r}")
+    engine_task.cancel()
+    await shards.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_serve(parse_args(argv)))

@@ -1,0 +1,33 @@
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Everything the router process needs; built only by router/cli.py."""
+
+    model_dir: Path
+    shard_addresses: tuple[str, ...]
+    model_id: str = ""  # the name /info and /v1/models report; defaults to the directory name
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    max_concurrent_requests: int = 128
+    max_best_of: int = 1
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None  # None: derived from the model (TGI's defaults)
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_size: int = 256
+    max_num_blocks: int = 0  # cap on the KV pool; 0: whatever warmup finds
+    payload_limit: int = 2_000_000
+    shard_connect_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        if not self.shard_addresses:
+            raise ValueError("at least one shard address is required")
+        if self.max_concurrent_requests < 1 or self.max_batch_size < 1:
+            raise ValueError("--max-concurrent-requests and --max-batch-size must be at least 1")
+        if self.max_input_tokens is not None and self.max_total_tokens is not None \
+                and self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(f"--max-input-tokens ({self.max_input_tokens}) must be < --max-total-tokens ({self.max_total_tokens})")

@@ -1,0 +1,68 @@
+"""A generation request as the scheduler sees it. Pure data: no I/O, no asyncio."""
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class RequestStatus(IntEnum):
+    """Ordered so that `status >= FINISHED_LENGTH` means finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_LENGTH = 2
+    FINISHED_EOS = 3
+    FINISHED_STOP_SEQUENCE = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_LENGTH
+
+
+# TGI's names for the finish reasons clients see.
+FINISH_REASONS = {
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_EOS: "eos_token",
+    RequestStatus.FINISHED_STOP_SEQUENCE: "stop_sequence",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """What the shard needs to pick tokens; mirrors the proto's SamplingParams."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+    watermark: bool = False
+    top_n_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Request:
+    req_id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    arrival_s: float = 0.0
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache; reset by preemption
+    block_ids: list[int] = field(default_factory=list)
+    is_on_shard: bool = False  # the shards hold this request's state (set on first schedule)
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)

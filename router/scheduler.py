@@ -1,0 +1,169 @@
+"""Continuous batching policy: which requests compute how many tokens in the next step.
+
+Data flows as `Request` (router state) -> `StepPlan` (this module) -> `StepRequest` (proto,
+built in shard_client.py) -> `StepInput` (shard) -> `ForwardContext` (shard attention).
+The scheduler is synchronous and does no I/O: `schedule()` returns a plan, `update()`
+applies the tokens the shards produced for it.
+
+Rules:
+- Running requests come first, oldest first; each decodes one token, or continues its
+  prompt in chunks when it was admitted with a prompt longer than the prefill budget.
+- Waiting requests are admitted first-come-first-served while the batch size, the prefill
+  token budget and free blocks allow; the head of the queue is never skipped.
+- Blocks cover exactly the tokens computed so far. When a running request needs a block
+  and none is free, the newest running request is preempted: its blocks are freed, the
+  shards forget it, and it waits at the front of the queue to be recomputed.
+"""
+from collections import deque
+from dataclasses import dataclass
+
+from router.block_manager import BlockManager
+from router.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int
+    max_batch_prefill_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    request: Request
+    num_scheduled_tokens: int
+    is_new: bool  # the shards do not hold this request: it is sent in full
+    new_block_ids: list[int]  # blocks appended for this step (all of them when is_new)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    step_id: int
+    scheduled: list[ScheduledRequest]  # new requests first, then running ones: the shard's order
+    forget_req_ids: list[int]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self._forget: list[int] = []  # shard states to drop with the next step
+        self._next_step_id = 0
+        self.num_preemptions = 0  # since start, for metrics
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stop sequence, abort, error) and give its blocks back."""
+        assert status.is_finished
+        if request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        elif request.status == RequestStatus.RUNNING:
+            self._release(request)
+        request.status = status
+
+    def schedule(self) -> StepPlan:
+        """Choose the next step's work; allocates the blocks it needs."""
+        budget = self.config.max_batch_prefill_tokens
+        running: list[ScheduledRequest] = []
+        num_preemptions = self.num_preemptions
+        for request in list(self.running):
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_tokens = request.num_tokens - request.num_computed_tokens
+            if num_tokens > 1:  # prompt chunk
+                num_tokens = min(num_tokens, budget)
+                if num_tokens == 0:
+                    continue
+            new_block_ids = self._allocate_or_preempt(request, num_tokens)
+            if new_block_ids is None:
+                continue
+            if num_tokens > 1:
+                budget -= num_tokens
+            running.append(ScheduledRequest(request, num_tokens, False, new_block_ids))
+        new: list[ScheduledRequest] = []
+        # After a preemption, admitting newer requests would only evict them again.
+        while self.waiting and self.num_preemptions == num_preemptions and budget > 0 and len(self.running) < self.config.max_batch_size:
+            request = self.waiting[0]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            needed = self.block_manager.blocks_needed(request.num_computed_tokens + num_tokens, len(request.block_ids))
+            if not self.block_manager.can_allocate(needed):
+                break
+            self.waiting.popleft()
+            request.block_ids += self.block_manager.allocate(needed)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            budget -= num_tokens
+            new.append(ScheduledRequest(request, num_tokens, True, list(request.block_ids)))
+        scheduled = new + running
+        for s in scheduled:
+            s.request.is_on_shard = True
+        plan = StepPlan(self._next_step_id, scheduled, self._forget)
+        self._next_step_id += 1
+        self._forget = []
+        return plan
+
+    def update(self, plan: StepPlan, token_ids: dict[int, int]) -> list[Request]:
+        """Apply a step's results; returns the requests that received a token, in plan order.
+
+        A request is finished by length first, then by EOS (TGI's order); finished requests
+        release their blocks.
+        """
+        produced = []
+        for s in plan.scheduled:
+            request = s.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += s.num_scheduled_tokens
+            token_id = token_ids.get(request.req_id)
+            if token_id is None:
+                continue
+            request.output_ids.append(token_id)
+            produced.append(request)
+            if len(request.output_ids) >= request.max_new_tokens:
+                self.finish(request, RequestStatus.FINISHED_LENGTH)
+            elif token_id in request.eos_token_ids and not request.ignore_eos:
+                self.finish(request, RequestStatus.FINISHED_EOS)
+        return produced
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` more tokens of `request`, preempting the newest running
+        requests until they fit; None when `request` itself had to be preempted."""
+        bm = self.block_manager
+        needed = bm.blocks_needed(request.num_computed_tokens + num_tokens, len(request.block_ids))
+        while not bm.can_allocate(needed):
+            victim = self.running[-1]
+            if victim is request and len(self.running) == 1:
+                raise MemoryError(f"request {request.req_id} needs more KV blocks than the whole pool")
+            self._preempt(victim)
+            if victim is request:
+                return None
+        new_block_ids = bm.allocate(needed)
+        request.block_ids += new_block_ids
+        return new_block_ids
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.block_ids)
+        request.block_ids = []
+        if request.is_on_shard:
+            self._forget.append(request.req_id)
+            request.is_on_shard = False

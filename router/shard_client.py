@@ -1,0 +1,155 @@
+"""gRPC clients of the shards, and the only router module that touches `pb`.
+
+`ShardedClient` fans every call out to all ranks and answers with rank 0's reply; an error
+from any rank fails the call.
+"""
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+
+from router.pb import shard_pb2 as pb
+from router.pb import shard_pb2_grpc
+from router.scheduler import StepPlan
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    architecture: str
+    dtype: str
+    device_type: str
+    vocab_size: int
+    eos_token_ids: list[int]
+    block_size: int
+    max_position_embeddings: int
+    world_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResult:
+    token_id: int
+    logprob: float
+    top_tokens: list[tuple[int, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    tokens: dict[int, TokenResult]  # req_id -> the token it produced
+    forward_ns: int
+    sample_ns: int
+
+
+def plan_to_pb(plan: StepPlan) -> pb.StepRequest:
+    msg = pb.StepRequest(step_id=plan.step_id, forget_req_ids=plan.forget_req_ids)
+    for s in plan.scheduled:
+        r = s.request
+        if s.is_new:
+            p = r.sampling
+            msg.new_requests.append(pb.NewRequest(
+                req_id=r.req_id,
+                token_ids=r.token_ids,
+                num_cached_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=s.num_scheduled_tokens,
+                block_ids=r.block_ids,
+                sampling=pb.SamplingParams(
+                    do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                    typical_p=p.typical_p, repetition_penalty=p.repetition_penalty,
+                    frequency_penalty=p.frequency_penalty, seed=p.seed, watermark=p.watermark,
+                    top_n_tokens=p.top_n_tokens,
+                ),
+            ))
+        else:
+            msg.running_requests.append(pb.RunningRequest(
+                req_id=r.req_id, num_scheduled_tokens=s.num_scheduled_tokens, new_block_ids=s.new_block_ids
+            ))
+    return msg
+
+
+def result_from_pb(resp: pb.StepResponse) -> StepResult:
+    return StepResult(
+        tokens={
+            o.req_id: TokenResult(o.token_id, o.logprob, [(t.token_id, t.logprob) for t in o.top_tokens])
+            for o in resp.outputs
+        },
+        forward_ns=resp.forward_ns,
+        sample_ns=resp.sample_ns,
+    )
+
+
+class ShardClient:
+    """One rank: a channel, its stub, and a long-lived Step stream."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        )
+        self.stub = shard_pb2_grpc.ShardStub(self.channel)
+        self._stream = None
+
+    async def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        if self._stream is None:
+            self._stream = self.stub.Step()
+        try:
+            await self._stream.write(request)
+            response = await self._stream.read()
+        except grpc.aio.AioRpcError as e:
+            self._stream = None
+            raise ShardError(f"shard {self.address}: {e.details()}") from e
+        if response is grpc.aio.EOF:
+            self._stream = None
+            raise ShardError(f"shard {self.address} closed its step stream")
+        return response
+
+    def reset_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+
+class ShardedClient:
+    def __init__(self, addresses: list[str]):
+        self.clients = [ShardClient(a) for a in addresses]
+
+    async def _all(self, call):
+        try:
+            return await asyncio.gather(*(call(c) for c in self.clients))
+        except grpc.aio.AioRpcError as e:
+            raise ShardError(f"{e.code().name}: {e.details()}") from e
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await asyncio.gather(*(asyncio.wait_for(c.channel.channel_ready(), timeout_s) for c in self.clients))
+
+    async def info(self) -> ModelInfo:
+        r = (await self._all(lambda c: c.stub.Info(pb.InfoRequest())))[0]
+        return ModelInfo(r.architecture, r.dtype, r.device_type, r.vocab_size, list(r.eos_token_ids),
+                         r.block_size, r.max_position_embeddings, r.world_size)
+
+    async def health(self, timeout_s: float = 5.0) -> None:
+        await self._all(lambda c: c.stub.Health(pb.HealthRequest(), timeout=timeout_s))
+
+    async def warmup(self, max_batch_prefill_tokens: int, max_batch_size: int, max_num_blocks: int) -> int:
+        """Size every rank's KV cache; returns the number of blocks all ranks have."""
+        request = pb.WarmupRequest(max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
+                                   max_num_blocks=max_num_blocks)
+        responses = await self._all(lambda c: c.stub.Warmup(request))
+        return min(r.num_blocks for r in responses)
+
+    async def clear_cache(self) -> None:
+        for c in self.clients:
+            c.reset_stream()
+        await self._all(lambda c: c.stub.ClearCache(pb.ClearCacheRequest()))
+
+    async def step(self, plan: StepPlan) -> StepResult:
+        request = plan_to_pb(plan)
+        responses = await asyncio.gather(*(c.step(request) for c in self.clients))
+        return result_from_pb(responses[0])
+
+    async def close(self) -> None:
+        for c in self.clients:
+            c.reset_stream()
+            await c.channel.close()

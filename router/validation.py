@@ -1,0 +1,187 @@
+"""TGI's `GenerateRequest` JSON -> a validated request, with TGI's rules and messages.
+
+Every failure raises `ValidationError`, which the server turns into 422 with
+`{"error": "Input validation error: ...", "error_type": "validation"}`.
+"""
+import math
+import random
+from dataclasses import dataclass
+
+from router.request import SamplingParams
+from router.tokenizer import Tokenizer
+
+
+class ValidationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    inputs: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop: list[str]
+    details: bool
+    decoder_input_details: bool
+    return_full_text: bool
+    best_of: int
+    is_seeded: bool  # the client gave a seed or sampling drew one: echo it in details
+    ignore_eos: bool = False
+
+
+_FIELD_TYPES = {
+    "best_of": int, "temperature": float, "repetition_penalty": float, "frequency_penalty": float,
+    "top_k": int, "top_p": float, "typical_p": float, "do_sample": bool, "max_new_tokens": int,
+    "return_full_text": bool, "stop": list, "truncate": int, "watermark": bool, "details": bool,
+    "decoder_input_details": bool, "seed": int, "top_n_tokens": int, "grammar": object, "adapter_id": str,
+}
+
+
+def _typed(params: dict) -> dict:
+    """Check JSON types (null means unset); numbers must be finite."""
+    out = {}
+    for name, value in params.items():
+        expected = _FIELD_TYPES.get(name)
+        if expected is None or value is None:
+            continue  # unknown fields are ignored, as serde does
+        ok = {
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool),
+            bool: isinstance(value, bool),
+            list: isinstance(value, list) and all(isinstance(s, str) for s in value),
+            str: isinstance(value, str),
+            object: True,
+        }[expected]
+        if not ok:
+            raise ValidationError(f"`{name}` must be of type {expected.__name__ if expected is not list else 'array of strings'}")
+        if expected is float and not math.isfinite(value):
+            raise ValidationError(f"`{name}` must be a finite number")
+        if expected is int and value < 0:
+            raise ValidationError(f"`{name}` must be non-negative")
+        out[name] = float(value) if expected is float else value
+    return out
+
+
+def validate(body: object, tokenizer: Tokenizer, limits: ValidationLimits, *, stream: bool) -> ValidRequest:
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str):
+        raise ValidationError("`inputs` must be a string")
+    raw = body.get("parameters")
+    if raw is not None and not isinstance(raw, dict):
+        raise ValidationError("`parameters` must be an object")
+    # TGI: without a `parameters` object, do_sample defaults to true; with one, to false.
+    p = _typed(raw) if raw is not None else {"do_sample": True}
+    if p.get("grammar") is not None:
+        raise ValidationError("grammar is not supported")
+
+    best_of = p.get("best_of") or 1
+    is_sampling = p.get("do_sample", False) or any(
+        k in p for k in ("temperature", "top_k", "top_p", "typical_p")
+    )
+    if best_of != 1:
+        if limits.max_best_of == 1:
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+        if not 0 < best_of <= limits.max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+        if not is_sampling:
+            raise ValidationError("you must use sampling when `best_of` is > 1")
+        if "seed" in p:
+            raise ValidationError("`seed` must not be set when `best_of` > 1")
+        if stream:
+            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    if stream and p.get("decoder_input_details"):
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+
+    temperature = p.get("temperature", 1.0)
+    if temperature <= 0:
+        raise ValidationError("`temperature` must be strictly positive")
+    repetition_penalty = p.get("repetition_penalty", 1.0)
+    if repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    frequency_penalty = p.get("frequency_penalty", 0.0)
+    if not -2.0 <= frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    top_p = p.get("top_p")
+    if top_p is not None and not 0.0 < top_p < 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+    typical_p = p.get("typical_p")
+    if typical_p is not None and not 0.0 < typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    top_k = p.get("top_k")
+    if top_k is not None and top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    max_new_tokens = p.get("max_new_tokens")
+    if max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    stop = p.get("stop", [])
+    if len(stop) > limits.max_stop_sequences:
+        raise ValidationError(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    top_n_tokens = p.get("top_n_tokens", 0)
+    if top_n_tokens > limits.max_top_n_tokens:
+        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n_tokens}")
+    truncate = p.get("truncate")
+    if truncate is not None and not 0 < truncate <= limits.max_input_tokens:
+        raise ValidationError(
+            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {truncate}"
+        )
+    seed = p.get("seed")
+    if seed is not None and seed >= 1 << 64:
+        raise ValidationError("`seed` must fit in 64 bits")
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    # Bound the tokenizer's work before running it: no token is shorter than one byte.
+    if truncate is None and len(inputs) > 64 * limits.max_total_tokens:
+        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: more than that")
+
+    input_ids = tokenizer.encode(inputs)
+    if truncate is not None:
+        input_ids = input_ids[-truncate:]
+    n = len(input_ids)
+    if max_new_tokens is None:
+        max_new_tokens = max(limits.max_total_tokens - n, 1)
+    if n + max_new_tokens > limits.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+            f"Given: {n} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+        )
+    if n > limits.max_input_tokens:
+        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {n}")
+
+    if seed is None and is_sampling:
+        seed = random.getrandbits(64)
+    sampling = SamplingParams(
+        do_sample=is_sampling,
+        temperature=temperature,
+        top_k=top_k or 0,
+        top_p=top_p or 1.0,
+        typical_p=typical_p or 1.0,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed or 0,
+        watermark=p.get("watermark", False),
+        top_n_tokens=top_n_tokens,
+    )
+    return ValidRequest(
+        inputs=inputs,
+        input_ids=input_ids,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        details=p.get("details", False),
+        decoder_input_details=p.get("decoder_input_details", False),
+        return_full_text=p.get("return_full_text", False),
+        best_of=best_of,
+        is_seeded=is_sampling,
+    )

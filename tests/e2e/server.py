@@ -1,0 +1,70 @@
+"""Start the launcher on free ports for a test, and always stop it."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LauncherProcess:
+    def __init__(self, model_dir: Path, *args: str, num_shard: int = 1):
+        self.port = free_port()
+        self.tmp = tempfile.TemporaryDirectory(prefix="sluice-")
+        self.argv = [
+            sys.executable, "-m", "launcher", "--model-id", str(model_dir), "--num-shard", str(num_shard),
+            "--hostname", "127.0.0.1", "--port", str(self.port), "--master-port", str(free_port()),
+            "--shard-uds-path", os.path.join(self.tmp.name, "shard"), *args,
+        ]
+        self.log_path = Path(self.tmp.name) / "launcher.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 240) -> "LauncherProcess":
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        self.process = subprocess.Popen(self.argv, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"launcher exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"launcher not ready in {timeout_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> int:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.tmp.cleanup()
+        return self.process.returncode if self.process else 0
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,159 @@
+"""One test per scheduling rule, with the shard faked by handing tokens to update()."""
+import pytest
+
+from router.block_manager import BlockManager
+from router.request import Request, RequestStatus, SamplingParams
+from router.scheduler import Scheduler, SchedulerConfig
+
+EOS = 2
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_batch_size, prefill_budget), BlockManager(num_blocks, block_size))
+
+
+def make_request(req_id, prompt_len, max_new_tokens=4) -> Request:
+    return Request(req_id, list(range(10, 10 + prompt_len)), max_new_tokens, SamplingParams(), frozenset({EOS}))
+
+
+def run_step(scheduler, token=7):
+    plan = scheduler.schedule()
+    produced = scheduler.update(plan, {s.request.req_id: token for s in plan.scheduled
+                                       if s.request.num_computed_tokens + s.num_scheduled_tokens == s.request.num_tokens})
+    return plan, produced
+
+
+def test_new_request_is_sent_in_full_then_as_a_delta():
+    s = make_scheduler()
+    s.add(make_request(0, 6))
+    plan, produced = run_step(s)
+    (first,) = plan.scheduled
+    assert first.is_new and first.num_scheduled_tokens == 6 and first.new_block_ids == [0, 1]
+    assert produced[0].output_ids == [7]
+    plan, _ = run_step(s)
+    (second,) = plan.scheduled
+    assert not second.is_new and second.num_scheduled_tokens == 1 and second.new_block_ids == []
+
+
+def test_blocks_cover_exactly_the_computed_tokens():
+    s = make_scheduler(block_size=4)
+    s.add(make_request(0, 4, max_new_tokens=10))
+    run_step(s)  # 4 prompt tokens: one block
+    assert len(s.running[0].block_ids) == 1
+    plan, _ = run_step(s)  # computing the 5th token needs a second block
+    assert plan.scheduled[0].new_block_ids == [1]
+
+
+def test_prefill_budget_limits_admission_and_chunks_long_prompts():
+    s = make_scheduler(prefill_budget=10)
+    s.add(make_request(0, 25))
+    s.add(make_request(1, 3))
+    plan, produced = run_step(s)
+    assert [(x.request.req_id, x.num_scheduled_tokens) for x in plan.scheduled] == [(0, 10)]
+    assert produced == []  # an unfinished prompt produces no token
+    plan, _ = run_step(s)
+    assert [(x.request.req_id, x.num_scheduled_tokens) for x in plan.scheduled] == [(0, 10)]
+    plan, produced = run_step(s)
+    assert [(x.request.req_id, x.num_scheduled_tokens) for x in plan.scheduled] == [(1, 3), (0, 5)]
+    assert {r.req_id for r in produced} == {0, 1}
+
+
+def test_decode_tokens_do_not_consume_the_prefill_budget():
+    s = make_scheduler(prefill_budget=8)
+    for i in range(3):
+        s.add(make_request(i, 8, max_new_tokens=5))
+    for _ in range(3):
+        run_step(s)
+    plan, _ = run_step(s)
+    assert [x.num_scheduled_tokens for x in plan.scheduled] == [1, 1, 1]
+
+
+def test_max_batch_size_bounds_running_requests():
+    s = make_scheduler(max_batch_size=2)
+    for i in range(3):
+        s.add(make_request(i, 2))
+    run_step(s)
+    assert [r.req_id for r in s.running] == [0, 1] and [r.req_id for r in s.waiting] == [2]
+
+
+def test_fifo_head_of_queue_is_never_skipped():
+    s = make_scheduler(num_blocks=4, block_size=4)
+    s.add(make_request(0, 8, max_new_tokens=1))
+    s.add(make_request(1, 12))  # needs 3 blocks: waits for request 0
+    s.add(make_request(2, 2))  # would fit, but must not overtake request 1
+    plan, _ = run_step(s)
+    assert [x.request.req_id for x in plan.scheduled] == [0]
+    assert [r.req_id for r in s.waiting] == [1, 2]
+
+
+def test_length_finishes_before_eos_and_frees_blocks():
+    s = make_scheduler()
+    s.add(make_request(0, 3, max_new_tokens=1))
+    _, produced = run_step(s, token=EOS)
+    assert produced[0].status == RequestStatus.FINISHED_LENGTH
+    assert s.block_manager.num_free_blocks == 64 and not s.running
+
+
+def test_eos_finishes_and_is_forgotten_with_the_next_step():
+    s = make_scheduler()
+    s.add(make_request(0, 3))
+    run_step(s)
+    _, produced = run_step(s, token=EOS)
+    assert produced[0].status == RequestStatus.FINISHED_EOS
+    assert s.schedule().forget_req_ids == [0]
+
+
+def test_ignore_eos_keeps_generating():
+    s = make_scheduler()
+    r = make_request(0, 3)
+    r.ignore_eos = True
+    s.add(r)
+    for _ in range(4):
+        run_step(s, token=EOS)
+    assert r.status == RequestStatus.FINISHED_LENGTH and len(r.output_ids) == 4
+
+
+def test_preemption_evicts_the_newest_and_readmits_it_first():
+    s = make_scheduler(num_blocks=4, block_size=4, prefill_budget=64)
+    old, new = make_request(0, 7, max_new_tokens=8), make_request(1, 8, max_new_tokens=8)
+    s.add(old)
+    s.add(new)
+    run_step(s)  # old: 2 blocks, new: 2 blocks, pool empty
+    plan, _ = run_step(s)  # old's 8th token fits; new's 9th needs a block: new, the newest, yields
+    assert new.status == RequestStatus.WAITING and new.num_computed_tokens == 0 and new.block_ids == []
+    assert s.waiting[0] is new and new.num_preemptions == 1
+    assert [x.request.req_id for x in plan.scheduled] == [0]
+    assert plan.forget_req_ids == [1]  # the shards drop it before computing this very step
+    while old.status == RequestStatus.RUNNING:
+        run_step(s)
+    (again,) = s.schedule().scheduled  # readmitted in full: prompt plus the token it had generated
+    assert again.is_new and again.request is new and again.num_scheduled_tokens == new.num_tokens == 8 + 1
+
+
+def test_abort_frees_blocks_of_running_and_removes_waiting():
+    s = make_scheduler(max_batch_size=1)
+    running, waiting = make_request(0, 5), make_request(1, 5)
+    s.add(running)
+    s.add(waiting)
+    run_step(s)
+    s.finish(running, RequestStatus.FINISHED_ABORTED)
+    s.finish(waiting, RequestStatus.FINISHED_ABORTED)
+    assert s.block_manager.num_free_blocks == 64 and not s.running and not s.waiting
+    assert s.schedule().forget_req_ids == [0]
+
+
+def test_tokens_of_a_request_aborted_during_the_step_are_dropped():
+    s = make_scheduler()
+    r = make_request(0, 3)
+    s.add(r)
+    plan = s.schedule()
+    s.finish(r, RequestStatus.FINISHED_ABORTED)
+    assert s.update(plan, {0: 5}) == [] and r.output_ids == []
+
+
+def test_block_manager_rejects_double_free():
+    bm = BlockManager(4, 16)
+    ids = bm.allocate(2)
+    bm.free(ids)
+    with pytest.raises(AssertionError):
+        bm.free(ids)

@@ -1,0 +1,148 @@
+"""Triton paged-attention kernels vs the torch reference.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
+imported), in float32 with a tight tolerance; with CUDA they also run in fp16 / bf16. Shapes are small
+so the interpreter stays fast (the whole module takes ~15 s on 2 CPU cores): the attention tests take
+the full product of head_dim (64, 128), query/KV head ratio (1, 3, 4) and block size (16, 32).
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from shard.kernels import reference, triton_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
+# The reference runs in fp32 on the same (rounded) inputs. fp32 on CPU is exact up to summation
+# order; on CUDA allow for SDPA's own kernels. fp16 / bf16: the kernels round P to the input dtype
+# before the PV product and round the output (bf16 keeps 8 mantissa bits, ~4e-3 relative).
+ATOL = {torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (head_dim, num_kv_heads, query heads per KV head, block_size)
+SHAPES = [(d, 2, g, bs) for d, g, bs in itertools.product((64, 128), (1, 3, 4), (16, 32))]
+SHAPE_IDS = [f"d{d}-kv{h}-g{g}-bs{b}" for d, h, g, b in SHAPES]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return torch.randn(shape, device=DEVICE).to(dtype), torch.randn(shape, device=DEVICE).to(dtype)
+
+
+def make_block_tables(context_lens, block_size, extra_blocks=3):
+    """Each request gets its blocks from one random permutation (never the identity); unused entries
+    hold random valid ids, so reading past a request's context shows up as a wrong answer."""
+    needed = [(n + block_size - 1) // block_size for n in context_lens]
+    num_blocks = sum(needed) + extra_blocks
+    perm = torch.randperm(num_blocks)
+    max_blocks = max(needed) + 1
+    tables = torch.randint(0, num_blocks, (len(context_lens), max_blocks))
+    used = 0
+    for i, n in enumerate(needed):
+        tables[i, :n] = perm[used : used + n]
+        used += n
+    return tables.to(torch.int32).to(DEVICE), num_blocks
+
+
+def _as_float(*tensors):
+    return [t.float() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_kv_heads,head_dim,block_size", [(3, 64, 16), (2, 128, 32)])
+def test_store_kv(num_kv_heads, head_dim, block_size, dtype):
+    num_blocks, num_tokens = 6, 20
+    k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    # key/value as strided views of a fused projection (only the last dim contiguous)
+    kv = torch.randn(num_tokens, 2, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    key, value = kv[:, 0], kv[:, 1]
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[[3, 11, 19]] = -1  # padding tokens: must not be written anywhere
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    reference.store_kv(key[keep], value[keep], k_ref, v_ref, slots[keep])
+    triton_attention.store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim,num_kv_heads,group,block_size", SHAPES, ids=SHAPE_IDS)
+def test_attention_extend(head_dim, num_kv_heads, group, block_size, dtype):
+    # (context_len, q_len): short full prefill, a multi-block prefill, cached prefixes (q_len <
+    # context_len, one not block-aligned), a single-token extend, and a prefix ending on a block edge.
+    long = 3 * block_size + 7
+    reqs = [(5, 5), (long, long), (2 * block_size + 9, 11), (40, 1), (2 * block_size + 3, 3)]
+    ctx = [c for c, _ in reqs]
+    q_lens = [q for _, q in reqs]
+    tables, num_blocks = make_block_tables(ctx, block_size)
+    k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    # query as a strided view (heads of a fused QKV projection)
+    qkv = torch.randn(sum(q_lens), num_kv_heads * group + 2, head_dim, device=DEVICE).to(dtype)
+    query = qkv[:, : num_kv_heads * group]
+    cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    context_lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = triton_attention.attention_extend(query, k_cache, v_cache, cu, context_lens, tables, scale)
+    q32, k32, v32 = _as_float(query, k_cache, v_cache)
+    ref = reference.attention_extend(q32.contiguous(), k32, v32, cu, context_lens, tables, scale)
+    assert out.dtype == dtype and out.shape == query.shape
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim,num_kv_heads,group,block_size", SHAPES, ids=SHAPE_IDS)
+def test_attention_decode(head_dim, num_kv_heads, group, block_size, dtype):
+    # 1 token; exactly one, two and four blocks; multi-split contexts not on a block edge.
+    ctx = [1, block_size, 2 * block_size, 4 * block_size, 100, 3 * block_size + 5]
+    tables, num_blocks = make_block_tables(ctx, block_size)
+    k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    query = torch.randn(len(ctx), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    context_lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = triton_attention.attention_decode(query, k_cache, v_cache, context_lens, tables, scale, max(ctx))
+    q32, k32, v32 = _as_float(query, k_cache, v_cache)
+    ref = reference.attention_decode(q32, k32, v32, context_lens, tables, scale, max(ctx))
+    assert out.dtype == dtype and out.shape == query.shape
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+def test_attention_decode_long_context_and_padding_rows():
+    """A context long enough that every split is used and splits span several tiles; a
+    context_len-0 row (CUDA-graph padding) yields zeros without disturbing its neighbours;
+    max_context_len is only a hint (a larger value changes nothing)."""
+    head_dim, num_kv_heads, group, block_size = 64, 1, 3, 16
+    n = triton_attention.NUM_KV_SPLITS * triton_attention.BLOCK_N * 2 + 16  # every split covers > 2 tiles
+    ctx = [n, 0, 17]
+    tables, num_blocks = make_block_tables(ctx, block_size)
+    k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, torch.float32)
+    query = torch.randn(len(ctx), num_kv_heads * group, head_dim, device=DEVICE)
+    context_lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    out = triton_attention.attention_decode(query, k_cache, v_cache, context_lens, tables, 0.125, n + 100)
+    ref = reference.attention_decode(query, k_cache, v_cache, context_lens, tables, 0.125, n)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = [0, 2]
+    torch.testing.assert_close(out[keep], ref[keep], atol=ATOL[torch.float32], rtol=0)
+
+
+def test_wrappers_reject_bad_inputs():
+    k_cache, v_cache = make_cache(4, 16, 2, 64, torch.float32)
+    tables = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(1, 4, 64, device=DEVICE)
+    lens = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(AssertionError):  # int64 context_lens
+        triton_attention.attention_decode(query, k_cache, v_cache, lens.long(), tables, 0.1, 5)
+    with pytest.raises(AssertionError):  # head_dim not contiguous
+        strided = query.transpose(1, 2).contiguous().transpose(1, 2)
+        triton_attention.attention_decode(strided, k_cache, v_cache, lens, tables, 0.1, 5)
+    with pytest.raises(AssertionError):  # dtype mismatch between query and cache
+        triton_attention.attention_decode(query.double(), k_cache, v_cache, lens, tables, 0.1, 5)
