@@ -48,8 +48,10 @@ async def error_middleware(request: web.Request, handler):
         return _error(429, "Model is overloaded", "overloaded")
     except GenerationError as e:
         return _error(424, str(e), "generation")
-    except web.HTTPException:
-        raise
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        return _error(e.status, e.reason, "bad_request" if e.status != 413 else "payload_too_large")
     except Exception:
         log.exception("unhandled error on %s", request.path)
         return _error(500, "Internal server error", "internal")
