@@ -2,6 +2,7 @@
 
 Every flag can also be given as its upper-case environment variable (MODEL_ID, NUM_SHARD...).
 """
+
 import argparse
 import logging
 import os
@@ -42,12 +43,17 @@ def _env(flag: str, default=None):
 
 
 def parse_args(argv: list[str] | None = None) -> LaunchConfig:
-    p = argparse.ArgumentParser(prog="sluice-launcher", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sluice-launcher", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = p.add_argument_group("model and devices")
     g.add_argument("--model-id", type=Path, default=_env("--model-id", "models/SmolLM2-135M-Instruct"))
-    g.add_argument("--num-shard", type=int, default=_env("--num-shard"),
-                   help="tensor-parallel ranks (default: visible GPUs, else 1 on CPU)")
+    g.add_argument(
+        "--num-shard",
+        type=int,
+        default=_env("--num-shard"),
+        help="tensor-parallel ranks (default: visible GPUs, else 1 on CPU)",
+    )
     g.add_argument("--dtype", default=_env("--dtype", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
     g = p.add_argument_group("network")
     g.add_argument("--hostname", default=_env("--hostname", "0.0.0.0"))
@@ -56,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     g.add_argument("--master-addr", default=_env("--master-addr", "127.0.0.1"))
     g.add_argument("--master-port", type=int, default=int(_env("--master-port", 29500)))
     g = p.add_argument_group("lifecycle and logs")
-    g.add_argument("--graceful-termination-timeout", type=float, default=float(_env("--graceful-termination-timeout", 90)))
+    g.add_argument(
+        "--graceful-termination-timeout", type=float, default=float(_env("--graceful-termination-timeout", 90))
+    )
     g.add_argument("--json-output", action="store_true", default=_env("--json-output", "") not in ("", "0", "false"))
     router = p.add_argument_group("batching and validation limits (router)")
     for flag, kind, help_text in ROUTER_FLAGS:
@@ -75,10 +83,18 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         return tuple(out)
 
     return LaunchConfig(
-        model_id=a.model_id.resolve(), num_shard=int(a.num_shard or max(visible_gpus(), 1)), port=a.port,
-        hostname=a.hostname, shard_uds_path=a.shard_uds_path, master_addr=a.master_addr, master_port=a.master_port,
-        dtype=a.dtype, json_output=a.json_output, graceful_termination_timeout_s=a.graceful_termination_timeout,
-        router_args=forwarded(ROUTER_FLAGS), shard_args=forwarded(SHARD_FLAGS),
+        model_id=a.model_id.resolve(),
+        num_shard=int(a.num_shard or max(visible_gpus(), 1)),
+        port=a.port,
+        hostname=a.hostname,
+        shard_uds_path=a.shard_uds_path,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
+        dtype=a.dtype,
+        json_output=a.json_output,
+        graceful_termination_timeout_s=a.graceful_termination_timeout,
+        router_args=forwarded(ROUTER_FLAGS),
+        shard_args=forwarded(SHARD_FLAGS),
     )
 
 

@@ -1,4 +1,5 @@
 """`LaunchConfig` and the argv of every child, built in one place."""
+
 import os
 import sys
 from dataclasses import dataclass
@@ -37,23 +38,52 @@ class LaunchConfig:
 
     def shard_argv(self, rank: int) -> list[str]:
         argv = [
-            sys.executable, "-m", "shard", "--model-id", str(self.model_id), "--rank", str(rank),
-            "--world-size", str(self.num_shard), "--master-addr", self.master_addr,
-            "--master-port", str(self.master_port), "--uds-path", self.shard_uds_path, "--dtype", self.dtype,
+            sys.executable,
+            "-m",
+            "shard",
+            "--model-id",
+            str(self.model_id),
+            "--rank",
+            str(rank),
+            "--world-size",
+            str(self.num_shard),
+            "--master-addr",
+            self.master_addr,
+            "--master-port",
+            str(self.master_port),
+            "--uds-path",
+            self.shard_uds_path,
+            "--dtype",
+            self.dtype,
             *self.shard_args,
         ]
         return argv + ["--json-output"] if self.json_output else argv
 
     def router_argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "router", "--model-id", str(self.model_id),
-                "--hostname", self.hostname, "--port", str(self.port), *self.router_args]
+        argv = [
+            sys.executable,
+            "-m",
+            "router",
+            "--model-id",
+            str(self.model_id),
+            "--hostname",
+            self.hostname,
+            "--port",
+            str(self.port),
+            *self.router_args,
+        ]
         for rank in range(self.num_shard):
             argv += ["--shard", self.shard_address(rank)]
         return argv + ["--json-output"] if self.json_output else argv
 
     def shard_env(self, rank: int, cpu_count: int) -> dict[str, str]:
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(self.num_shard),
-                   MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(self.num_shard),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
         if visible_gpus() == 0:  # CPU shards share the cores instead of each taking all of them
             env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count // self.num_shard)))
         return env

@@ -1,4 +1,5 @@
 """Start the shards and the router, supervise them, and stop them all together."""
+
 import ctypes
 import logging
 import os
@@ -60,7 +61,7 @@ class Supervisor:
             self._spawn(f"shard-{rank}", self.config.shard_argv(rank), self.config.shard_env(rank, cpu_count))
         for rank in range(self.config.num_shard):
             path = self.config.shard_address(rank).removeprefix("unix://")
-            self._wait(f"shard-{rank}", lambda: os.path.exists(path), timeout_s=600)
+            self._wait(f"shard-{rank}", lambda path=path: os.path.exists(path), timeout_s=600)
         log.info("shards listening; starting the router (warmup sizes the KV cache)")
         self._spawn("router", self.config.router_argv())
         url = f"http://127.0.0.1:{self.config.port}/health"

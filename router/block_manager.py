@@ -1,4 +1,5 @@
 """The router's pool of KV-cache blocks: the one source of truth for shard memory."""
+
 from collections import deque
 
 

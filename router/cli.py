@@ -1,4 +1,5 @@
 """`sluice-router`: the HTTP front end. Connects to the shards, sizes the KV pool, serves."""
+
 import argparse
 import asyncio
 import logging
@@ -22,8 +23,13 @@ log = logging.getLogger("router")
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p = argparse.ArgumentParser(prog="sluice-router", description=__doc__)
     p.add_argument("--model-id", type=Path, required=True, help="model directory (tokenizer files)")
-    p.add_argument("--shard", action="append", dest="shards", required=True,
-                   help="gRPC address of a shard, once per rank in rank order (unix:///path or host:port)")
+    p.add_argument(
+        "--shard",
+        action="append",
+        dest="shards",
+        required=True,
+        help="gRPC address of a shard, once per rank in rank order (unix:///path or host:port)",
+    )
     p.add_argument("--hostname", default="0.0.0.0")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--max-concurrent-requests", type=int, default=128)
@@ -41,15 +47,25 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     logging.basicConfig(
         level=logging.INFO,
         format='{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
-        if a.json_output else "%(asctime)s %(levelname)s router %(name)s: %(message)s",
+        if a.json_output
+        else "%(asctime)s %(levelname)s router %(name)s: %(message)s",
     )
     return RouterConfig(
-        model_dir=a.model_id, shard_addresses=tuple(a.shards), model_id=a.model_id.name, hostname=a.hostname,
-        port=a.port, max_concurrent_requests=a.max_concurrent_requests, max_best_of=a.max_best_of,
-        max_stop_sequences=a.max_stop_sequences, max_top_n_tokens=a.max_top_n_tokens,
-        max_input_tokens=a.max_input_tokens, max_total_tokens=a.max_total_tokens,
-        max_batch_prefill_tokens=a.max_batch_prefill_tokens, max_batch_size=a.max_batch_size,
-        max_num_blocks=a.max_num_blocks, payload_limit=a.payload_limit,
+        model_dir=a.model_id,
+        shard_addresses=tuple(a.shards),
+        model_id=a.model_id.name,
+        hostname=a.hostname,
+        port=a.port,
+        max_concurrent_requests=a.max_concurrent_requests,
+        max_best_of=a.max_best_of,
+        max_stop_sequences=a.max_stop_sequences,
+        max_top_n_tokens=a.max_top_n_tokens,
+        max_input_tokens=a.max_input_tokens,
+        max_total_tokens=a.max_total_tokens,
+        max_batch_prefill_tokens=a.max_batch_prefill_tokens,
+        max_batch_size=a.max_batch_size,
+        max_num_blocks=a.max_num_blocks,
+        payload_limit=a.payload_limit,
     )
 
 
@@ -69,15 +85,30 @@ async def _serve(config: RouterConfig) -> None:
         raise SystemExit("--max-batch-prefill-tokens must be positive")
     num_blocks = await shards.warmup(prefill_budget, config.max_batch_size, config.max_num_blocks)
     if num_blocks * info.block_size < max_total:
-        raise SystemExit(f"the KV cache holds {num_blocks * info.block_size} tokens, fewer than "
-                         f"--max-total-tokens {max_total}: lower it or give the cache more memory")
-    log.info("model %s (%s, %s on %s, %d shard(s)); KV cache: %d tokens; limits: input %d, total %d, prefill %d",
-             config.model_id, info.architecture, info.dtype, info.device_type, info.world_size,
-             num_blocks * info.block_size, max_input, max_total, prefill_budget)
+        raise SystemExit(
+            f"the KV cache holds {num_blocks * info.block_size} tokens, fewer than "
+            f"--max-total-tokens {max_total}: lower it or give the cache more memory"
+        )
+    log.info(
+        "model %s (%s, %s on %s, %d shard(s)); KV cache: %d tokens; limits: input %d, total %d, prefill %d",
+        config.model_id,
+        info.architecture,
+        info.dtype,
+        info.device_type,
+        info.world_size,
+        num_blocks * info.block_size,
+        max_input,
+        max_total,
+        prefill_budget,
+    )
 
-    scheduler = Scheduler(SchedulerConfig(config.max_batch_size, prefill_budget), BlockManager(num_blocks, info.block_size))
+    scheduler = Scheduler(
+        SchedulerConfig(config.max_batch_size, prefill_budget), BlockManager(num_blocks, info.block_size)
+    )
     engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids)
-    limits = ValidationLimits(config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total)
+    limits = ValidationLimits(
+        config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total
+    )
     state = ServerState(engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests)
     app = build_app(state, config.payload_limit)
 

@@ -28,6 +28,11 @@ class RouterConfig:
             raise ValueError("at least one shard address is required")
         if self.max_concurrent_requests < 1 or self.max_batch_size < 1:
             raise ValueError("--max-concurrent-requests and --max-batch-size must be at least 1")
-        if self.max_input_tokens is not None and self.max_total_tokens is not None \
-                and self.max_input_tokens >= self.max_total_tokens:
-            raise ValueError(f"--max-input-tokens ({self.max_input_tokens}) must be < --max-total-tokens ({self.max_total_tokens})")
+        if (
+            self.max_input_tokens is not None
+            and self.max_total_tokens is not None
+            and self.max_input_tokens >= self.max_total_tokens
+        ):
+            raise ValueError(
+                f"--max-input-tokens ({self.max_input_tokens}) must be < --max-total-tokens ({self.max_total_tokens})"
+            )

@@ -4,6 +4,7 @@
 scheduler for a step, sends it to the shards, applies the tokens, detokenizes them, checks
 stop sequences and hands each request its event.
 """
+
 import asyncio
 import itertools
 import logging
@@ -77,8 +78,12 @@ class Engine:
         aborts the request and frees its blocks.
         """
         request = Request(
-            req_id=next(self._ids), prompt_ids=valid.input_ids, max_new_tokens=valid.max_new_tokens,
-            sampling=valid.sampling, eos_token_ids=self.eos_token_ids, ignore_eos=valid.ignore_eos,
+            req_id=next(self._ids),
+            prompt_ids=valid.input_ids,
+            max_new_tokens=valid.max_new_tokens,
+            sampling=valid.sampling,
+            eos_token_ids=self.eos_token_ids,
+            ignore_eos=valid.ignore_eos,
             arrival_s=timings.queued_s,
         )
         handle = _Handle(request, valid, IncrementalDetokenizer(self.tokenizer, valid.input_ids), timings)
@@ -139,7 +144,9 @@ class Engine:
             text += handle.detokenizer.flush()
             finish_reason, generated_text = FINISH_REASONS[request.status], handle.detokenizer.text
         special = token_id in self.tokenizer.special_ids
-        top = [Token(i, self.tokenizer.token_text(i), lp, i in self.tokenizer.special_ids) for i, lp in produced.top_tokens]
+        top = [
+            Token(i, self.tokenizer.token_text(i), lp, i in self.tokenizer.special_ids) for i, lp in produced.top_tokens
+        ]
         handle.events.put_nowait(
             TokenEvent(Token(token_id, text, produced.logprob, special), top, finish_reason, generated_text)
         )

@@ -1,4 +1,5 @@
 """A generation request as the scheduler sees it. Pure data: no I/O, no asyncio."""
+
 from dataclasses import dataclass, field
 from enum import IntEnum
 

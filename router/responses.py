@@ -1,11 +1,17 @@
 """TGI's JSON shapes for generation results and errors."""
+
 import math
 
 from router.engine import Token, TokenEvent
 
 
 def token_json(t: Token) -> dict:
-    return {"id": t.id, "text": t.text, "logprob": t.logprob if math.isfinite(t.logprob) else None, "special": t.special}
+    return {
+        "id": t.id,
+        "text": t.text,
+        "logprob": t.logprob if math.isfinite(t.logprob) else None,
+        "special": t.special,
+    }
 
 
 def error_json(message: str, error_type: str) -> dict:
@@ -29,8 +35,9 @@ def generate_json(events: list[TokenEvent], full_text_prefix: str, details: bool
     return body
 
 
-def stream_json(index: int, event: TokenEvent, full_text_prefix: str, details: bool, seed: int | None,
-                input_length: int) -> dict:
+def stream_json(
+    index: int, event: TokenEvent, full_text_prefix: str, details: bool, seed: int | None, input_length: int
+) -> dict:
     """One `StreamResponse` event; the last one carries the text and, if asked, the details."""
     body: dict = {"index": index, "token": token_json(event.token)}
     if event.top_tokens:
@@ -38,6 +45,10 @@ def stream_json(index: int, event: TokenEvent, full_text_prefix: str, details: b
     body["generated_text"] = None if event.generated_text is None else full_text_prefix + event.generated_text
     body["details"] = None
     if event.finish_reason is not None and details:
-        body["details"] = {"finish_reason": event.finish_reason, "generated_tokens": index, "seed": seed,
-                           "input_length": input_length}
+        body["details"] = {
+            "finish_reason": event.finish_reason,
+            "generated_tokens": index,
+            "seed": seed,
+            "input_length": input_length,
+        }
     return body

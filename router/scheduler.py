@@ -14,6 +14,7 @@ Rules:
   and none is free, the newest running request is preempted: its blocks are freed, the
   shards forget it, and it waits at the front of the queue to be recomputed.
 """
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -93,7 +94,12 @@ class Scheduler:
             running.append(ScheduledRequest(request, num_tokens, False, new_block_ids))
         new: list[ScheduledRequest] = []
         # After a preemption, admitting newer requests would only evict them again.
-        while self.waiting and self.num_preemptions == num_preemptions and budget > 0 and len(self.running) < self.config.max_batch_size:
+        while (
+            self.waiting
+            and self.num_preemptions == num_preemptions
+            and budget > 0
+            and len(self.running) < self.config.max_batch_size
+        ):
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             needed = self.block_manager.blocks_needed(request.num_computed_tokens + num_tokens, len(request.block_ids))

@@ -1,4 +1,5 @@
 """aiohttp routes: HTTP <-> validated requests and engine events. Translation only."""
+
 import asyncio
 import json
 import logging
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from router.engine import Engine, GenerationError, TokenEvent, Timings
+from router.engine import Engine, GenerationError, Timings, TokenEvent
 from router.responses import error_json, generate_json, stream_json
 from router.shard_client import ModelInfo, ShardedClient, ShardError
 from router.tokenizer import Tokenizer
@@ -61,8 +62,9 @@ async def _json_body(request: web.Request) -> object:
     try:
         return json.loads(await request.read())
     except (ValueError, UnicodeDecodeError) as e:
-        raise web.HTTPBadRequest(text=json.dumps(error_json(f"Malformed JSON: {e}", "bad_request")),
-                                 content_type="application/json") from None
+        raise web.HTTPBadRequest(
+            text=json.dumps(error_json(f"Malformed JSON: {e}", "bad_request")), content_type="application/json"
+        ) from None
 
 
 async def _validated(request: web.Request, stream: bool) -> tuple[ValidRequest, float]:
@@ -122,10 +124,15 @@ def _timing_headers(valid: ValidRequest, start: float, timings: Timings, num_gen
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """SSE: one event per token; errors after the stream started arrive as an error event."""
     valid, _ = await _validated(request, stream=True)
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-        "x-compute-type": "sluice", "x-compute-characters": str(len(valid.inputs)),
-    })
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            "x-compute-type": "sluice",
+            "x-compute-characters": str(len(valid.inputs)),
+        }
+    )
     await response.prepare(request)
     prefix = valid.inputs if valid.return_full_text else ""
     index = 0
@@ -143,7 +150,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 async def health(request: web.Request) -> web.Response:
     try:
         await request.app[STATE].shards.health()
-    except (ShardError, asyncio.TimeoutError) as e:
+    except (TimeoutError, ShardError) as e:
         log.warning("health check failed: %s", e)
         return _error(503, "unhealthy", "healthcheck")
     return web.Response(status=200)
@@ -151,24 +158,26 @@ async def health(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     s = request.app[STATE]
-    return web.json_response({
-        "model_id": s.model_id,
-        "model_sha": None,
-        "model_dtype": s.model_info.dtype,
-        "model_device_type": s.model_info.device_type,
-        "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": s.max_concurrent_requests,
-        "max_best_of": s.limits.max_best_of,
-        "max_stop_sequences": s.limits.max_stop_sequences,
-        "max_input_tokens": s.limits.max_input_tokens,
-        "max_total_tokens": s.limits.max_total_tokens,
-        "validation_workers": 1,
-        "max_client_batch_size": 1,
-        "router": "sluice-router",
-        "version": "0.1.0",
-        "sha": None,
-        "docker_label": None,
-    })
+    return web.json_response(
+        {
+            "model_id": s.model_id,
+            "model_sha": None,
+            "model_dtype": s.model_info.dtype,
+            "model_device_type": s.model_info.device_type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": s.max_concurrent_requests,
+            "max_best_of": s.limits.max_best_of,
+            "max_stop_sequences": s.limits.max_stop_sequences,
+            "max_input_tokens": s.limits.max_input_tokens,
+            "max_total_tokens": s.limits.max_total_tokens,
+            "validation_workers": 1,
+            "max_client_batch_size": 1,
+            "router": "sluice-router",
+            "version": "0.1.0",
+            "sha": None,
+            "docker_label": None,
+        }
+    )
 
 
 def build_app(state: ServerState, payload_limit: int) -> web.Application:

@@ -3,6 +3,7 @@
 `ShardedClient` fans every call out to all ranks and answers with rank 0's reply; an error
 from any rank fails the call.
 """
+
 import asyncio
 from dataclasses import dataclass
 
@@ -49,23 +50,33 @@ def plan_to_pb(plan: StepPlan) -> pb.StepRequest:
         r = s.request
         if s.is_new:
             p = r.sampling
-            msg.new_requests.append(pb.NewRequest(
-                req_id=r.req_id,
-                token_ids=r.token_ids,
-                num_cached_tokens=r.num_computed_tokens,
-                num_scheduled_tokens=s.num_scheduled_tokens,
-                block_ids=r.block_ids,
-                sampling=pb.SamplingParams(
-                    do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                    typical_p=p.typical_p, repetition_penalty=p.repetition_penalty,
-                    frequency_penalty=p.frequency_penalty, seed=p.seed, watermark=p.watermark,
-                    top_n_tokens=p.top_n_tokens,
-                ),
-            ))
+            msg.new_requests.append(
+                pb.NewRequest(
+                    req_id=r.req_id,
+                    token_ids=r.token_ids,
+                    num_cached_tokens=r.num_computed_tokens,
+                    num_scheduled_tokens=s.num_scheduled_tokens,
+                    block_ids=r.block_ids,
+                    sampling=pb.SamplingParams(
+                        do_sample=p.do_sample,
+                        temperature=p.temperature,
+                        top_k=p.top_k,
+                        top_p=p.top_p,
+                        typical_p=p.typical_p,
+                        repetition_penalty=p.repetition_penalty,
+                        frequency_penalty=p.frequency_penalty,
+                        seed=p.seed,
+                        watermark=p.watermark,
+                        top_n_tokens=p.top_n_tokens,
+                    ),
+                )
+            )
         else:
-            msg.running_requests.append(pb.RunningRequest(
-                req_id=r.req_id, num_scheduled_tokens=s.num_scheduled_tokens, new_block_ids=s.new_block_ids
-            ))
+            msg.running_requests.append(
+                pb.RunningRequest(
+                    req_id=r.req_id, num_scheduled_tokens=s.num_scheduled_tokens, new_block_ids=s.new_block_ids
+                )
+            )
     return msg
 
 
@@ -86,7 +97,8 @@ class ShardClient:
     def __init__(self, address: str):
         self.address = address
         self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+            address,
+            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
         )
         self.stub = shard_pb2_grpc.ShardStub(self.channel)
         self._stream = None
@@ -126,16 +138,27 @@ class ShardedClient:
 
     async def info(self) -> ModelInfo:
         r = (await self._all(lambda c: c.stub.Info(pb.InfoRequest())))[0]
-        return ModelInfo(r.architecture, r.dtype, r.device_type, r.vocab_size, list(r.eos_token_ids),
-                         r.block_size, r.max_position_embeddings, r.world_size)
+        return ModelInfo(
+            r.architecture,
+            r.dtype,
+            r.device_type,
+            r.vocab_size,
+            list(r.eos_token_ids),
+            r.block_size,
+            r.max_position_embeddings,
+            r.world_size,
+        )
 
     async def health(self, timeout_s: float = 5.0) -> None:
         await self._all(lambda c: c.stub.Health(pb.HealthRequest(), timeout=timeout_s))
 
     async def warmup(self, max_batch_prefill_tokens: int, max_batch_size: int, max_num_blocks: int) -> int:
         """Size every rank's KV cache; returns the number of blocks all ranks have."""
-        request = pb.WarmupRequest(max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_size=max_batch_size,
-                                   max_num_blocks=max_num_blocks)
+        request = pb.WarmupRequest(
+            max_batch_prefill_tokens=max_batch_prefill_tokens,
+            max_batch_size=max_batch_size,
+            max_num_blocks=max_num_blocks,
+        )
         responses = await self._all(lambda c: c.stub.Warmup(request))
         return min(r.num_blocks for r in responses)
 

@@ -1,4 +1,5 @@
 """The model's tokenizer (Hugging Face `tokenizers`, no torch) and its configuration."""
+
 import json
 from pathlib import Path
 
@@ -23,7 +24,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, enc.offsets
 

@@ -3,6 +3,7 @@
 Every failure raises `ValidationError`, which the server turns into 422 with
 `{"error": "Input validation error: ...", "error_type": "validation"}`.
 """
+
 import math
 import random
 from dataclasses import dataclass
@@ -40,10 +41,25 @@ class ValidRequest:
 
 
 _FIELD_TYPES = {
-    "best_of": int, "temperature": float, "repetition_penalty": float, "frequency_penalty": float,
-    "top_k": int, "top_p": float, "typical_p": float, "do_sample": bool, "max_new_tokens": int,
-    "return_full_text": bool, "stop": list, "truncate": int, "watermark": bool, "details": bool,
-    "decoder_input_details": bool, "seed": int, "top_n_tokens": int, "grammar": object, "adapter_id": str,
+    "best_of": int,
+    "temperature": float,
+    "repetition_penalty": float,
+    "frequency_penalty": float,
+    "top_k": int,
+    "top_p": float,
+    "typical_p": float,
+    "do_sample": bool,
+    "max_new_tokens": int,
+    "return_full_text": bool,
+    "stop": list,
+    "truncate": int,
+    "watermark": bool,
+    "details": bool,
+    "decoder_input_details": bool,
+    "seed": int,
+    "top_n_tokens": int,
+    "grammar": object,
+    "adapter_id": str,
 }
 
 
@@ -63,7 +79,9 @@ def _typed(params: dict) -> dict:
             object: True,
         }[expected]
         if not ok:
-            raise ValidationError(f"`{name}` must be of type {expected.__name__ if expected is not list else 'array of strings'}")
+            raise ValidationError(
+                f"`{name}` must be of type {expected.__name__ if expected is not list else 'array of strings'}"
+            )
         if expected is float and not math.isfinite(value):
             raise ValidationError(f"`{name}` must be a finite number")
         if expected is int and value < 0:
@@ -87,9 +105,7 @@ def validate(body: object, tokenizer: Tokenizer, limits: ValidationLimits, *, st
         raise ValidationError("grammar is not supported")
 
     best_of = p.get("best_of") or 1
-    is_sampling = p.get("do_sample", False) or any(
-        k in p for k in ("temperature", "top_k", "top_p", "typical_p")
-    )
+    is_sampling = p.get("do_sample", False) or any(k in p for k in ("temperature", "top_k", "top_p", "typical_p"))
     if best_of != 1:
         if limits.max_best_of == 1:
             raise ValidationError("`best_of` != 1 is not allowed for this endpoint")

@@ -1,4 +1,5 @@
 """`sluice-shard`: load one tensor-parallel slice of a model and serve it over gRPC."""
+
 import argparse
 import asyncio
 import logging
@@ -31,14 +32,25 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     logging.basicConfig(
         level=logging.INFO,
         format='{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
-        if a.json_output else f"%(asctime)s %(levelname)s shard-{a.rank} %(name)s: %(message)s",
+        if a.json_output
+        else f"%(asctime)s %(levelname)s shard-{a.rank} %(name)s: %(message)s",
     )
     return ShardConfig(
-        model_dir=a.model_id, rank=a.rank, world_size=a.world_size, master_addr=a.master_addr,
-        master_port=a.master_port, uds_path=a.uds_path, port=a.port, host=a.host, device=a.device,
-        dtype=a.dtype, block_size=a.block_size, cuda_memory_fraction=a.cuda_memory_fraction,
+        model_dir=a.model_id,
+        rank=a.rank,
+        world_size=a.world_size,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
+        uds_path=a.uds_path,
+        port=a.port,
+        host=a.host,
+        device=a.device,
+        dtype=a.dtype,
+        block_size=a.block_size,
+        cuda_memory_fraction=a.cuda_memory_fraction,
         cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
-        watermark_gamma=a.watermark_gamma, watermark_delta=a.watermark_delta,
+        watermark_gamma=a.watermark_gamma,
+        watermark_delta=a.watermark_delta,
     )
 
 

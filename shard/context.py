@@ -3,6 +3,7 @@
 Model code takes only `(input_ids, positions)`; attention layers read everything else about
 the step from here, so the model knows nothing of serving.
 """
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 

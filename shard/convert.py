@@ -11,6 +11,7 @@ Re-running is a no-op once the directory is complete (that check imports neither
 transformers). A run writes into a hidden sibling and renames it into place only at the end, so an
 interrupted run never leaves a directory that looks complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 DEFAULT_OUT = Path("models/SmolLM2-135M-Instruct")
 log = logging.getLogger("shard.convert")
 
@@ -105,8 +112,10 @@ def _write(gguf_path: Path, out: Path, label: str) -> None:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF has no limit of its own
-    step(f"loaded {model.__class__.__name__}: eos {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}), "
-         f"tied embeddings {model.config.tie_word_embeddings}")
+    step(
+        f"loaded {model.__class__.__name__}: eos {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}), "
+        f"tied embeddings {model.config.tie_word_embeddings}"
+    )
 
     step("writing safetensors...")
     model.save_pretrained(out, safe_serialization=True)  # tied lm_head is stored once, as embed_tokens
@@ -118,7 +127,9 @@ def _write(gguf_path: Path, out: Path, label: str) -> None:
 
     step("checking the saved directory against the GGUF model...")
     saved_tok = AutoTokenizer.from_pretrained(out)
-    prompt = saved_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = saved_tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([saved_tok.encode(prompt)])
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -3,6 +3,7 @@
 With one rank no process group exists and every collective is the identity, so the same
 model code runs unsharded in tests.
 """
+
 from datetime import timedelta
 
 import torch

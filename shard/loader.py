@@ -2,6 +2,7 @@
 
 Each rank opens the files lazily and reads only its own slice of every tensor.
 """
+
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                     raise KeyError(f"checkpoint tensor {name} has no parameter in the model")
                 loader = getattr(param, "weight_loader", _default_loader)
                 with torch.no_grad():
-                    loader(param, f.get_slice(name), shard_id) if shard_id is not None else loader(param, f.get_slice(name))
+                    loader(param, f.get_slice(name), shard_id) if shard_id is not None else loader(
+                        param, f.get_slice(name)
+                    )
                 loaded_names.add(target)
     missing = set(params) - loaded_names
     if missing:

@@ -1,4 +1,5 @@
 """ModelRunner: the model, its paged KV cache and the per-request state, one step at a time."""
+
 import logging
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ def resolve_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cpu":
         return torch.float32  # this CPU has no fast bf16 matmul
-    return torch.float16 if str(getattr(hf_config, "torch_dtype", "")) in ("float16", "torch.float16") else torch.bfloat16
+    return (
+        torch.float16 if str(getattr(hf_config, "torch_dtype", "")) in ("float16", "torch.float16") else torch.bfloat16
+    )
 
 
 def eos_token_ids(model_dir: Path, hf_config) -> list[int]:
@@ -68,7 +71,9 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         a = self.attention_layers[0]
-        return 2 * len(self.attention_layers) * self.config.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return (
+            2 * len(self.attention_layers) * self.config.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        )
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.attention_layers[0]
@@ -102,7 +107,9 @@ class ModelRunner:
         if max_num_blocks:
             num_blocks = min(num_blocks, max_num_blocks)
         if num_blocks < 2:
-            raise RuntimeError(f"not enough memory for the KV cache ({budget} bytes left for blocks of {self.block_bytes})")
+            raise RuntimeError(
+                f"not enough memory for the KV cache ({budget} bytes left for blocks of {self.block_bytes})"
+            )
         self._allocate_kv_cache(0)  # release the warmup cache first
         self._allocate_kv_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, num_blocks * self.block_bytes / 2**30)
@@ -126,7 +133,9 @@ class ModelRunner:
             self.states.pop(req_id, None)
         states, num_scheduled = [], []
         for r in step.new_requests:
-            state = RequestState(r.req_id, list(r.token_ids), len(r.token_ids), r.num_cached_tokens, list(r.block_ids), r.sampling)
+            state = RequestState(
+                r.req_id, list(r.token_ids), len(r.token_ids), r.num_cached_tokens, list(r.block_ids), r.sampling
+            )
             self.states[r.req_id] = state
             states.append(state)
             num_scheduled.append(r.num_scheduled_tokens)
@@ -152,7 +161,12 @@ class ModelRunner:
         token_ids = torch.empty(len(producing), dtype=torch.int64, device=self.device)
         if logits is not None:  # rank 0
             states = [batch.states[i] for i in producing]
-            out = self.sampler(logits, [s.sampling for s in states], [s.token_ids for s in states], [s.num_prompt_tokens for s in states])
+            out = self.sampler(
+                logits,
+                [s.sampling for s in states],
+                [s.token_ids for s in states],
+                [s.num_prompt_tokens for s in states],
+            )
             token_ids = out.token_ids
         dist.broadcast_from_rank0(token_ids)
         sampled = token_ids.tolist()

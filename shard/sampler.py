@@ -4,6 +4,7 @@ Every row of a batch carries its own parameters. Randomness comes from a counter
 of (seed, position, token id), so a seeded request draws the same tokens whatever batch it
 is in, on any device, and after a preemption.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -112,14 +113,20 @@ class Sampler:
             logits = logits + (green & on[:, None]) * self.config.watermark_delta
         sampling = [p.do_sample for p in params]
         if any(sampling):
-            temp = torch.tensor([p.temperature if p.do_sample and p.temperature > 0 else 1.0 for p in params], device=device)
+            temp = torch.tensor(
+                [p.temperature if p.do_sample and p.temperature > 0 else 1.0 for p in params], device=device
+            )
             logits = logits / temp[:, None]
             if any(p.do_sample and (p.top_k > 0 or 0 < p.top_p < 1) for p in params):
                 top_k = torch.tensor([p.top_k if p.do_sample else 0 for p in params], device=device)
-                top_p = torch.tensor([p.top_p if p.do_sample and 0 < p.top_p < 1 else 1.0 for p in params], device=device)
+                top_p = torch.tensor(
+                    [p.top_p if p.do_sample and 0 < p.top_p < 1 else 1.0 for p in params], device=device
+                )
                 logits = _apply_top_k_top_p(logits, top_k, top_p)
             if any(p.do_sample and 0 < p.typical_p < 1 for p in params):
-                typical = torch.tensor([p.typical_p if p.do_sample and 0 < p.typical_p < 1 else 1.0 for p in params], device=device)
+                typical = torch.tensor(
+                    [p.typical_p if p.do_sample and 0 < p.typical_p < 1 else 1.0 for p in params], device=device
+                )
                 logits = _apply_typical_p(logits, typical)
         logprobs = logits.log_softmax(-1)
         token_ids = logits.argmax(-1)
@@ -148,7 +155,7 @@ class Sampler:
                 score = row[seen]
                 row[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
             if p.frequency_penalty:
-                generated = history[num_prompt_tokens[i]:]
+                generated = history[num_prompt_tokens[i] :]
                 counts = torch.zeros_like(row).scatter_add_(0, generated, torch.ones_like(generated, dtype=row.dtype))
                 row -= p.frequency_penalty * counts
         return logits

@@ -1,4 +1,5 @@
 """gRPC servicer: protobuf <-> step dataclasses, and the only shard module that touches `pb`."""
+
 import asyncio
 import logging
 import os
@@ -34,10 +35,19 @@ def step_from_pb(req: pb.StepRequest) -> StepInput:
     return StepInput(
         step_id=req.step_id,
         new_requests=[
-            NewRequest(r.req_id, list(r.token_ids), r.num_cached_tokens, r.num_scheduled_tokens, list(r.block_ids), sampling_from_pb(r.sampling))
+            NewRequest(
+                r.req_id,
+                list(r.token_ids),
+                r.num_cached_tokens,
+                r.num_scheduled_tokens,
+                list(r.block_ids),
+                sampling_from_pb(r.sampling),
+            )
             for r in req.new_requests
         ],
-        running_requests=[RunningRequest(r.req_id, r.num_scheduled_tokens, list(r.new_block_ids)) for r in req.running_requests],
+        running_requests=[
+            RunningRequest(r.req_id, r.num_scheduled_tokens, list(r.new_block_ids)) for r in req.running_requests
+        ],
         forget_req_ids=list(req.forget_req_ids),
     )
 
@@ -47,7 +57,9 @@ def step_to_pb(out: StepOutput) -> pb.StepResponse:
         step_id=out.step_id,
         outputs=[
             pb.TokenOutput(
-                req_id=o.req_id, token_id=o.token_id, logprob=o.logprob,
+                req_id=o.req_id,
+                token_id=o.token_id,
+                logprob=o.logprob,
                 top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in o.top_tokens],
             )
             for o in out.outputs
@@ -106,7 +118,9 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
 async def serve(runner: ModelRunner, address: str, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    )
     shard_pb2_grpc.add_ShardServicer_to_server(ShardServicer(runner), server)
     if address.startswith("unix://"):
         path = address.removeprefix("unix://")

@@ -1,4 +1,5 @@
 """What a step asks of the shard (decoded from protobuf in server.py) and the tensors it becomes."""
+
 from dataclasses import dataclass, field
 
 import torch

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models written like real checkpoints, and the bundled model."""
+
 import os
 from pathlib import Path
 
@@ -27,19 +28,41 @@ def pytest_collection_modifyitems(config, items):
 
 TINY_CONFIGS = {
     "llama": dict(
-        architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=384, max_position_embeddings=512,
-        tie_word_embeddings=False, rope_theta=10000.0,
+        architectures=["LlamaForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=384,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
     ),
     "qwen2": dict(
-        architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, vocab_size=384, max_position_embeddings=512,
-        tie_word_embeddings=True, rope_theta=1000000.0,
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=384,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
     ),
     "qwen3": dict(
-        architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=384, max_position_embeddings=512,
-        tie_word_embeddings=True, rope_theta=1000000.0,
+        architectures=["Qwen3ForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=384,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
     ),
 }
 

@@ -1,4 +1,5 @@
 """The import rules of DESIGN.md section 8, checked on the source."""
+
 import ast
 from pathlib import Path
 
@@ -25,11 +26,14 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [
-    ("router", {"shard", "torch", "triton", "transformers"}),
-    ("shard", {"router", "aiohttp"}),
-    ("launcher", {"router", "shard", "torch", "triton", "transformers", "grpc"}),
-])
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("router", {"shard", "torch", "triton", "transformers"}),
+        ("shard", {"router", "aiohttp"}),
+        ("launcher", {"router", "shard", "torch", "triton", "transformers", "grpc"}),
+    ],
+)
 def test_packages_do_not_cross(package, forbidden):
     for path in _sources(package):
         bad = {n for n in _imports(path) if _top(n) in forbidden}

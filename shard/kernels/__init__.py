@@ -4,6 +4,7 @@
 `attention_extend` and `attention_decode` dispatch to the Triton kernels on CUDA and to the
 torch reference elsewhere, with identical signatures, so callers never branch.
 """
+
 import torch
 
 from shard.kernels import reference

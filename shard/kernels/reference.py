@@ -4,6 +4,7 @@ KV cache layout (per layer, K and V alike): [num_blocks, block_size, num_kv_head
 the slot of position p of a sequence is block_table[p // block_size] * block_size
 + p % block_size.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +31,7 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
 
 def _attend(q, k, v, mask, scale):
     """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask [B, 1, Lq, Lk] bool -> [B, Hq, Lq, D]."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attention_decode(

@@ -26,6 +26,7 @@ chunk starts past the context exits at once, the others write a normalised parti
 log-sum-exp (fp32). Stage 2, grid (num_reqs, Hq), recomputes which chunks are non-empty and merges them
 with LSE weights. A request with context_len 0 (a CUDA-graph padding row) gets zeros.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -40,11 +41,18 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _store_kv_kernel(
-    key_ptr, value_ptr,  # [num_tokens, Hkv, D], last dim contiguous
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D], contiguous
+    key_ptr,
+    value_ptr,  # [num_tokens, Hkv, D], last dim contiguous
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D], contiguous
     slot_ptr,  # [num_tokens] int32/int64
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -62,12 +70,23 @@ def _store_kv_kernel(
 
 @triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i,  # q [M, D] (input dtype); acc [M, D], m_i [M], l_i [M] fp32
-    k_cache_ptr, v_cache_ptr, block_table_ptr,  # block_table_ptr: this request's row [max_blocks] int32
-    start, kv_end, kv_limit,  # tile start; positions >= kv_end are not loaded; row r sees pos < kv_limit[r]
-    kv_head, scale_log2,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    q,
+    acc,
+    m_i,
+    l_i,  # q [M, D] (input dtype); acc [M, D], m_i [M], l_i [M] fp32
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,  # block_table_ptr: this request's row [max_blocks] int32
+    start,
+    kv_end,
+    kv_limit,  # tile start; positions >= kv_end are not loaded; row r sees pos < kv_limit[r]
+    kv_head,
+    scale_log2,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One online-softmax step over KV positions [start, start + BLOCK_N), gathered through the block table."""
     pos = start + tl.arange(0, BLOCK_N)  # [N]
@@ -105,14 +124,25 @@ def _find_request(cu_seqlens_q_ptr, qblock, num_reqs, BLOCK_Q: tl.constexpr):  #
 @triton.jit
 def _extend_kernel(
     q_ptr,  # [num_tokens, Hq, D], last dim contiguous
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D], contiguous
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D], contiguous
     out_ptr,  # [num_tokens, Hq, D], contiguous
     cu_seqlens_q_ptr,  # [num_reqs + 1] int32
     context_lens_ptr,  # [num_reqs] int32
     block_tables_ptr,  # [num_reqs, max_blocks] int32
-    scale_log2, num_reqs, stride_qt, stride_qh, stride_bt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    scale_log2,
+    num_reqs,
+    stride_qt,
+    stride_qh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -141,8 +171,23 @@ def _extend_kernel(
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     for start in range(0, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, start, kv_end, kv_limit, kv_head,
-            scale_log2, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PREC,
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            start,
+            kv_end,
+            kv_limit,
+            kv_head,
+            scale_log2,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            BLOCK_N,
+            DOT_PREC,
         )
     out_row = (q_start + tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head  # [M] out is contiguous
     out_off = out_row[:, None] * HEAD_DIM + d[None, :]
@@ -158,14 +203,24 @@ def _split_len(ctx_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _decode_stage1_kernel(
     q_ptr,  # [num_reqs, Hq, D], last dim contiguous
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D], contiguous
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D], contiguous
     mid_o_ptr,  # [num_reqs, Hq, NUM_SPLITS, D] fp32: normalised partial outputs
     mid_lse_ptr,  # [num_reqs, Hq, NUM_SPLITS] fp32: log2-sum-exp2 of each chunk's scores
     context_lens_ptr,  # [num_reqs] int32
     block_tables_ptr,  # [num_reqs, max_blocks] int32
-    scale_log2, stride_qb, stride_qh, stride_bt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    scale_log2,
+    stride_qb,
+    stride_qh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -191,8 +246,23 @@ def _decode_stage1_kernel(
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     for start in range(split_start, split_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, start, split_end, kv_limit, kv_head,
-            scale_log2, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PREC,
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            start,
+            split_end,
+            kv_limit,
+            kv_head,
+            scale_log2,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            BLOCK_N,
+            DOT_PREC,
         )
     mid = (req * (NUM_KV_HEADS * GROUP) + head) * NUM_SPLITS + split  # [M]
     tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=row_ok[:, None])
@@ -205,7 +275,10 @@ def _decode_stage2_kernel(
     mid_lse_ptr,  # [num_reqs, Hq, NUM_SPLITS] fp32
     out_ptr,  # [num_reqs, Hq, D], contiguous
     context_lens_ptr,  # [num_reqs] int32
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
@@ -260,9 +333,18 @@ def store_kv(
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping.contiguous(),
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping.contiguous(),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        NUM_KV_HEADS=num_kv_heads,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim,
     )
 
 
@@ -293,10 +375,26 @@ def attention_extend(
     block_q = max(1, EXTEND_BLOCK_M // group_pad)
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)  # shape-only upper bound on query blocks
     _extend_kernel[grid](
-        query, k_cache, v_cache, out, cu_seqlens_q.contiguous(), context_lens.contiguous(), block_tables,
-        scale * _LOG2E, num_reqs, query.stride(0), query.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_PREC=_dot_precision(query.dtype),
+        query,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q.contiguous(),
+        context_lens.contiguous(),
+        block_tables,
+        scale * _LOG2E,
+        num_reqs,
+        query.stride(0),
+        query.stride(1),
+        block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_N=BLOCK_N,
+        DOT_PREC=_dot_precision(query.dtype),
         num_warps=4 if head_dim <= 64 else 8,
     )
     return out
@@ -328,14 +426,37 @@ def attention_decode(
     mid_lse = torch.empty((num_reqs, num_heads, NUM_KV_SPLITS), dtype=torch.float32, device=query.device)
     context_lens = context_lens.contiguous()
     _decode_stage1_kernel[(num_reqs, num_kv_heads, NUM_KV_SPLITS)](
-        query, k_cache, v_cache, mid_o, mid_lse, context_lens, block_tables,
-        scale * _LOG2E, query.stride(0), query.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(MIN_DECODE_ROWS, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=NUM_KV_SPLITS,
-        DOT_PREC=_dot_precision(query.dtype), num_warps=4, num_stages=2,
+        query,
+        k_cache,
+        v_cache,
+        mid_o,
+        mid_lse,
+        context_lens,
+        block_tables,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=max(MIN_DECODE_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=BLOCK_N,
+        NUM_SPLITS=NUM_KV_SPLITS,
+        DOT_PREC=_dot_precision(query.dtype),
+        num_warps=4,
+        num_stages=2,
     )
     _decode_stage2_kernel[(num_reqs, num_heads)](
-        mid_o, mid_lse, out, context_lens,
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, NUM_SPLITS=NUM_KV_SPLITS, num_warps=4,
+        mid_o,
+        mid_lse,
+        out,
+        context_lens,
+        NUM_HEADS=num_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_N=BLOCK_N,
+        NUM_SPLITS=NUM_KV_SPLITS,
+        num_warps=4,
     )
     return out

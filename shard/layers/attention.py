@@ -1,4 +1,5 @@
 """Paged attention: stores this step's K/V, then attends over the cache."""
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """Vocabulary-parallel embedding and LM head: each rank holds a contiguous vocab range."""
+
 import torch
 from torch import nn
 

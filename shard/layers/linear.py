@@ -3,6 +3,7 @@
 Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies only this
 rank's slice; `loaded` is a safetensors slice, so a rank reads only the bytes it keeps.
 """
+
 import torch
 from torch import nn
 

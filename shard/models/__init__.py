@@ -1,4 +1,5 @@
 """Registry of supported architectures, keyed by `config.architectures[0]`."""
+
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -26,5 +27,7 @@ def _check_divisible(config: PretrainedConfig) -> None:
     tp = dist.tp_size()
     for name in ("num_attention_heads", "num_key_value_heads"):
         if getattr(config, name) % tp:
-            raise ValueError(f"{config.architectures[0]} has {name}={getattr(config, name)}, "
-                             f"which does not divide by --num-shard {tp}")
+            raise ValueError(
+                f"{config.architectures[0]} has {name}={getattr(config, name)}, "
+                f"which does not divide by --num-shard {tp}"
+            )

@@ -3,6 +3,7 @@
 Differences between members are read from the config: Qwen2 has q/k/v biases, Qwen3
 normalizes q and k per head, some models tie the LM head to the embedding.
 """
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -37,12 +38,18 @@ class LlamaAttention(nn.Module):
         head_dim = _head_dim(config)
         is_qwen2 = config.model_type == "qwen2"
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads,
+            config.hidden_size,
+            head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
             bias=is_qwen2 or getattr(config, "attention_bias", False),
         )
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
-                                        bias=getattr(config, "attention_bias", False) and not is_qwen2)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim,
+            config.hidden_size,
+            bias=getattr(config, "attention_bias", False) and not is_qwen2,
+        )
         self.has_qk_norm = config.model_type == "qwen3"
         if self.has_qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
@@ -134,4 +141,3 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden] -> [N, vocab] float32 on rank 0, None on other ranks."""
         logits = self.lm_head(hidden)
         return None if logits is None else logits.float()
-

@@ -1,4 +1,5 @@
 """Start the launcher on free ports for a test, and always stop it."""
+
 import os
 import signal
 import socket
@@ -22,9 +23,22 @@ class LauncherProcess:
         self.port = free_port()
         self.tmp = tempfile.TemporaryDirectory(prefix="sluice-")
         self.argv = [
-            sys.executable, "-m", "launcher", "--model-id", str(model_dir), "--num-shard", str(num_shard),
-            "--hostname", "127.0.0.1", "--port", str(self.port), "--master-port", str(free_port()),
-            "--shard-uds-path", os.path.join(self.tmp.name, "shard"), *args,
+            sys.executable,
+            "-m",
+            "launcher",
+            "--model-id",
+            str(model_dir),
+            "--num-shard",
+            str(num_shard),
+            "--hostname",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--master-port",
+            str(free_port()),
+            "--shard-uds-path",
+            os.path.join(self.tmp.name, "shard"),
+            *args,
         ]
         self.log_path = Path(self.tmp.name) / "launcher.log"
         self.process: subprocess.Popen | None = None

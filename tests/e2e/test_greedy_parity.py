@@ -1,4 +1,5 @@
 """Greedy generations through the HTTP API equal transformers' `generate(do_sample=False)`."""
+
 import concurrent.futures
 
 import pytest
@@ -9,15 +10,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from router.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 24
-LONG_PROMPT = " ".join(
-    f"Line {i}: the river carries {i * 7 % 13} boats past the mill, and the miller counts them." for i in range(24)
-) + " Summarize what the miller saw:"
+LONG_PROMPT = (
+    " ".join(
+        f"Line {i}: the river carries {i * 7 % 13} boats past the mill, and the miller counts them." for i in range(24)
+    )
+    + " Summarize what the miller saw:"
+)
 
 
 def _prompts(tokenizer) -> list[str]:
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Give me three tips for writing clear code."}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     return [
         "The capital of France is",
@@ -39,9 +44,14 @@ def hf(bundled_model_dir):
 
 
 def _generate_ids(url: str, prompt: str, max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
-    r = requests.post(url + "/generate", json={
-        "inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True},
-    }, timeout=300)
+    r = requests.post(
+        url + "/generate",
+        json={
+            "inputs": prompt,
+            "parameters": {"max_new_tokens": max_new_tokens, "details": True},
+        },
+        timeout=300,
+    )
     assert r.status_code == 200, r.text
     return [t["id"] for t in r.json()["details"]["tokens"]]
 
@@ -61,7 +71,7 @@ def test_greedy_tokens_equal_transformers(server, hf):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        expected = out[0, ids.shape[1]:].tolist()
+        expected = out[0, ids.shape[1] :].tolist()
         assert _generate_ids(server.url, prompt) == expected, prompt[:60]
 
 

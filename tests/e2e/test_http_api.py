@@ -1,4 +1,5 @@
 """TGI's request and response shapes, validation and streaming, against a live server."""
+
 import json
 
 import pytest
@@ -13,21 +14,27 @@ def sse_events(response) -> list[dict]:
     return [json.loads(line[5:]) for line in response.iter_lines(decode_unicode=True) if line.startswith("data:")]
 
 
-@pytest.mark.parametrize(("parameters", "message"), [
-    ({"temperature": 0}, "`temperature` must be strictly positive"),
-    ({"repetition_penalty": 0}, "`repetition_penalty` must be strictly positive"),
-    ({"frequency_penalty": 3}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
-    ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
-    ({"typical_p": 0}, "`typical_p` must be > 0.0 and < 1.0"),
-    ({"top_k": 0}, "`top_k` must be strictly positive"),
-    ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
-    ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
-    ({"truncate": 0}, "`truncate` must be strictly positive and less than 4095. Given: 0"),
-    ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not allowed for this endpoint"),
-    ({"max_new_tokens": 5000}, "`inputs` tokens + `max_new_tokens` must be <= 4096. Given: 2 `inputs` tokens and 5000 `max_new_tokens`"),
-    ({"temperature": "hot"}, "`temperature` must be of type float"),
-])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"temperature": 0}, "`temperature` must be strictly positive"),
+        ({"repetition_penalty": 0}, "`repetition_penalty` must be strictly positive"),
+        ({"frequency_penalty": 3}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"typical_p": 0}, "`typical_p` must be > 0.0 and < 1.0"),
+        ({"top_k": 0}, "`top_k` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+        ({"truncate": 0}, "`truncate` must be strictly positive and less than 4095. Given: 0"),
+        ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not allowed for this endpoint"),
+        (
+            {"max_new_tokens": 5000},
+            "`inputs` tokens + `max_new_tokens` must be <= 4096. Given: 2 `inputs` tokens and 5000 `max_new_tokens`",
+        ),
+        ({"temperature": "hot"}, "`temperature` must be of type float"),
+    ],
+)
 def test_validation_errors_are_422_with_tgi_messages(server, parameters, message):
     r = post(server, "/generate", {"inputs": "Hello there", "parameters": parameters})
     assert r.status_code == 422
@@ -50,8 +57,11 @@ def test_malformed_json_is_400_and_oversized_body_is_413(server):
 
 
 def test_generate_details_shape_and_headers(server):
-    r = post(server, "/generate", {"inputs": "The capital of France is",
-                                   "parameters": {"max_new_tokens": 5, "details": True, "top_n_tokens": 2}})
+    r = post(
+        server,
+        "/generate",
+        {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5, "details": True, "top_n_tokens": 2}},
+    )
     assert r.status_code == 200
     body = r.json()
     details = body["details"]
@@ -61,7 +71,14 @@ def test_generate_details_shape_and_headers(server):
     assert [len(t) for t in details["top_tokens"]] == [2] * 5
     assert body["generated_text"] == "".join(t["text"] for t in details["tokens"])
     assert r.headers["x-generated-tokens"] == "5" and r.headers["x-prompt-tokens"] == "5"
-    for h in ("x-compute-time", "x-total-time", "x-validation-time", "x-queue-time", "x-inference-time", "x-time-per-token"):
+    for h in (
+        "x-compute-time",
+        "x-total-time",
+        "x-validation-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+    ):
         assert h in r.headers
 
 
@@ -75,8 +92,12 @@ def test_return_full_text_and_compat_route(server):
 
 def test_stream_concatenates_to_generated_text_for_multibyte_output(server):
     prompt = "<|im_start|>user\n用中文写一句关于大海的话，并加上表情符号 🌊<|im_end|>\n<|im_start|>assistant\n"
-    r = post(server, "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": 40, "details": True}},
-             stream=True)
+    r = post(
+        server,
+        "/generate_stream",
+        {"inputs": prompt, "parameters": {"max_new_tokens": 40, "details": True}},
+        stream=True,
+    )
     assert r.headers["Content-Type"].startswith("text/event-stream") and r.headers["X-Accel-Buffering"] == "no"
     events = sse_events(r)
     assert [e["index"] for e in events] == list(range(1, len(events) + 1))
@@ -89,17 +110,29 @@ def test_stream_concatenates_to_generated_text_for_multibyte_output(server):
 
 
 def test_stop_sequence_ends_generation_and_is_kept(server):
-    r = post(server, "/generate", {"inputs": "1, 2, 3, 4, 5,", "parameters": {
-        "max_new_tokens": 30, "stop": [" 8"], "details": True}})
+    r = post(
+        server,
+        "/generate",
+        {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 30, "stop": [" 8"], "details": True}},
+    )
     body = r.json()
     assert body["details"]["finish_reason"] == "stop_sequence"
     assert body["generated_text"].endswith(" 8")
 
 
 def test_seeded_sampling_is_reproducible_and_echoes_the_seed(server):
-    body = {"inputs": "Once upon a time", "parameters": {
-        "do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 1234, "max_new_tokens": 12,
-        "details": True}}
+    body = {
+        "inputs": "Once upon a time",
+        "parameters": {
+            "do_sample": True,
+            "temperature": 0.9,
+            "top_k": 50,
+            "top_p": 0.95,
+            "seed": 1234,
+            "max_new_tokens": 12,
+            "details": True,
+        },
+    }
     first, second = post(server, "/generate", body).json(), post(server, "/generate", body).json()
     assert first == second and first["details"]["seed"] == 1234
     other = post(server, "/generate", {**body, "parameters": {**body["parameters"], "seed": 99}}).json()
@@ -107,8 +140,11 @@ def test_seeded_sampling_is_reproducible_and_echoes_the_seed(server):
 
 
 def test_unseeded_sampling_draws_a_seed(server):
-    r = post(server, "/generate", {"inputs": "Hello", "parameters": {"do_sample": True, "max_new_tokens": 2,
-                                                                     "details": True}})
+    r = post(
+        server,
+        "/generate",
+        {"inputs": "Hello", "parameters": {"do_sample": True, "max_new_tokens": 2, "details": True}},
+    )
     assert isinstance(r.json()["details"]["seed"], int)
 
 

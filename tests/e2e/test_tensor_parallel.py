@@ -1,4 +1,5 @@
 """Three CPU shards over gloo serve what one shard serves; a dying shard takes the launcher down."""
+
 import os
 import signal
 import time
@@ -11,8 +12,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 def _greedy(url: str, prompt: str) -> list[int]:
-    r = requests.post(url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 16, "details": True}},
-                      timeout=300)
+    r = requests.post(
+        url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 16, "details": True}}, timeout=300
+    )
     return [t["id"] for t in r.json()["details"]["tokens"]]
 
 

@@ -1,4 +1,5 @@
 """Incremental detokenization: complete characters only, concatenation equals the full decode."""
+
 import pytest
 
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -23,7 +24,7 @@ def test_streamed_text_equals_the_full_decode(tokenizer, text):
     pieces = [detok.add(i) for i in ids]
     pieces.append(detok.flush())
     assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) == detok.text == tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)):]
+    assert "".join(pieces) == detok.text == tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)) :]
 
 
 def test_multibyte_characters_wait_for_their_last_byte(tokenizer):

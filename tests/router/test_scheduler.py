@@ -1,4 +1,5 @@
 """One test per scheduling rule, with the shard faked by handing tokens to update()."""
+
 import pytest
 
 from router.block_manager import BlockManager
@@ -18,8 +19,14 @@ def make_request(req_id, prompt_len, max_new_tokens=4) -> Request:
 
 def run_step(scheduler, token=7):
     plan = scheduler.schedule()
-    produced = scheduler.update(plan, {s.request.req_id: token for s in plan.scheduled
-                                       if s.request.num_computed_tokens + s.num_scheduled_tokens == s.request.num_tokens})
+    produced = scheduler.update(
+        plan,
+        {
+            s.request.req_id: token
+            for s in plan.scheduled
+            if s.request.num_computed_tokens + s.num_scheduled_tokens == s.request.num_tokens
+        },
+    )
     return plan, produced
 
 

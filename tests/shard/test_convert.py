@@ -1,4 +1,5 @@
 """shard.convert: GGUF -> safetensors directory, on a tiny quantized Llama GGUF written here, and the bundled one."""
+
 import importlib.util
 import json
 import subprocess
@@ -30,23 +31,55 @@ def _write_tiny_gguf(path: Path) -> torch.nn.Module:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     tokens = SPECIALS + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in MERGES]
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("block_count", 2), ("context_length", 256), ("embedding_length", 64),
-                       ("feed_forward_length", 128), ("head_count", HEADS), ("head_count_kv", KV_HEADS),
-                       ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 10000.0), ("rope_dimension_count", 16),
-                       ("vocab_size", len(tokens)), ("tokenizer_model", "gpt2"), ("tokenizer_pre", "smollm"),
-                       ("token_list", tokens), ("token_merges", MERGES), ("bos_token_id", 1), ("eos_token_id", 2),
-                       ("pad_token_id", 2), ("add_bos_token", False), ("chat_template", CHATML)]:
+    for key, value in [
+        ("block_count", 2),
+        ("context_length", 256),
+        ("embedding_length", 64),
+        ("feed_forward_length", 128),
+        ("head_count", HEADS),
+        ("head_count_kv", KV_HEADS),
+        ("layer_norm_rms_eps", 1e-5),
+        ("rope_freq_base", 10000.0),
+        ("rope_dimension_count", 16),
+        ("vocab_size", len(tokens)),
+        ("tokenizer_model", "gpt2"),
+        ("tokenizer_pre", "smollm"),
+        ("token_list", tokens),
+        ("token_merges", MERGES),
+        ("bos_token_id", 1),
+        ("eos_token_id", 2),
+        ("pad_token_id", 2),
+        ("add_bos_token", False),
+        ("chat_template", CHATML),
+    ]:
         getattr(w, f"add_{key}")(value)
     w.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))  # 3: control
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     with torch.no_grad():
         for name, param in model.named_parameters():  # lm_head is tied: not listed, not written
             param.normal_(1.0 if "norm" in name else 0.0, 0.2)
@@ -135,9 +168,17 @@ def test_reconverting_is_a_fast_no_op_that_imports_no_torch(tiny):
     start = time.perf_counter()
     assert C.convert(gguf_path, out) == out
     assert time.perf_counter() - start < 0.5
-    code = "import sys; from shard.convert import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); exit(rc)"
-    run = subprocess.run([sys.executable, "-c", code, "--gguf", str(gguf_path), "--out", str(out)],
-                         check=False, capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; from shard.convert import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); exit(rc)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, "--gguf", str(gguf_path), "--out", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert run.returncode == 0 and run.stdout.strip() == "False" and "ready" in run.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
@@ -171,6 +212,11 @@ def test_bundled_smollm2_gguf(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(out)
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
-    assert (tok.eos_token, tok.eos_token_id, tok.bos_token, tok.pad_token) == ("<|im_end|>", 2, "<|im_start|>", "<|im_end|>")
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token, tok.pad_token) == (
+        "<|im_end|>",
+        2,
+        "<|im_start|>",
+        "<|im_end|>",
+    )
     assert GenerationConfig.from_pretrained(out).eos_token_id == 2
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True

@@ -1,4 +1,5 @@
 """Our paged, batched forward gives transformers' logits on tiny random models."""
+
 import torch
 from transformers import AutoModelForCausalLM
 

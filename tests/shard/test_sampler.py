@@ -1,4 +1,5 @@
 """Sampling on crafted logits: exact filtered sets, reproducible seeds, penalties, watermark."""
+
 import math
 
 import torch
@@ -66,9 +67,12 @@ def test_sampling_follows_the_distribution():
 def test_repetition_penalty_matches_transformers():
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
     history = [[1, 5, 5, 9], [2, 3]]
-    expected = torch.cat([
-        RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([h]), logits[i : i + 1].clone()) for i, h in enumerate(history)
-    ])
+    expected = torch.cat(
+        [
+            RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([h]), logits[i : i + 1].clone())
+            for i, h in enumerate(history)
+        ]
+    )
     params = [SamplingParams(repetition_penalty=1.3, top_n_tokens=50)] * 2
     out = Sampler()(logits.clone(), params, history, [2, 2])
     torch.testing.assert_close(out.top_logprobs.exp().sum(-1), torch.ones(2))
@@ -105,7 +109,7 @@ def test_watermarked_text_is_detected_and_plain_text_is_not():
     g = torch.Generator().manual_seed(7)
     for watermark in (True, False):
         tokens = [1]
-        for step in range(steps):
+        for _ in range(steps):
             logits = torch.randn(1, 1000, generator=g)
             p = SamplingParams(do_sample=True, seed=11, watermark=watermark)
             tokens.append(sampler(logits, [p], [tokens], [1]).token_ids.item())

@@ -1,4 +1,5 @@
 """Sharded over 2 and 3 gloo ranks, the model gives the unsharded logits (prefill and decode)."""
+
 import multiprocessing as mp
 
 import pytest
@@ -8,8 +9,15 @@ from tests.conftest import TINY_CONFIGS, make_tiny_model
 from tests.e2e.server import free_port
 
 # 12 query and 6 KV heads split over 2 and 3 ranks; an odd vocab pads the last rank's rows.
-TP_CONFIG = dict(TINY_CONFIGS["llama"], hidden_size=96, num_attention_heads=12, num_key_value_heads=6,
-                 head_dim=8, vocab_size=389, intermediate_size=192)
+TP_CONFIG = dict(
+    TINY_CONFIGS["llama"],
+    hidden_size=96,
+    num_attention_heads=12,
+    num_key_value_heads=6,
+    head_dim=8,
+    vocab_size=389,
+    intermediate_size=192,
+)
 
 
 def _logits(model_dir, rank: int, world_size: int, port: int, queue) -> None:
@@ -25,8 +33,10 @@ def _logits(model_dir, rank: int, world_size: int, port: int, queue) -> None:
     runner = ModelRunner(ShardConfig(model_dir=model_dir, rank=rank, world_size=world_size, device="cpu"))
     runner.warmup(64, 4, max_num_blocks=16)
     g = torch.Generator().manual_seed(0)
-    states = [RequestState(i, torch.randint(2, 389, (n,), generator=g).tolist(), n, 0, [i, i + 2, i + 4], SamplingParams())
-              for i, n in enumerate((29, 11))]
+    states = [
+        RequestState(i, torch.randint(2, 389, (n,), generator=g).tolist(), n, 0, [i, i + 2, i + 4], SamplingParams())
+        for i, n in enumerate((29, 11))
+    ]
     results = [runner.forward(Batch(states, [len(s.token_ids) for s in states]), torch.arange(40))]
     for step in range(3):
         for s in states:

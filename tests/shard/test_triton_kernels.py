@@ -5,6 +5,7 @@ imported), in float32 with a tight tolerance; with CUDA they also run in fp16 / 
 so the interpreter stays fast (the whole module takes ~15 s on 2 CPU cores): the attention tests take
 the full product of head_dim (64, 128), query/KV head ratio (1, 3, 4) and block size (16, 32).
 """
+
 import itertools
 import os
 
