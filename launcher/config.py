@@ -64,6 +64,8 @@ class LaunchConfig:
             sys.executable,
             "-m",
             "router",
+            "--graceful-termination-timeout",
+            str(self.graceful_termination_timeout_s),
             "--model-id",
             str(self.model_id),
             "--hostname",

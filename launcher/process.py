@@ -82,7 +82,8 @@ class Supervisor:
         """Router first (it drains in-flight requests), then the shards."""
         routers = [c for c in self.children if c.name == "router"]
         shards = [c for c in self.children if c.name != "router"]
-        for group, timeout in ((routers, self.config.graceful_termination_timeout_s), (shards, 10.0)):
+        drain_s = self.config.graceful_termination_timeout_s + 5.0  # the router drains for the timeout itself
+        for group, timeout in ((routers, drain_s), (shards, 10.0)):
             for c in group:
                 if c.process.poll() is None:
                     c.process.send_signal(signal.SIGTERM)

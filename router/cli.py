@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-num-blocks", type=int, default=0, help="cap the KV pool (0: what warmup finds)")
     p.add_argument("--payload-limit", type=int, default=2_000_000)
+    p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
     p.add_argument("--json-output", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         max_batch_size=a.max_batch_size,
         max_num_blocks=a.max_num_blocks,
         payload_limit=a.payload_limit,
+        graceful_termination_timeout_s=a.graceful_termination_timeout,
     )
 
 
@@ -119,7 +121,8 @@ async def _serve(config: RouterConfig) -> None:
     engine_task = asyncio.create_task(engine.run(), name="engine")
     engine_task.add_done_callback(lambda t: stop.set())  # the loop never returns unless it crashed
 
-    runner = web.AppRunner(app, access_log=None)
+    # On SIGTERM the site stops accepting connections and in-flight requests get this long to finish.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.graceful_termination_timeout_s)
     await runner.setup()
     await web.TCPSite(runner, config.hostname, config.port).start()
     log.info("serving on http://%s:%d", config.hostname, config.port)

@@ -22,6 +22,7 @@ class RouterConfig:
     max_num_blocks: int = 0  # cap on the KV pool; 0: whatever warmup finds
     payload_limit: int = 2_000_000
     shard_connect_timeout_s: float = 300.0
+    graceful_termination_timeout_s: float = 90.0  # in-flight requests may finish within this after SIGTERM
 
     def __post_init__(self):
         if not self.shard_addresses:
