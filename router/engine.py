@@ -84,6 +84,7 @@ class Engine:
             sampling=valid.sampling,
             eos_token_ids=self.eos_token_ids,
             ignore_eos=valid.ignore_eos,
+            min_new_tokens=valid.min_new_tokens,
             arrival_s=timings.queued_s,
         )
         handle = _Handle(request, valid, IncrementalDetokenizer(self.tokenizer, valid.input_ids), timings)

@@ -52,6 +52,7 @@ class Request:
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS is ignored until this many tokens were generated
     arrival_s: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

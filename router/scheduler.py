@@ -138,7 +138,11 @@ class Scheduler:
             produced.append(request)
             if len(request.output_ids) >= request.max_new_tokens:
                 self.finish(request, RequestStatus.FINISHED_LENGTH)
-            elif token_id in request.eos_token_ids and not request.ignore_eos:
+            elif (
+                token_id in request.eos_token_ids
+                and not request.ignore_eos
+                and len(request.output_ids) >= request.min_new_tokens
+            ):
                 self.finish(request, RequestStatus.FINISHED_EOS)
         return produced
 

@@ -15,6 +15,10 @@ class Tokenizer:
         self.config: dict = json.loads(config_path.read_text()) if config_path.exists() else {}
 
     @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
     def chat_template(self) -> str | None:
         template = self.config.get("chat_template")
         if isinstance(template, list):  # [{name, template}], pick "default"

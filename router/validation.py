@@ -37,7 +37,8 @@ class ValidRequest:
     return_full_text: bool
     best_of: int
     is_seeded: bool  # the client gave a seed or sampling drew one: echo it in details
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # vLLM extensions, set by the OpenAI routes
+    min_new_tokens: int = 0
 
 
 _FIELD_TYPES = {
@@ -90,7 +91,21 @@ def _typed(params: dict) -> dict:
     return out
 
 
-def validate(body: object, tokenizer: Tokenizer, limits: ValidationLimits, *, stream: bool) -> ValidRequest:
+def validate(
+    body: object,
+    tokenizer: Tokenizer,
+    limits: ValidationLimits,
+    *,
+    stream: bool,
+    input_ids: list[int] | None = None,
+    add_special_tokens: bool = True,
+) -> ValidRequest:
+    """Validate a TGI `GenerateRequest` body and tokenize its `inputs`.
+
+    `input_ids` replaces tokenization for prompts given as token ids (then `inputs` is their
+    text, used only for `return_full_text` and headers); `add_special_tokens=False` is for
+    prompts already rendered by a chat template.
+    """
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
     inputs = body.get("inputs")
@@ -161,7 +176,10 @@ def validate(body: object, tokenizer: Tokenizer, limits: ValidationLimits, *, st
     if truncate is None and len(inputs) > 64 * limits.max_total_tokens:
         raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: more than that")
 
-    input_ids = tokenizer.encode(inputs)
+    if input_ids is None:
+        input_ids = tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
+    elif any(not 0 <= i < tokenizer.vocab_size for i in input_ids):
+        raise ValidationError(f"token ids must be in [0, {tokenizer.vocab_size})")
     if truncate is not None:
         input_ids = input_ids[-truncate:]
     n = len(input_ids)

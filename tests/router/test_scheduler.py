@@ -164,3 +164,15 @@ def test_block_manager_rejects_double_free():
     bm.free(ids)
     with pytest.raises(AssertionError):
         bm.free(ids)
+
+
+def test_min_new_tokens_defers_eos():
+    s = make_scheduler()
+    r = make_request(0, 3, max_new_tokens=10)
+    r.min_new_tokens = 3
+    s.add(r)
+    for _ in range(2):
+        run_step(s, token=EOS)
+    assert r.status == RequestStatus.RUNNING
+    run_step(s, token=EOS)
+    assert r.status == RequestStatus.FINISHED_EOS and len(r.output_ids) == 3
