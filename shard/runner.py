@@ -78,7 +78,8 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.attention_layers[0]
         shape = (2, len(self.attention_layers), num_blocks, self.config.block_size, a.num_kv_heads, a.head_dim)
-        cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeroed: the reference decode reads padded positions (masked, but 0 * NaN would be NaN).
+        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
         self.num_blocks = num_blocks
