@@ -11,6 +11,7 @@ from aiohttp import web
 from router.block_manager import BlockManager
 from router.config import RouterConfig
 from router.engine import Engine
+from router.metrics import Metrics
 from router.scheduler import Scheduler, SchedulerConfig
 from router.server import ServerState, build_app
 from router.shard_client import ShardedClient
@@ -107,11 +108,17 @@ async def _serve(config: RouterConfig) -> None:
     scheduler = Scheduler(
         SchedulerConfig(config.max_batch_size, prefill_budget), BlockManager(num_blocks, info.block_size)
     )
-    engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids)
+    metrics = Metrics(max_input, max_total)
+    metrics.batch_max_total_tokens.set(num_blocks * info.block_size)
+    metrics.kv_blocks_total.set(num_blocks)
+    metrics.kv_blocks_free.set(num_blocks)
+    engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids, metrics)
     limits = ValidationLimits(
         config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total
     )
-    state = ServerState(engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests)
+    state = ServerState(
+        engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests, metrics
+    )
     app = build_app(state, config.payload_limit)
 
     stop = asyncio.Event()
@@ -122,7 +129,10 @@ async def _serve(config: RouterConfig) -> None:
     engine_task.add_done_callback(lambda t: stop.set())  # the loop never returns unless it crashed
 
     # On SIGTERM the site stops accepting connections and in-flight requests get this long to finish.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.graceful_termination_timeout_s)
+    # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=config.graceful_termination_timeout_s, handler_cancellation=True
+    )
     await runner.setup()
     await web.TCPSite(runner, config.hostname, config.port).start()
     log.info("serving on http://%s:%d", config.hostname, config.port)

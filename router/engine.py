@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from router.metrics import Metrics
 from router.request import FINISH_REASONS, Request, RequestStatus
 from router.scheduler import Scheduler, StepPlan
 from router.shard_client import ShardedClient, ShardError, StepResult
@@ -43,7 +44,8 @@ class TokenEvent:
 
 @dataclass(slots=True)
 class Timings:
-    queued_s: float
+    queued_s: float  # validated and handed to the engine
+    start_s: float | None = None  # the HTTP handler started (default: queued_s)
     batched_s: float | None = None  # first time the request was put in a step
 
 
@@ -57,8 +59,16 @@ class _Handle:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, shards: ShardedClient, tokenizer: Tokenizer, eos_token_ids: list[int]):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        shards: ShardedClient,
+        tokenizer: Tokenizer,
+        eos_token_ids: list[int],
+        metrics: Metrics,
+    ):
         self.scheduler = scheduler
+        self.metrics = metrics
         self.shards = shards
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -90,24 +100,45 @@ class Engine:
         handle = _Handle(request, valid, IncrementalDetokenizer(self.tokenizer, valid.input_ids), timings)
         self._handles[request.req_id] = handle
         self.scheduler.add(request)
+        self.metrics.request_input_length.observe(len(valid.input_ids))
+        self.metrics.request_max_new_tokens.observe(valid.max_new_tokens)
         self._wake.set()
         try:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, Exception):
+                    self.metrics.request_failure.labels("generation").inc()
                     raise event
+                if event.finish_reason is not None:
+                    self._record_success(request, timings)
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
             if not request.status.is_finished:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+                self.metrics.request_failure.labels("dropped").inc()
             self._handles.pop(request.req_id, None)
+
+    def _record_success(self, request: Request, timings: Timings) -> None:
+        m, end = self.metrics, time.monotonic()
+        start, batched = timings.start_s or timings.queued_s, timings.batched_s or end
+        num_generated = len(request.output_ids)
+        m.request_success.inc()
+        m.request_duration.observe(end - start)
+        m.request_validation_duration.observe(timings.queued_s - start)
+        m.request_queue_duration.observe(batched - timings.queued_s)
+        m.request_inference_duration.observe(end - batched)
+        m.request_mean_time_per_token_duration.observe((end - batched) / max(num_generated, 1))
+        m.request_generated_tokens.observe(num_generated)
 
     async def run(self) -> None:
         """Step forever; never raises for a failed step (its requests get the error)."""
         while True:
             if not self.scheduler.has_work:
+                self.metrics.queue_size.set(0)
+                self.metrics.batch_current_size.set(0)
+                self.metrics.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -120,15 +151,47 @@ class Engine:
             for s in plan.scheduled:
                 timings = self._handles[s.request.req_id].timings
                 timings.batched_s = timings.batched_s or now
+            method = self._record_plan(plan)
             try:
                 result = await self.shards.step(plan)
             except ShardError as e:
+                self.metrics.batch_inference_failure.labels(method).inc()
                 await self._fail_step(plan, e)
                 continue
+            sent = time.monotonic()
             self.last_step = result
             token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}
             for request in self.scheduler.update(plan, token_ids):
                 self._emit(request, result)
+            m = self.metrics
+            m.batch_inference_success.labels(method).inc()
+            m.batch_inference_duration.labels(method).observe(sent - now)
+            m.batch_forward_duration.labels(method).observe(result.forward_ns / 1e9)
+            m.batch_decode_duration.labels(method).observe(time.monotonic() - sent)
+            m.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
+
+    def _record_plan(self, plan: StepPlan) -> str:
+        """Update the queue and batch gauges for `plan`; returns its method label."""
+        m, scheduler = self.metrics, self.scheduler
+        prompt_tokens = sum(
+            max(
+                0,
+                min(s.request.num_computed_tokens + s.num_scheduled_tokens, len(s.request.prompt_ids))
+                - s.request.num_computed_tokens,
+            )
+            for s in plan.scheduled
+        )
+        num_new = sum(s.is_new for s in plan.scheduled)
+        if num_new:
+            m.batch_next_size.observe(num_new)
+        m.queue_size.set(len(scheduler.waiting))
+        m.batch_current_size.set(len(scheduler.running))
+        m.kv_blocks_free.set(scheduler.block_manager.num_free_blocks)
+        m.preemptions.set(scheduler.num_preemptions)
+        m.prompt_tokens_computed.inc(prompt_tokens)
+        method = "prefill" if prompt_tokens else "decode"
+        m.batch_inference_count.labels(method).inc()
+        return method
 
     def _emit(self, request: Request, result: StepResult) -> None:
         handle = self._handles[request.req_id]

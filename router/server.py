@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.engine import Engine, GenerationError, Timings, TokenEvent
+from router.metrics import Metrics
 from router.responses import error_json, generate_json, stream_json
 from router.shard_client import ModelInfo, ShardedClient, ShardError
 from router.tokenizer import Tokenizer
@@ -30,6 +31,7 @@ class ServerState:
     model_info: ModelInfo
     model_id: str
     max_concurrent_requests: int
+    metrics: Metrics
 
 
 STATE = web.AppKey("state", ServerState)
@@ -39,15 +41,25 @@ def _error(status: int, message: str, error_type: str) -> web.Response:
     return web.json_response(error_json(message, error_type), status=status)
 
 
+GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"})
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    """Maps exceptions to TGI's error JSON and status codes; counts requests and failures."""
+    is_generation = request.method == "POST" and request.path in GENERATION_ROUTES
+    metrics = request.app[STATE].metrics
+    if is_generation:
+        metrics.request_count.inc()
     try:
         return await handler(request)
     except ValidationError as e:
+        metrics.request_failure.labels("validation").inc()
         return _error(422, f"Input validation error: {e}", "validation")
     except Overloaded:
+        metrics.request_failure.labels("overloaded").inc()
         return _error(429, "Model is overloaded", "overloaded")
-    except GenerationError as e:
+    except GenerationError as e:  # counted by the engine
         return _error(424, str(e), "generation")
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
@@ -83,7 +95,7 @@ def _seed(valid: ValidRequest) -> int | None:
 async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
     """Run one request to completion: (GenerateResponse JSON, timing headers)."""
     valid, start = await _validated(request, stream=False)
-    timings = Timings(queued_s=time.monotonic())
+    timings = Timings(queued_s=time.monotonic(), start_s=start)
     events: list[TokenEvent] = [e async for e in request.app[STATE].engine.generate(valid, timings)]
     body = generate_json(events, valid.inputs if valid.return_full_text else "", valid.details, _seed(valid))
     return body, _timing_headers(valid, start, timings, len(events))
@@ -123,7 +135,7 @@ def _timing_headers(valid: ValidRequest, start: float, timings: Timings, num_gen
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """SSE: one event per token; errors after the stream started arrive as an error event."""
-    valid, _ = await _validated(request, stream=True)
+    valid, start = await _validated(request, stream=True)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -137,7 +149,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     prefix = valid.inputs if valid.return_full_text else ""
     index = 0
     try:
-        async for event in request.app[STATE].engine.generate(valid, Timings(queued_s=time.monotonic())):
+        async for event in request.app[STATE].engine.generate(valid, Timings(queued_s=time.monotonic(), start_s=start)):
             index += 1
             body = stream_json(index, event, prefix, valid.details, _seed(valid), len(valid.input_ids))
             await response.write(b"data:" + json.dumps(body).encode() + b"\n\n")
@@ -154,6 +166,12 @@ async def health(request: web.Request) -> web.Response:
         log.warning("health check failed: %s", e)
         return _error(503, "unhealthy", "healthcheck")
     return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    s.metrics.kv_blocks_free.set(s.engine.scheduler.block_manager.num_free_blocks)
+    return web.Response(body=s.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
 async def info(request: web.Request) -> web.Response:
@@ -188,4 +206,5 @@ def build_app(state: ServerState, payload_limit: int) -> web.Application:
     app.router.add_post("/", compat_generate)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -1,6 +1,8 @@
 """TGI's request and response shapes, validation and streaming, against a live server."""
 
 import json
+import socket
+import time
 
 import pytest
 import requests
@@ -153,3 +155,59 @@ def test_info_and_health(server):
     info = requests.get(server.url + "/info", timeout=10).json()
     assert info["model_id"] == "SmolLM2-135M-Instruct" and info["max_total_tokens"] == 4096
     assert info["max_input_tokens"] == 4095 and info["max_stop_sequences"] == 4
+
+
+def _metric(server, name: str) -> float:
+    """A sample's value; 0 for a labelled sample not recorded yet."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    if "{" in name:
+        return 0.0
+    raise KeyError(name)
+
+
+def _wait_for_idle_blocks(server, timeout_s: float = 10) -> float:
+    total = _metric(server, "sluice_kv_blocks_total")
+    deadline = time.monotonic() + timeout_s
+    while _metric(server, "sluice_kv_blocks_free") != total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return total
+
+
+@pytest.mark.parametrize("path", ["/generate_stream", "/generate"])
+def test_client_disconnect_frees_blocks(server, path):
+    _wait_for_idle_blocks(server)
+    dropped = _metric(server, 'tgi_request_failure{err="dropped"}')
+    body = {"inputs": "1, 2, 3, 4, 5, 6, 7, 8,", "parameters": {"max_new_tokens": 1000}}
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        payload = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}"
+        sock.sendall(head.encode() + b"\r\n\r\n" + payload)
+        deadline = time.monotonic() + 30
+        while _metric(server, "sluice_kv_blocks_free") == _metric(server, "sluice_kv_blocks_total"):
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few tokens into the generation
+    total = _wait_for_idle_blocks(server)
+    assert _metric(server, "sluice_kv_blocks_free") == total
+    assert _metric(server, 'tgi_request_failure{err="dropped"}') == dropped + 1
+
+
+def test_metrics_use_tgi_names(server):
+    post(server, "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    for name in (
+        "tgi_request_count",
+        "tgi_request_success",
+        "tgi_request_duration_bucket",
+        "tgi_queue_size",
+        "tgi_batch_current_size",
+        "tgi_request_generated_tokens_bucket",
+        "tgi_batch_forward_duration_bucket",
+        "tgi_request_input_length_bucket",
+        "tgi_batch_max_total_tokens",
+    ):
+        assert f"\n{name}" in text, name
+    assert _metric(server, "tgi_request_success") >= 1
