@@ -17,6 +17,8 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
+	# TGI's client pins huggingface-hub<1, which transformers 5 cannot use; it runs fine with the newer one.
+	$(PIP) install --quiet --no-deps text-generation==0.7.0
 	touch $@
 
 install: $(VENV)/.installed proto

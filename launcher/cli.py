@@ -28,6 +28,7 @@ ROUTER_FLAGS = [
     ("--max-batch-size", int, "requests per step"),
     ("--max-num-blocks", int, "cap on the KV-cache blocks (0: what warmup finds)"),
     ("--payload-limit", int, "largest request body in bytes"),
+    ("--cors-allow-origin", str, "allowed CORS origin (repeatable; none: any)"),
 ]
 SHARD_FLAGS = [
     ("--cuda-memory-fraction", float, "fraction of GPU memory for weights, activations and KV cache"),
@@ -68,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     g.add_argument("--json-output", action="store_true", default=_env("--json-output", "") not in ("", "0", "false"))
     router = p.add_argument_group("batching and validation limits (router)")
     for flag, kind, help_text in ROUTER_FLAGS:
-        router.add_argument(flag, type=kind, default=_env(flag), help=help_text)
+        if flag == "--cors-allow-origin":
+            origins = _env(flag)
+            router.add_argument(flag, action="append", default=origins.split(",") if origins else None, help=help_text)
+        else:
+            router.add_argument(flag, type=kind, default=_env(flag), help=help_text)
+    router.add_argument("--api-key", default=_env("--api-key"), help="require `Authorization: Bearer KEY`")
     shard = p.add_argument_group("shard runtime")
     for flag, kind, help_text in SHARD_FLAGS:
         shard.add_argument(flag, type=kind, default=_env(flag), help=help_text)
@@ -78,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         out = []
         for flag, kind, _ in flags:
             value = getattr(a, flag.lstrip("-").replace("-", "_"))
-            if value is not None:
-                out += [flag, str(kind(value))]
+            for item in value if isinstance(value, list) else [] if value is None else [value]:
+                out += [flag, str(kind(item))]
         return tuple(out)
 
     return LaunchConfig(
@@ -93,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         dtype=a.dtype,
         json_output=a.json_output,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
+        api_key=a.api_key,
         router_args=forwarded(ROUTER_FLAGS),
         shard_args=forwarded(SHARD_FLAGS),
     )

@@ -2,7 +2,7 @@
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -26,6 +26,7 @@ class LaunchConfig:
     dtype: str = "auto"
     json_output: bool = False
     graceful_termination_timeout_s: float = 90.0
+    api_key: str | None = field(default=None, repr=False)  # given to the router in its environment, never argv
     router_args: tuple[str, ...] = ()  # batching and validation limits, passed through verbatim
     shard_args: tuple[str, ...] = ()  # e.g. --cuda-memory-fraction, passed through verbatim
 
@@ -77,6 +78,12 @@ class LaunchConfig:
         for rank in range(self.num_shard):
             argv += ["--shard", self.shard_address(rank)]
         return argv + ["--json-output"] if self.json_output else argv
+
+    def router_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.api_key:
+            env["API_KEY"] = self.api_key
+        return env
 
     def shard_env(self, rank: int, cpu_count: int) -> dict[str, str]:
         env = dict(

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--hostname", default="0.0.0.0")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--max-concurrent-requests", type=int, default=128)
-    p.add_argument("--max-best-of", type=int, default=1)
+    p.add_argument("--max-best-of", type=int, default=2)
     p.add_argument("--max-stop-sequences", type=int, default=4)
     p.add_argument("--max-top-n-tokens", type=int, default=5)
     p.add_argument("--max-input-tokens", type=int)
@@ -44,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-num-blocks", type=int, default=0, help="cap the KV pool (0: what warmup finds)")
     p.add_argument("--payload-limit", type=int, default=2_000_000)
     p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("API_KEY"),
+        help="require `Authorization: Bearer KEY` on generation routes (default: $API_KEY, which keeps it out of argv)",
+    )
+    p.add_argument("--cors-allow-origin", action="append", default=[], help="allowed origin (repeatable; none: any)")
     p.add_argument("--json-output", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -69,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         max_num_blocks=a.max_num_blocks,
         payload_limit=a.payload_limit,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
+        api_key=a.api_key,
+        cors_allow_origins=tuple(a.cors_allow_origin),
     )
 
 
@@ -119,7 +128,7 @@ async def _serve(config: RouterConfig) -> None:
     state = ServerState(
         engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests, metrics
     )
-    app = build_app(state, config.payload_limit)
+    app = build_app(state, config.payload_limit, config.api_key, config.cors_allow_origins)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

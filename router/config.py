@@ -12,7 +12,7 @@ class RouterConfig:
     hostname: str = "0.0.0.0"
     port: int = 3000
     max_concurrent_requests: int = 128
-    max_best_of: int = 1
+    max_best_of: int = 2
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_input_tokens: int | None = None  # None: derived from the model (TGI's defaults)
@@ -21,6 +21,8 @@ class RouterConfig:
     max_batch_size: int = 256
     max_num_blocks: int = 0  # cap on the KV pool; 0: whatever warmup finds
     payload_limit: int = 2_000_000
+    api_key: str | None = None  # required as `Authorization: Bearer <key>` on generation routes
+    cors_allow_origins: tuple[str, ...] = ()  # empty: any origin
     shard_connect_timeout_s: float = 300.0
     graceful_termination_timeout_s: float = 90.0  # in-flight requests may finish within this after SIGTERM
 

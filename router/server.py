@@ -1,8 +1,10 @@
 """aiohttp routes: HTTP <-> validated requests and engine events. Translation only."""
 
 import asyncio
+import dataclasses
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -10,16 +12,19 @@ from aiohttp import web
 
 from router.engine import Engine, GenerationError, Timings, TokenEvent
 from router.metrics import Metrics
+from router.middleware import (
+    add_cors,
+    api_key_middleware,
+    concurrency_middleware,
+    error_middleware,
+    error_response,
+)
 from router.responses import error_json, generate_json, stream_json
 from router.shard_client import ModelInfo, ShardedClient, ShardError
 from router.tokenizer import Tokenizer
 from router.validation import ValidationError, ValidationLimits, ValidRequest, validate
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,39 +42,6 @@ class ServerState:
 STATE = web.AppKey("state", ServerState)
 
 
-def _error(status: int, message: str, error_type: str) -> web.Response:
-    return web.json_response(error_json(message, error_type), status=status)
-
-
-GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"})
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    """Maps exceptions to TGI's error JSON and status codes; counts requests and failures."""
-    is_generation = request.method == "POST" and request.path in GENERATION_ROUTES
-    metrics = request.app[STATE].metrics
-    if is_generation:
-        metrics.request_count.inc()
-    try:
-        return await handler(request)
-    except ValidationError as e:
-        metrics.request_failure.labels("validation").inc()
-        return _error(422, f"Input validation error: {e}", "validation")
-    except Overloaded:
-        metrics.request_failure.labels("overloaded").inc()
-        return _error(429, "Model is overloaded", "overloaded")
-    except GenerationError as e:  # counted by the engine
-        return _error(424, str(e), "generation")
-    except web.HTTPException as e:
-        if e.status < 400 or e.content_type == "application/json":
-            raise
-        return _error(e.status, e.reason, "bad_request" if e.status != 413 else "payload_too_large")
-    except Exception:
-        log.exception("unhandled error on %s", request.path)
-        return _error(500, "Internal server error", "internal")
-
-
 async def _json_body(request: web.Request) -> object:
     try:
         return json.loads(await request.read())
@@ -83,8 +55,6 @@ async def _validated(request: web.Request, stream: bool) -> tuple[ValidRequest, 
     start = time.monotonic()
     body = await _json_body(request)
     state = request.app[STATE]
-    if state.engine.num_requests >= state.max_concurrent_requests:
-        raise Overloaded()
     return await asyncio.to_thread(validate, body, state.tokenizer, state.limits, stream=stream), start
 
 
@@ -92,13 +62,38 @@ def _seed(valid: ValidRequest) -> int | None:
     return valid.sampling.seed if valid.is_seeded else None
 
 
+async def _run(engine: Engine, valid: ValidRequest, timings: Timings) -> list[TokenEvent]:
+    return [e async for e in engine.generate(valid, timings)]
+
+
 async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
-    """Run one request to completion: (GenerateResponse JSON, timing headers)."""
+    """Run one request to completion: (GenerateResponse JSON, timing headers).
+
+    With best_of > 1, that many sequences are sampled concurrently with their own seeds and
+    the one with the highest mean token logprob is returned; the others go in
+    `details.best_of_sequences`.
+    """
     valid, start = await _validated(request, stream=False)
-    timings = Timings(queued_s=time.monotonic(), start_s=start)
-    events: list[TokenEvent] = [e async for e in request.app[STATE].engine.generate(valid, timings)]
-    body = generate_json(events, valid.inputs if valid.return_full_text else "", valid.details, _seed(valid))
-    return body, _timing_headers(valid, start, timings, len(events))
+    engine = request.app[STATE].engine
+    candidates = [valid] + [
+        dataclasses.replace(valid, sampling=dataclasses.replace(valid.sampling, seed=random.getrandbits(64)))
+        for _ in range(valid.best_of - 1)
+    ]
+    timings = [Timings(queued_s=time.monotonic(), start_s=start) for _ in candidates]
+    runs = await asyncio.gather(*(_run(engine, v, t) for v, t in zip(candidates, timings)))
+    best = max(range(len(runs)), key=lambda i: sum(e.token.logprob for e in runs[i]) / len(runs[i]))
+    prefix = valid.inputs if valid.return_full_text else ""
+    body = generate_json(runs[best], prefix, valid.details, _seed(candidates[best]))
+    if valid.best_of > 1 and valid.details:
+        body["details"]["best_of_sequences"] = [
+            {
+                "generated_text": prefix + runs[i][-1].generated_text,
+                **generate_json(runs[i], "", True, _seed(v))["details"],
+            }
+            for i, v in enumerate(candidates)
+            if i != best
+        ]
+    return body, _timing_headers(valid, start, timings[best], len(runs[best]))
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -164,8 +159,28 @@ async def health(request: web.Request) -> web.Response:
         await request.app[STATE].shards.health()
     except (TimeoutError, ShardError) as e:
         log.warning("health check failed: %s", e)
-        return _error(503, "unhealthy", "healthcheck")
+        return error_response(503, "unhealthy", "healthcheck")
     return web.Response(status=200)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """TGI's /tokenize: [{id, text, start, stop}] with byte offsets into `inputs`."""
+    body = await _json_body(request)
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, str) or not inputs:
+        raise ValidationError("`inputs` must be a non-empty string")
+    tokenizer = request.app[STATE].tokenizer
+    ids, offsets = await asyncio.to_thread(tokenizer.encode_with_offsets, inputs)
+
+    def byte_offset(char_offset: int) -> int:
+        return len(inputs[:char_offset].encode())
+
+    return web.json_response(
+        [
+            {"id": i, "text": inputs[start:stop], "start": byte_offset(start), "stop": byte_offset(stop)}
+            for i, (start, stop) in zip(ids, offsets)
+        ]
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -198,13 +213,24 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
-def build_app(state: ServerState, payload_limit: int) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=payload_limit)
+def build_app(
+    state: ServerState, payload_limit: int, api_key: str | None = None, cors_allow_origins: tuple[str, ...] = ()
+) -> web.Application:
+    middlewares = [error_middleware(state.metrics)]
+    if api_key:
+        middlewares.append(api_key_middleware(api_key))
+    middlewares.append(concurrency_middleware(state.max_concurrent_requests))
+    app = web.Application(middlewares=middlewares, client_max_size=payload_limit)
+    add_cors(app, cors_allow_origins)
     app[STATE] = state
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_post("/", compat_generate)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
+    from router.openai_api import add_openai_routes  # imported here: it imports this module
+
+    add_openai_routes(app)
     return app

@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 class LauncherProcess:
-    def __init__(self, model_dir: Path, *args: str, num_shard: int = 1):
+    def __init__(self, model_dir: Path, *args: str, num_shard: int = 1, env: dict[str, str] | None = None):
+        self.extra_env = env or {}
         self.port = free_port()
         self.tmp = tempfile.TemporaryDirectory(prefix="sluice-")
         self.argv = [
@@ -48,7 +49,7 @@ class LauncherProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 240) -> "LauncherProcess":
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **self.extra_env)
         self.process = subprocess.Popen(self.argv, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
