@@ -27,6 +27,7 @@ ROUTER_FLAGS = [
     ("--max-batch-prefill-tokens", int, "prompt tokens computed per step"),
     ("--max-batch-size", int, "requests per step"),
     ("--max-num-blocks", int, "cap on the KV-cache blocks (0: what warmup finds)"),
+    ("--prefix-caching", str, "reuse the KV blocks of shared prompt prefixes (true/false)"),
     ("--payload-limit", int, "largest request body in bytes"),
     ("--cors-allow-origin", str, "allowed CORS origin (repeatable; none: any)"),
 ]

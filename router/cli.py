@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-prefill-tokens", type=int)
     p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument(
+        "--prefix-caching",
+        type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+        default=True,
+        help="reuse the KV blocks of shared prompt prefixes (true/false)",
+    )
     p.add_argument("--max-num-blocks", type=int, default=0, help="cap the KV pool (0: what warmup finds)")
     p.add_argument("--payload-limit", type=int, default=2_000_000)
     p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
@@ -74,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         max_batch_prefill_tokens=a.max_batch_prefill_tokens,
         max_batch_size=a.max_batch_size,
         max_num_blocks=a.max_num_blocks,
+        prefix_caching=a.prefix_caching,
         payload_limit=a.payload_limit,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
         api_key=a.api_key,
@@ -115,7 +122,8 @@ async def _serve(config: RouterConfig) -> None:
     )
 
     scheduler = Scheduler(
-        SchedulerConfig(config.max_batch_size, prefill_budget), BlockManager(num_blocks, info.block_size)
+        SchedulerConfig(config.max_batch_size, prefill_budget),
+        BlockManager(num_blocks, info.block_size, config.prefix_caching),
     )
     metrics = Metrics(max_input, max_total)
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)

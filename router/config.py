@@ -19,6 +19,7 @@ class RouterConfig:
     max_total_tokens: int | None = None
     max_batch_prefill_tokens: int | None = None
     max_batch_size: int = 256
+    prefix_caching: bool = True
     max_num_blocks: int = 0  # cap on the KV pool; 0: whatever warmup finds
     payload_limit: int = 2_000_000
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on generation routes

@@ -188,6 +188,7 @@ class Engine:
         m.batch_current_size.set(len(scheduler.running))
         m.kv_blocks_free.set(scheduler.block_manager.num_free_blocks)
         m.preemptions.set(scheduler.num_preemptions)
+        m.prefix_cache_hit_tokens.set(scheduler.num_prefix_hit_tokens)
         m.prompt_tokens_computed.inc(prompt_tokens)
         method = "prefill" if prompt_tokens else "decode"
         m.batch_inference_count.labels(method).inc()

@@ -65,6 +65,9 @@ class Metrics:
         self.kv_blocks_total = Gauge("sluice_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
         self.preemptions = counter("sluice_preemptions", "Requests preempted to free KV blocks")
         self.prompt_tokens_computed = counter("sluice_prompt_tokens_computed", "Prompt tokens computed by the shards")
+        self.prefix_cache_hit_tokens = counter(
+            "sluice_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache"
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

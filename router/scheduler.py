@@ -10,6 +10,8 @@ Rules:
   prompt in chunks when it was admitted with a prompt longer than the prefill budget.
 - Waiting requests are admitted first-come-first-served while the batch size, the prefill
   token budget and free blocks allow; the head of the queue is never skipped.
+- A request admitted from the queue reuses the cached blocks of its longest cached prefix
+  and computes only the rest.
 - Blocks cover exactly the tokens computed so far. When a running request needs a block
   and none is free, the newest running request is preempted: its blocks are freed, the
   shards forget it, and it waits at the front of the queue to be recomputed.
@@ -56,6 +58,7 @@ class Scheduler:
         self._forget: list[int] = []  # shard states to drop with the next step
         self._next_step_id = 0
         self.num_preemptions = 0  # since start, for metrics
+        self.num_prefix_hit_tokens = 0  # prompt tokens read from the prefix cache, since start
 
     @property
     def has_work(self) -> bool:
@@ -100,15 +103,21 @@ class Scheduler:
             and budget > 0
             and len(self.running) < self.config.max_batch_size
         ):
-            request = self.waiting[0]
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            needed = self.block_manager.blocks_needed(request.num_computed_tokens + num_tokens, len(request.block_ids))
-            if not self.block_manager.can_allocate(needed):
+            request = self.waiting[0]  # a waiting request holds no blocks and has computed nothing
+            bm = self.block_manager
+            cached = bm.match_prefix(request.token_ids, request.block_hashes)
+            num_cached = len(cached) * bm.block_size
+            num_tokens = min(request.num_tokens - num_cached, budget)
+            needed = bm.blocks_needed(num_cached + num_tokens, len(cached))
+            if not bm.can_allocate(needed, cached):
                 break
             self.waiting.popleft()
-            request.block_ids += self.block_manager.allocate(needed)
+            bm.reuse(cached)
+            request.block_ids = cached + bm.allocate(needed)
+            request.num_computed_tokens, request.num_registered_blocks = num_cached, len(cached)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            self.num_prefix_hit_tokens += num_cached
             budget -= num_tokens
             new.append(ScheduledRequest(request, num_tokens, True, list(request.block_ids)))
         scheduled = new + running
@@ -131,6 +140,14 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += s.num_scheduled_tokens
+            if request.num_computed_tokens // self.block_manager.block_size > request.num_registered_blocks:
+                request.num_registered_blocks = self.block_manager.cache_full_blocks(
+                    request.token_ids,
+                    request.block_ids,
+                    request.num_computed_tokens,
+                    request.block_hashes,
+                    request.num_registered_blocks,
+                )
             token_id = token_ids.get(request.req_id)
             if token_id is None:
                 continue
@@ -165,7 +182,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._release(request)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_registered_blocks = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -9,8 +9,10 @@ from router.scheduler import Scheduler, SchedulerConfig
 EOS = 2
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_batch_size, prefill_budget), BlockManager(num_blocks, block_size))
+def make_scheduler(num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32, prefix_caching=True) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(max_batch_size, prefill_budget), BlockManager(num_blocks, block_size, prefix_caching)
+    )
 
 
 def make_request(req_id, prompt_len, max_new_tokens=4) -> Request:
@@ -121,7 +123,7 @@ def test_ignore_eos_keeps_generating():
 
 
 def test_preemption_evicts_the_newest_and_readmits_it_first():
-    s = make_scheduler(num_blocks=4, block_size=4, prefill_budget=64)
+    s = make_scheduler(num_blocks=4, block_size=4, prefill_budget=64, prefix_caching=False)
     old, new = make_request(0, 7, max_new_tokens=8), make_request(1, 8, max_new_tokens=8)
     s.add(old)
     s.add(new)
@@ -176,3 +178,86 @@ def test_min_new_tokens_defers_eos():
     assert r.status == RequestStatus.RUNNING
     run_step(s, token=EOS)
     assert r.status == RequestStatus.FINISHED_EOS and len(r.output_ids) == 3
+
+
+def run_to_completion(s):
+    while s.has_work:
+        run_step(s)
+
+
+def test_prefix_hit_skips_computed_tokens():
+    s = make_scheduler(block_size=4)
+    first = make_request(0, 10, max_new_tokens=1)
+    s.add(first)
+    run_to_completion(s)
+    second = Request(1, first.prompt_ids[:8] + [99, 98, 97], 1, SamplingParams(), frozenset({EOS}))
+    s.add(second)
+    (scheduled,) = s.schedule().scheduled
+    assert second.num_computed_tokens == 8 and scheduled.num_scheduled_tokens == 3
+    assert second.block_ids[:2] == [0, 1]  # the first request's two full blocks
+    assert s.num_prefix_hit_tokens == 8
+
+
+def test_running_requests_share_prefix_blocks_by_reference():
+    s = make_scheduler(block_size=4)
+    a = make_request(0, 9, max_new_tokens=5)
+    s.add(a)
+    run_step(s)
+    b = make_request(1, 9, max_new_tokens=5)
+    s.add(b)
+    run_step(s)
+    assert b.block_ids[:2] == a.block_ids[:2] and b.num_computed_tokens == 9
+    s.finish(a, RequestStatus.FINISHED_ABORTED)
+    run_to_completion(s)  # b still reads the shared blocks after a is gone
+    assert b.status == RequestStatus.FINISHED_LENGTH and s.block_manager.num_free_blocks == 64
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    s = make_scheduler(block_size=4)
+    s.add(make_request(0, 8, max_new_tokens=1))
+    run_to_completion(s)
+    again = make_request(1, 8, max_new_tokens=1)
+    s.add(again)
+    (scheduled,) = s.schedule().scheduled
+    assert again.num_computed_tokens == 4 and scheduled.num_scheduled_tokens == 4
+
+
+def test_cached_blocks_are_evicted_least_recently_freed_first():
+    s = make_scheduler(num_blocks=6, block_size=4)
+    a, b = make_request(0, 9, max_new_tokens=1), make_request(1, 9, max_new_tokens=1)
+    b.prompt_ids = [200 + i for i in range(9)]
+    for r in (a, b):  # a frees its blocks first
+        s.add(r)
+        run_to_completion(s)
+    assert s.block_manager.num_cached_blocks == 4 and s.block_manager.num_free_blocks == 6
+    other = make_request(2, 16, max_new_tokens=1)
+    other.prompt_ids = [500 + i for i in range(16)]
+    s.add(other)  # needs 4 blocks: the 2 never used, then a's 2 cached ones
+    s.schedule()
+    assert s.block_manager.match_prefix(a.prompt_ids, []) == []
+    assert len(s.block_manager.match_prefix(b.prompt_ids, [])) == 2
+
+
+def test_prefix_caching_can_be_switched_off():
+    s = make_scheduler(prefix_caching=False)
+    s.add(make_request(0, 9, max_new_tokens=1))
+    run_to_completion(s)
+    again = make_request(1, 9, max_new_tokens=1)
+    s.add(again)
+    s.schedule()
+    assert again.num_computed_tokens == 0 and s.block_manager.num_cached_blocks == 0
+
+
+def test_preempted_request_reuses_its_own_cached_prefix():
+    s = make_scheduler(num_blocks=4, block_size=4, prefill_budget=64)
+    old, new = make_request(0, 7, max_new_tokens=3), make_request(1, 8, max_new_tokens=8)
+    new.prompt_ids = [300 + i for i in range(8)]
+    s.add(old)
+    s.add(new)
+    run_step(s)
+    run_step(s)  # new is preempted; its two full blocks stay cached
+    assert new.status == RequestStatus.WAITING
+    while old.status == RequestStatus.RUNNING:
+        run_step(s)  # old takes one more block: the cache evicts new's last block, not its first
+    (again,) = s.schedule().scheduled
+    assert again.request is new and new.num_computed_tokens == 4 and again.num_scheduled_tokens == 9 - 4
