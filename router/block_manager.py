@@ -110,3 +110,10 @@ class BlockManager:
                 self._block_of[h] = b
                 self._hash_of[b] = h
         return num_full
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix; unused cached blocks become plain free blocks."""
+        self._never_used.extend(self._evictable)
+        self._evictable.clear()
+        self._hash_of.clear()
+        self._block_of.clear()

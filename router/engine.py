@@ -219,8 +219,7 @@ class Engine:
     async def _fail_step(self, plan: StepPlan, error: ShardError) -> None:
         """A shard failed: every request it was computing fails; the shards start clean."""
         log.error("step %d failed: %s", plan.step_id, error)
-        for request in list(self.scheduler.running):
-            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        for request in self.scheduler.fail_all():
             handle = self._handles.get(request.req_id)
             if handle is not None:
                 handle.events.put_nowait(GenerationError(f"Request failed during generation: Server error: {error}"))

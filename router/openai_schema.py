@@ -134,8 +134,9 @@ def _tgi_parameters(body: dict, max_new_tokens: int | None, top_n_tokens: int) -
 def _limited(valid: ValidRequest, body: dict) -> ValidRequest:
     """Apply `ignore_eos` and `min_tokens`, which TGI does not know."""
     min_tokens = _get(body, "min_tokens", int, 0)
-    if min_tokens > valid.max_new_tokens:
-        raise ValidationError(f"`min_tokens` must be <= `max_tokens`. Given: {min_tokens} and {valid.max_new_tokens}")
+    if not 0 <= min_tokens <= valid.max_new_tokens:
+        limit = valid.max_new_tokens
+        raise ValidationError(f"`min_tokens` must be >= 0 and <= `max_tokens` ({limit}). Given: {min_tokens}")
     return replace(valid, ignore_eos=_get(body, "ignore_eos", bool, False), min_new_tokens=min_tokens)
 
 

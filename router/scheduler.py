@@ -11,7 +11,8 @@ Rules:
 - Waiting requests are admitted first-come-first-served while the batch size, the prefill
   token budget and free blocks allow; the head of the queue is never skipped.
 - A request admitted from the queue reuses the cached blocks of its longest cached prefix
-  and computes only the rest.
+  and computes only the rest; blocks join the cache in the step that fills them, so
+  requests arriving together share a common prefix's computation too.
 - Blocks cover exactly the tokens computed so far. When a running request needs a block
   and none is free, the newest running request is preempted: its blocks are freed, the
   shards forget it, and it waits at the front of the queue to be recomputed.
@@ -94,6 +95,7 @@ class Scheduler:
                 continue
             if num_tokens > 1:
                 budget -= num_tokens
+            self._register_blocks(request, num_tokens)
             running.append(ScheduledRequest(request, num_tokens, False, new_block_ids))
         new: list[ScheduledRequest] = []
         # After a preemption, admitting newer requests would only evict them again.
@@ -119,6 +121,7 @@ class Scheduler:
             self.running.append(request)
             self.num_prefix_hit_tokens += num_cached
             budget -= num_tokens
+            self._register_blocks(request, num_tokens)
             new.append(ScheduledRequest(request, num_tokens, True, list(request.block_ids)))
         scheduled = new + running
         for s in scheduled:
@@ -140,14 +143,6 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += s.num_scheduled_tokens
-            if request.num_computed_tokens // self.block_manager.block_size > request.num_registered_blocks:
-                request.num_registered_blocks = self.block_manager.cache_full_blocks(
-                    request.token_ids,
-                    request.block_ids,
-                    request.num_computed_tokens,
-                    request.block_hashes,
-                    request.num_registered_blocks,
-                )
             token_id = token_ids.get(request.req_id)
             if token_id is None:
                 continue
@@ -162,6 +157,25 @@ class Scheduler:
             ):
                 self.finish(request, RequestStatus.FINISHED_EOS)
         return produced
+
+    def _register_blocks(self, request: Request, num_scheduled_tokens: int) -> None:
+        """Offer the blocks this step fills to the prefix cache right away: in a forward,
+        every layer stores the step's K/V before any attention reads the cache, so a request
+        admitted in the same step may already share them."""
+        num_tokens = request.num_computed_tokens + num_scheduled_tokens
+        if num_tokens // self.block_manager.block_size > request.num_registered_blocks:
+            request.num_registered_blocks = self.block_manager.cache_full_blocks(
+                request.token_ids, request.block_ids, num_tokens, request.block_hashes, request.num_registered_blocks
+            )
+
+    def fail_all(self) -> list[Request]:
+        """A step failed: end every running request and forget the prefix cache, whose
+        blocks that step may have left half-written. Returns the requests ended."""
+        failed = list(self.running)
+        for request in failed:
+            self.finish(request, RequestStatus.FINISHED_ERROR)
+        self.block_manager.clear_prefix_cache()
+        return failed
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int) -> list[int] | None:
         """Blocks for `num_tokens` more tokens of `request`, preempting the newest running

@@ -88,7 +88,9 @@ def test_max_batch_size_bounds_running_requests():
 def test_fifo_head_of_queue_is_never_skipped():
     s = make_scheduler(num_blocks=4, block_size=4)
     s.add(make_request(0, 8, max_new_tokens=1))
-    s.add(make_request(1, 12))  # needs 3 blocks: waits for request 0
+    blocked = make_request(1, 12)  # needs 3 blocks: waits for request 0
+    blocked.prompt_ids = [400 + i for i in range(12)]
+    s.add(blocked)
     s.add(make_request(2, 2))  # would fit, but must not overtake request 1
     plan, _ = run_step(s)
     assert [x.request.req_id for x in plan.scheduled] == [0]
@@ -261,3 +263,26 @@ def test_preempted_request_reuses_its_own_cached_prefix():
         run_step(s)  # old takes one more block: the cache evicts new's last block, not its first
     (again,) = s.schedule().scheduled
     assert again.request is new and new.num_computed_tokens == 4 and again.num_scheduled_tokens == 9 - 4
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once():
+    s = make_scheduler(block_size=4, prefill_budget=100)
+    system = [700 + i for i in range(12)]
+    requests = [Request(i, system + [i], 1, SamplingParams(), frozenset({EOS})) for i in range(4)]
+    for r in requests:
+        s.add(r)
+    plan = s.schedule()
+    assert [x.num_scheduled_tokens for x in plan.scheduled] == [13, 1, 1, 1]
+    assert all(r.block_ids[:3] == requests[0].block_ids[:3] for r in requests)
+
+
+def test_a_failed_step_ends_running_requests_and_clears_the_prefix_cache():
+    s = make_scheduler()
+    s.add(make_request(0, 9))
+    run_step(s)
+    s.add(make_request(1, 9))
+    (failed,) = s.fail_all()
+    assert failed.status == RequestStatus.FINISHED_ERROR
+    assert s.block_manager.num_cached_blocks == 0 and s.block_manager.num_free_blocks == 64
+    (again,) = s.schedule().scheduled  # the waiting request computes everything again
+    assert again.num_scheduled_tokens == 9
