@@ -26,9 +26,12 @@ ROUTER_FLAGS = [
     ("--max-total-tokens", int, "longest prompt + generation in tokens"),
     ("--max-batch-prefill-tokens", int, "prompt tokens computed per step"),
     ("--max-batch-size", int, "requests per step"),
-    ("--max-num-blocks", int, "cap on the KV-cache blocks (0: what warmup finds)"),
+    ("--max-batch-total-tokens", int, "cap on the KV cache in tokens (default: what memory allows)"),
+    ("--waiting-served-ratio", float, "while requests run, admit new ones once this fraction of them wait"),
+    ("--max-waiting-tokens", int, "...or after this many steps without admission"),
     ("--prefix-caching", str, "reuse the KV blocks of shared prompt prefixes (true/false)"),
     ("--payload-limit", int, "largest request body in bytes"),
+    ("--max-client-batch-size", int, "prompts per /v1/completions request"),
     ("--cors-allow-origin", str, "allowed CORS origin (repeatable; none: any)"),
 ]
 SHARD_FLAGS = [

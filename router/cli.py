@@ -12,6 +12,7 @@ from aiohttp import web
 from router.block_manager import BlockManager
 from router.config import RouterConfig
 from router.engine import Engine
+from router.limits import check_pool, resolve_limits
 from router.metrics import Metrics
 from router.scheduler import Scheduler, SchedulerConfig
 from router.server import ServerState, build_app
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-best-of", type=int, default=2)
     p.add_argument("--max-stop-sequences", type=int, default=4)
     p.add_argument("--max-top-n-tokens", type=int, default=5)
+    p.add_argument("--max-client-batch-size", type=int, default=4, help="prompts per /v1/completions request")
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-total-tokens", type=int)
     p.add_argument("--max-batch-prefill-tokens", type=int)
@@ -48,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         default=True,
         help="reuse the KV blocks of shared prompt prefixes (true/false)",
     )
-    p.add_argument("--max-num-blocks", type=int, default=0, help="cap the KV pool (0: what warmup finds)")
+    p.add_argument("--max-batch-total-tokens", type=int, help="cap on the KV cache in tokens (default: what fits)")
+    p.add_argument("--waiting-served-ratio", type=float, default=0.0, help="see SchedulerConfig")
+    p.add_argument("--max-waiting-tokens", type=int, default=20, help="see SchedulerConfig")
     p.add_argument("--payload-limit", type=int, default=2_000_000)
     p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
     p.add_argument(
@@ -75,11 +79,14 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         max_best_of=a.max_best_of,
         max_stop_sequences=a.max_stop_sequences,
         max_top_n_tokens=a.max_top_n_tokens,
+        max_client_batch_size=a.max_client_batch_size,
         max_input_tokens=a.max_input_tokens,
         max_total_tokens=a.max_total_tokens,
         max_batch_prefill_tokens=a.max_batch_prefill_tokens,
         max_batch_size=a.max_batch_size,
-        max_num_blocks=a.max_num_blocks,
+        max_batch_total_tokens=a.max_batch_total_tokens,
+        waiting_served_ratio=a.waiting_served_ratio,
+        max_waiting_tokens=a.max_waiting_tokens,
         prefix_caching=a.prefix_caching,
         payload_limit=a.payload_limit,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
@@ -95,19 +102,18 @@ async def _serve(config: RouterConfig) -> None:
     info = await shards.info()
     await shards.clear_cache()  # a restarted router must not inherit request state
 
-    max_total = config.max_total_tokens or min(4096, info.max_position_embeddings)
-    max_input = config.max_input_tokens or max_total - 1
-    prefill_budget = config.max_batch_prefill_tokens or max_input + 50
-    if max_total > info.max_position_embeddings:
-        raise SystemExit(f"--max-total-tokens {max_total} exceeds the model's {info.max_position_embeddings} positions")
-    if prefill_budget < 1:
-        raise SystemExit("--max-batch-prefill-tokens must be positive")
-    num_blocks = await shards.warmup(prefill_budget, config.max_batch_size, config.max_num_blocks)
-    if num_blocks * info.block_size < max_total:
-        raise SystemExit(
-            f"the KV cache holds {num_blocks * info.block_size} tokens, fewer than "
-            f"--max-total-tokens {max_total}: lower it or give the cache more memory"
-        )
+    try:
+        limits = resolve_limits(config, info.max_position_embeddings)
+        max_blocks = (config.max_batch_total_tokens or 0) // info.block_size
+        num_blocks = await shards.warmup(limits.max_batch_prefill_tokens, config.max_batch_size, max_blocks)
+        check_pool(limits, num_blocks * info.block_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    max_input, max_total, prefill_budget = (
+        limits.max_input_tokens,
+        limits.max_total_tokens,
+        limits.max_batch_prefill_tokens,
+    )
     log.info(
         "model %s (%s, %s on %s, %d shard(s)); KV cache: %d tokens; limits: input %d, total %d, prefill %d",
         config.model_id,
@@ -122,7 +128,7 @@ async def _serve(config: RouterConfig) -> None:
     )
 
     scheduler = Scheduler(
-        SchedulerConfig(config.max_batch_size, prefill_budget),
+        SchedulerConfig(config.max_batch_size, prefill_budget, config.waiting_served_ratio, config.max_waiting_tokens),
         BlockManager(num_blocks, info.block_size, config.prefix_caching),
     )
     metrics = Metrics(max_input, max_total)
@@ -131,7 +137,12 @@ async def _serve(config: RouterConfig) -> None:
     metrics.kv_blocks_free.set(num_blocks)
     engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids, metrics)
     limits = ValidationLimits(
-        config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total
+        config.max_best_of,
+        config.max_stop_sequences,
+        config.max_top_n_tokens,
+        max_input,
+        max_total,
+        config.max_client_batch_size,
     )
     state = ServerState(
         engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests, metrics

@@ -15,12 +15,15 @@ class RouterConfig:
     max_best_of: int = 2
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
+    max_client_batch_size: int = 4
     max_input_tokens: int | None = None  # None: derived from the model (TGI's defaults)
     max_total_tokens: int | None = None
     max_batch_prefill_tokens: int | None = None
     max_batch_size: int = 256
     prefix_caching: bool = True
-    max_num_blocks: int = 0  # cap on the KV pool; 0: whatever warmup finds
+    max_batch_total_tokens: int | None = None  # cap on the KV pool in tokens; None: what warmup finds
+    waiting_served_ratio: float = 0.0
+    max_waiting_tokens: int = 20
     payload_limit: int = 2_000_000
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on generation routes
     cors_allow_origins: tuple[str, ...] = ()  # empty: any origin
@@ -30,6 +33,8 @@ class RouterConfig:
     def __post_init__(self):
         if not self.shard_addresses:
             raise ValueError("at least one shard address is required")
+        if self.waiting_served_ratio < 0 or self.max_waiting_tokens < 1:
+            raise ValueError("--waiting-served-ratio must be >= 0 and --max-waiting-tokens >= 1")
         if self.max_concurrent_requests < 1 or self.max_batch_size < 1:
             raise ValueError("--max-concurrent-requests and --max-batch-size must be at least 1")
         if (

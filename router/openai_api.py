@@ -77,7 +77,7 @@ async def _plan(request: web.Request, parse) -> Plan:
     return plan
 
 
-async def _events(engine: Engine, choices: list) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def _events(engine: Engine, choices: list, start_s: float) -> AsyncIterator[tuple[int, TokenEvent]]:
     """Run every choice's request at once and yield `(choice index, event)` as they come.
 
     Raises the first failure. Closing this iterator early (or cancelling its consumer) aborts
@@ -87,7 +87,9 @@ async def _events(engine: Engine, choices: list) -> AsyncIterator[tuple[int, Tok
 
     async def pump(index: int, valid) -> None:
         try:
-            async with contextlib.aclosing(engine.generate(valid, Timings(queued_s=time.monotonic()))) as events:
+            async with contextlib.aclosing(
+                engine.generate(valid, Timings(queued_s=time.monotonic(), start_s=start_s))
+            ) as events:
                 async for event in events:
                     queue.put_nowait((index, event))
         except Exception as e:  # GenerationError, or a bug: the consumer raises it
@@ -112,9 +114,9 @@ async def _events(engine: Engine, choices: list) -> AsyncIterator[tuple[int, Tok
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _collect(engine: Engine, plan: Plan) -> list[list[TokenEvent]]:
+async def _collect(engine: Engine, plan: Plan, start_s: float) -> list[list[TokenEvent]]:
     results: list[list[TokenEvent]] = [[] for _ in range(plan.num_choices)]
-    async with contextlib.aclosing(_events(engine, plan.choices())) as events:
+    async with contextlib.aclosing(_events(engine, plan.choices(), start_s)) as events:
         async for index, event in events:
             results[index].append(event)
     return results
@@ -142,8 +144,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     plan = await _plan(request, parse_chat)
     env = envelope("chat.completion.chunk" if plan.stream else "chat.completion", _model(request, plan))
     if plan.stream:
-        return await _stream(request, plan, _ChatChunks(plan, env))
-    body = chat_response(plan, env, await _collect(request.app[STATE].engine, plan))
+        return await _stream(request, plan, _ChatChunks(plan, env), start)
+    body = chat_response(plan, env, await _collect(request.app[STATE].engine, plan, start))
     return web.json_response(body, headers=_headers(plan, start, body))
 
 
@@ -154,8 +156,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     plan = await _plan(request, parse_completion)
     env = envelope("text_completion", _model(request, plan))
     if plan.stream:
-        return await _stream(request, plan, _CompletionChunks(plan, env))
-    body = completion_response(plan, env, await _collect(request.app[STATE].engine, plan))
+        return await _stream(request, plan, _CompletionChunks(plan, env), start)
+    body = completion_response(plan, env, await _collect(request.app[STATE].engine, plan, start))
     return web.json_response(body, headers=_headers(plan, start, body))
 
 
@@ -211,7 +213,7 @@ async def _send(response: web.StreamResponse, body: dict | str) -> None:
     await response.write(f"data: {data}\n\n".encode())
 
 
-async def _stream(request: web.Request, plan: Plan, chunks) -> web.StreamResponse:
+async def _stream(request: web.Request, plan: Plan, chunks, start_s: float) -> web.StreamResponse:
     """SSE: the opening chunks, one chunk per token, the usage chunk if asked, then [DONE]."""
     response = web.StreamResponse(
         headers={
@@ -226,7 +228,7 @@ async def _stream(request: web.Request, plan: Plan, chunks) -> web.StreamRespons
         await _send(response, body)
     num_generated = 0
     try:
-        async with contextlib.aclosing(_events(request.app[STATE].engine, plan.choices())) as events:
+        async with contextlib.aclosing(_events(request.app[STATE].engine, plan.choices(), start_s)) as events:
             async for index, event in events:
                 num_generated += 1
                 await _send(response, chunks.token(index, event))

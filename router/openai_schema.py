@@ -26,7 +26,7 @@ OpenAI and TGI disagree, or where TGI has a wart:
   `tool_error`); the output is not parsed into `tool_calls`. `tool_choice` may be "auto" or
   "none". `response_format` other than "text", a non-empty `logit_bias`, `best_of` != 1 and
   `suffix` are refused with a 422 rather than silently ignored.
-- `ignore_eos` and `min_tokens` are vLLM's extensions; at most 4 prompts per completion request.
+- `ignore_eos` and `min_tokens` are vLLM's extensions; at most --max-client-batch-size prompts per completion request.
 """
 
 import hashlib
@@ -40,8 +40,6 @@ from router.chat_template import normalize_messages, render_chat, template_uses
 from router.engine import TokenEvent
 from router.tokenizer import Tokenizer
 from router.validation import ValidationError, ValidationLimits, ValidRequest, validate
-
-MAX_CLIENT_BATCH_SIZE = 4  # prompts per /v1/completions request, as TGI's --max-client-batch-size
 
 
 class OpenAIError(Exception):
@@ -225,9 +223,9 @@ def parse_completion(body: object, tokenizer: Tokenizer, limits: ValidationLimit
             "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
         )
     prompts = _prompts(body.get("prompt"), tokenizer)
-    if len(prompts) > MAX_CLIENT_BATCH_SIZE:
+    if len(prompts) > limits.max_client_batch_size:
         raise OpenAIError(
-            f"Number of prompts exceeds the maximum allowed batch size of {MAX_CLIENT_BATCH_SIZE}",
+            f"Number of prompts exceeds the maximum allowed batch size of {limits.max_client_batch_size}",
             "batch size exceeded",
         )
     logprobs = _get(body, "logprobs", int)

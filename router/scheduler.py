@@ -28,7 +28,12 @@ from router.request import Request, RequestStatus
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_batch_size: int
-    max_batch_prefill_tokens: int
+    max_batch_prefill_tokens: int  # prompt tokens computed per step
+    # TGI's admission gate: while requests run, new ones join only once at least this fraction
+    # of the running count is waiting, or after max_waiting_tokens steps without admission.
+    # 0 admits at every step, which suits chunked prefill (prompts ride along with decodes).
+    waiting_served_ratio: float = 0.0
+    max_waiting_tokens: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,7 @@ class Scheduler:
         self._next_step_id = 0
         self.num_preemptions = 0  # since start, for metrics
         self.num_prefix_hit_tokens = 0  # prompt tokens read from the prefix cache, since start
+        self._steps_without_admission = 0
 
     @property
     def has_work(self) -> bool:
@@ -98,9 +104,11 @@ class Scheduler:
             self._register_blocks(request, num_tokens)
             running.append(ScheduledRequest(request, num_tokens, False, new_block_ids))
         new: list[ScheduledRequest] = []
+        may_admit = self._may_admit()  # decided on the batch as it was before this step
         # After a preemption, admitting newer requests would only evict them again.
         while (
             self.waiting
+            and may_admit
             and self.num_preemptions == num_preemptions
             and budget > 0
             and len(self.running) < self.config.max_batch_size
@@ -123,6 +131,7 @@ class Scheduler:
             budget -= num_tokens
             self._register_blocks(request, num_tokens)
             new.append(ScheduledRequest(request, num_tokens, True, list(request.block_ids)))
+        self._steps_without_admission = 0 if new else self._steps_without_admission + 1
         scheduled = new + running
         for s in scheduled:
             s.request.is_on_shard = True
@@ -157,6 +166,14 @@ class Scheduler:
             ):
                 self.finish(request, RequestStatus.FINISHED_EOS)
         return produced
+
+    def _may_admit(self) -> bool:
+        c = self.config
+        return (
+            not self.running
+            or len(self.waiting) >= c.waiting_served_ratio * len(self.running)
+            or self._steps_without_admission >= c.max_waiting_tokens
+        )
 
     def _register_blocks(self, request: Request, num_scheduled_tokens: int) -> None:
         """Offer the blocks this step fills to the prefix cache right away: in a forward,

@@ -204,7 +204,7 @@ async def info(request: web.Request) -> web.Response:
             "max_input_tokens": s.limits.max_input_tokens,
             "max_total_tokens": s.limits.max_total_tokens,
             "validation_workers": 1,
-            "max_client_batch_size": 1,
+            "max_client_batch_size": s.limits.max_client_batch_size,
             "router": "sluice-router",
             "version": "0.1.0",
             "sha": None,

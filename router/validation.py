@@ -23,6 +23,7 @@ class ValidationLimits:
     max_top_n_tokens: int
     max_input_tokens: int
     max_total_tokens: int
+    max_client_batch_size: int = 4  # prompts per /v1/completions request
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,3 +286,21 @@ def test_a_failed_step_ends_running_requests_and_clears_the_prefix_cache():
     assert s.block_manager.num_cached_blocks == 0 and s.block_manager.num_free_blocks == 64
     (again,) = s.schedule().scheduled  # the waiting request computes everything again
     assert again.num_scheduled_tokens == 9
+
+
+def test_waiting_served_ratio_holds_admission_until_enough_wait_or_max_waiting_tokens():
+    s = Scheduler(SchedulerConfig(8, 64, waiting_served_ratio=0.5, max_waiting_tokens=3), BlockManager(64, 4))
+    for i in range(4):
+        s.add(make_request(i, 2, max_new_tokens=20))
+    run_step(s)  # nothing runs yet: all four are admitted
+    s.add(make_request(4, 2, max_new_tokens=20))  # 1 waiting < 0.5 * 4 running
+    for _ in range(3):
+        plan, _ = run_step(s)
+        assert all(not x.is_new for x in plan.scheduled)
+    plan, _ = run_step(s)  # the 4th step without admission lets it in
+    assert [x.request.req_id for x in plan.scheduled if x.is_new] == [4]
+    s.add(make_request(5, 2))
+    s.add(make_request(6, 2))
+    s.add(make_request(7, 2))  # 3 waiting >= 0.5 * 5 running: admitted at once
+    plan, _ = run_step(s)
+    assert [x.request.req_id for x in plan.scheduled if x.is_new] == [5, 6, 7]

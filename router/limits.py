@@ -1,0 +1,40 @@
+"""Token limits: TGI's defaults derived from the model, and its startup checks."""
+
+from dataclasses import dataclass
+
+from router.config import RouterConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+
+
+def resolve_limits(config: RouterConfig, max_position_embeddings: int) -> Limits:
+    """Fill in unset limits as TGI does; raise ValueError naming the flags on a conflict."""
+    max_total = config.max_total_tokens or min(4096, max_position_embeddings)
+    max_input = config.max_input_tokens or max_total - 1
+    prefill = config.max_batch_prefill_tokens or max_input + 50
+    if max_total > max_position_embeddings:
+        raise ValueError(f"--max-total-tokens ({max_total}) exceeds the model's {max_position_embeddings} positions")
+    if max_input >= max_total:
+        raise ValueError(f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({max_total})")
+    if prefill < 1:
+        raise ValueError(f"--max-batch-prefill-tokens must be positive, got {prefill}")
+    return Limits(max_input, max_total, prefill)
+
+
+def check_pool(limits: Limits, max_batch_total_tokens: int) -> None:
+    """The KV pool (after warmup, capped by --max-batch-total-tokens) must hold the limits."""
+    if limits.max_total_tokens > max_batch_total_tokens:
+        raise ValueError(
+            f"the KV cache holds {max_batch_total_tokens} tokens, fewer than --max-total-tokens "
+            f"({limits.max_total_tokens}): lower it, or give the cache more memory"
+        )
+    if limits.max_batch_prefill_tokens > max_batch_total_tokens:
+        raise ValueError(
+            f"--max-batch-prefill-tokens ({limits.max_batch_prefill_tokens}) must be <= the KV cache's "
+            f"{max_batch_total_tokens} tokens (--max-batch-total-tokens)"
+        )
