@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         "--graceful-termination-timeout", type=float, default=float(_env("--graceful-termination-timeout", 90))
     )
     g.add_argument("--json-output", action="store_true", default=_env("--json-output", "") not in ("", "0", "false"))
+    g.add_argument("--otlp-endpoint", default=_env("--otlp-endpoint"), help="OTLP/gRPC endpoint for traces")
+    g.add_argument("--otlp-service-name", default=_env("--otlp-service-name", "sluice"))
     router = p.add_argument_group("batching and validation limits (router)")
     for flag, kind, help_text in ROUTER_FLAGS:
         if flag == "--cors-allow-origin":
@@ -104,9 +106,15 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         json_output=a.json_output,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
         api_key=a.api_key,
-        router_args=forwarded(ROUTER_FLAGS),
-        shard_args=forwarded(SHARD_FLAGS),
+        router_args=forwarded(ROUTER_FLAGS) + _otlp_args(a),
+        shard_args=forwarded(SHARD_FLAGS) + _otlp_args(a),
     )
+
+
+def _otlp_args(a: argparse.Namespace) -> tuple[str, ...]:
+    if not a.otlp_endpoint:
+        return ()
+    return ("--otlp-endpoint", a.otlp_endpoint, "--otlp-service-name", a.otlp_service_name)
 
 
 def _check_port_free(hostname: str, port: int) -> None:

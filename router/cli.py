@@ -18,6 +18,7 @@ from router.scheduler import Scheduler, SchedulerConfig
 from router.server import ServerState, build_app
 from router.shard_client import ShardedClient
 from router.tokenizer import Tokenizer
+from router.tracing import setup_tracing
 from router.validation import ValidationLimits
 
 log = logging.getLogger("router")
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         help="require `Authorization: Bearer KEY` on generation routes (default: $API_KEY, which keeps it out of argv)",
     )
     p.add_argument("--cors-allow-origin", action="append", default=[], help="allowed origin (repeatable; none: any)")
+    p.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC endpoint for traces (none: no tracing)")
+    p.add_argument("--otlp-service-name", default="sluice")
     p.add_argument("--json-output", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -91,11 +94,14 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         payload_limit=a.payload_limit,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
         api_key=a.api_key,
+        otlp_endpoint=a.otlp_endpoint,
+        otlp_service_name=a.otlp_service_name,
         cors_allow_origins=tuple(a.cors_allow_origin),
     )
 
 
 async def _serve(config: RouterConfig) -> None:
+    provider = setup_tracing(f"{config.otlp_service_name}.router", config.otlp_endpoint)
     tokenizer = Tokenizer(config.model_dir)
     shards = ShardedClient(list(config.shard_addresses))
     await shards.wait_ready(config.shard_connect_timeout_s)
@@ -171,6 +177,8 @@ async def _serve(config: RouterConfig) -> None:
         raise SystemExit(f"the batching loop stopped: {engine_task.exception()!r}")
     engine_task.cancel()
     await shards.close()
+    if provider is not None:
+        provider.shutdown()  # flush the last spans
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,8 @@ class RouterConfig:
     payload_limit: int = 2_000_000
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on generation routes
     cors_allow_origins: tuple[str, ...] = ()  # empty: any origin
+    otlp_endpoint: str | None = None  # OTLP/gRPC endpoint for traces; None: no tracing
+    otlp_service_name: str = "sluice"
     shard_connect_timeout_s: float = 300.0
     graceful_termination_timeout_s: float = 90.0  # in-flight requests may finish within this after SIGTERM
 

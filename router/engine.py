@@ -12,11 +12,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from router.metrics import Metrics
 from router.request import FINISH_REASONS, Request, RequestStatus
 from router.scheduler import Scheduler, StepPlan
 from router.shard_client import ShardedClient, ShardError, StepResult
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
+from router.tracing import start_step_span
 from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class _Handle:
     valid: ValidRequest
     detokenizer: IncrementalDetokenizer
     timings: Timings
+    span: trace.Span  # the HTTP request's span (non-recording when untraced)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
@@ -97,7 +101,8 @@ class Engine:
             min_new_tokens=valid.min_new_tokens,
             arrival_s=timings.queued_s,
         )
-        handle = _Handle(request, valid, IncrementalDetokenizer(self.tokenizer, valid.input_ids), timings)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, valid.input_ids)
+        handle = _Handle(request, valid, detokenizer, timings, trace.get_current_span())
         self._handles[request.req_id] = handle
         self.scheduler.add(request)
         self.metrics.request_input_length.observe(len(valid.input_ids))
@@ -110,7 +115,7 @@ class Engine:
                     self.metrics.request_failure.labels("generation").inc()
                     raise event
                 if event.finish_reason is not None:
-                    self._record_success(request, timings)
+                    self._record_success(handle)
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -120,7 +125,8 @@ class Engine:
                 self.metrics.request_failure.labels("dropped").inc()
             self._handles.pop(request.req_id, None)
 
-    def _record_success(self, request: Request, timings: Timings) -> None:
+    def _record_success(self, handle: _Handle) -> None:
+        request, timings = handle.request, handle.timings
         m, end = self.metrics, time.monotonic()
         start, batched = timings.start_s or timings.queued_s, timings.batched_s or end
         num_generated = len(request.output_ids)
@@ -131,6 +137,19 @@ class Engine:
         m.request_inference_duration.observe(end - batched)
         m.request_mean_time_per_token_duration.observe((end - batched) / max(num_generated, 1))
         m.request_generated_tokens.observe(num_generated)
+        if handle.span.is_recording():  # TGI's span fields, in seconds
+            handle.span.set_attributes(
+                {
+                    "total_time": end - start,
+                    "validation_time": timings.queued_s - start,
+                    "queue_time": batched - timings.queued_s,
+                    "inference_time": end - batched,
+                    "time_per_token": (end - batched) / max(num_generated, 1),
+                    "seed": str(request.sampling.seed) if handle.valid.is_seeded else "",
+                    "generated_tokens": num_generated,
+                    "input_length": len(request.prompt_ids),
+                }
+            )
 
     async def run(self) -> None:
         """Step forever; never raises for a failed step (its requests get the error)."""
@@ -152,12 +171,19 @@ class Engine:
                 timings = self._handles[s.request.req_id].timings
                 timings.batched_s = timings.batched_s or now
             method = self._record_plan(plan)
+            span, trace_context = start_step_span(
+                [self._handles[s.request.req_id].span for s in plan.scheduled],
+                {"step_id": plan.step_id, "method": method, "batch_size": len(plan.scheduled)},
+            )
             try:
-                result = await self.shards.step(plan)
+                result = await self.shards.step(plan, trace_context)
             except ShardError as e:
+                span.record_exception(e)
+                span.end()
                 self.metrics.batch_inference_failure.labels(method).inc()
                 await self._fail_step(plan, e)
                 continue
+            span.end()
             sent = time.monotonic()
             self.last_step = result
             token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}

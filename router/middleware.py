@@ -1,13 +1,16 @@
-"""Cross-cutting HTTP concerns, outermost first: CORS, errors and metrics, API key, concurrency."""
+"""Cross-cutting HTTP concerns, outermost first: CORS, tracing, errors and metrics, API key,
+concurrency."""
 
 import hmac
 import logging
 
 from aiohttp import web
+from opentelemetry import trace
 
 from router.engine import GenerationError
 from router.metrics import Metrics
 from router.responses import error_json
+from router.tracing import start_request_span
 from router.validation import ValidationError
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,16 @@ def error_middleware(metrics: Metrics):
             return error_response(500, "Internal server error", "internal")
 
     return middleware
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler):
+    """One server span per request; handlers and the engine find it as the current span."""
+    span = start_request_span(f"{request.method} {request.path}", request.headers)
+    with trace.use_span(span, end_on_exit=True):
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response
 
 
 def api_key_middleware(api_key: str):

@@ -18,6 +18,7 @@ from router.middleware import (
     concurrency_middleware,
     error_middleware,
     error_response,
+    tracing_middleware,
 )
 from router.responses import error_json, generate_json, stream_json
 from router.shard_client import ModelInfo, ShardedClient, ShardError
@@ -216,7 +217,7 @@ async def info(request: web.Request) -> web.Response:
 def build_app(
     state: ServerState, payload_limit: int, api_key: str | None = None, cors_allow_origins: tuple[str, ...] = ()
 ) -> web.Application:
-    middlewares = [error_middleware(state.metrics)]
+    middlewares = [tracing_middleware, error_middleware(state.metrics)]
     if api_key:
         middlewares.append(api_key_middleware(api_key))
     middlewares.append(concurrency_middleware(state.max_concurrent_requests))

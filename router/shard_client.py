@@ -44,8 +44,8 @@ class StepResult:
     sample_ns: int
 
 
-def plan_to_pb(plan: StepPlan) -> pb.StepRequest:
-    msg = pb.StepRequest(step_id=plan.step_id, forget_req_ids=plan.forget_req_ids)
+def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> pb.StepRequest:
+    msg = pb.StepRequest(step_id=plan.step_id, forget_req_ids=plan.forget_req_ids, trace_context=trace_context)
     for s in plan.scheduled:
         r = s.request
         if s.is_new:
@@ -167,8 +167,8 @@ class ShardedClient:
             c.reset_stream()
         await self._all(lambda c: c.stub.ClearCache(pb.ClearCacheRequest()))
 
-    async def step(self, plan: StepPlan) -> StepResult:
-        request = plan_to_pb(plan)
+    async def step(self, plan: StepPlan, trace_context: dict[str, str] | None = None) -> StepResult:
+        request = plan_to_pb(plan, trace_context)
         responses = await asyncio.gather(*(c.step(request) for c in self.clients))
         return result_from_pb(responses[0])
 

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     p.add_argument("--cpu-kv-cache-gb", type=float, default=4.0)
     p.add_argument("--watermark-gamma", type=float, default=0.5)
     p.add_argument("--watermark-delta", type=float, default=2.0)
+    p.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC endpoint for traces (none: no tracing)")
+    p.add_argument("--otlp-service-name", default="sluice")
     p.add_argument("--json-output", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         block_size=a.block_size,
         cuda_memory_fraction=a.cuda_memory_fraction,
         cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
+        otlp_endpoint=a.otlp_endpoint,
+        otlp_service_name=a.otlp_service_name,
         watermark_gamma=a.watermark_gamma,
         watermark_delta=a.watermark_delta,
     )
@@ -57,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
 async def _main(config: ShardConfig) -> None:
     from shard.runner import ModelRunner, resolve_device
     from shard.server import serve
+    from shard.tracing import setup_tracing
 
+    provider = setup_tracing(f"{config.otlp_service_name}.shard", config.otlp_endpoint, config.rank)
     dist.init(config.rank, config.world_size, config.master_addr, config.master_port, resolve_device(config))
     runner = ModelRunner(config)
     logging.getLogger(__name__).info(
@@ -68,6 +74,8 @@ async def _main(config: ShardConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await serve(runner, config.address, stop)
+    if provider is not None:
+        provider.shutdown()  # flush the last spans
 
 
 def main(argv: list[str] | None = None) -> None:

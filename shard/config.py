@@ -19,6 +19,8 @@ class ShardConfig:
     block_size: int = 16
     cuda_memory_fraction: float = 0.9
     cpu_kv_cache_bytes: int = 4 << 30
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "sluice"
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
 

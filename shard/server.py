@@ -12,6 +12,7 @@ from shard.pb import shard_pb2_grpc
 from shard.runner import ModelRunner
 from shard.sampler import SamplingParams
 from shard.step import NewRequest, RunningRequest, StepInput, StepOutput
+from shard.tracing import start_step_span
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,20 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     async def Step(self, request_iterator, context):
         async for request in request_iterator:
+            step = step_from_pb(request)
+            span = start_step_span(
+                dict(request.trace_context),
+                {"step_id": step.step_id, "num_new": len(step.new_requests), "num_running": len(step.running_requests)},
+            )
             try:
-                out = await self._run(self.runner.step, step_from_pb(request))
+                out = await self._run(self.runner.step, step)
             except Exception as e:  # the router fails the step's requests and forgets them
                 log.exception("step %d failed", request.step_id)
+                span.record_exception(e)
+                span.end()
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            span.set_attributes({"forward_ns": out.forward_ns, "sample_ns": out.sample_ns})
+            span.end()
             yield step_to_pb(out)
 
 
