@@ -34,6 +34,12 @@ class LaunchConfig:
         if self.num_shard < 1:
             raise ValueError(f"--num-shard must be at least 1, got {self.num_shard}")
 
+    @property
+    def local_address(self) -> str:
+        """Where this machine reaches the router: the bound address, or loopback for a wildcard.
+        (In a container HOSTNAME, and so --hostname, may be the pod's name, bound to its IP only.)"""
+        return "127.0.0.1" if self.hostname in ("0.0.0.0", "::", "") else self.hostname
+
     def shard_address(self, rank: int) -> str:
         return f"unix://{self.shard_uds_path}-{rank}"
 

@@ -64,7 +64,7 @@ class Supervisor:
             self._wait(f"shard-{rank}", lambda path=path: os.path.exists(path), timeout_s=600)
         log.info("shards listening; starting the router (warmup sizes the KV cache)")
         self._spawn("router", self.config.router_argv(), self.config.router_env())
-        url = f"http://127.0.0.1:{self.config.port}/health"
+        url = f"http://{self.config.local_address}:{self.config.port}/health"
         self._wait("router", lambda: _http_ok(url), timeout_s=600)
         log.info("ready: http://%s:%d", self.config.hostname, self.config.port)
 
