@@ -4,10 +4,12 @@ Every flag can also be given as its upper-case environment variable (MODEL_ID, N
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     g = p.add_argument_group("model and devices")
     g.add_argument("--model-id", type=Path, default=_env("--model-id", "models/SmolLM2-135M-Instruct"))
     g.add_argument(
+        "--sharded",
+        choices=["true", "false"],
+        default=_env("--sharded"),
+        help="false forces one shard; true requires more than one",
+    )
+    g.add_argument(
         "--num-shard",
         type=int,
         default=_env("--num-shard"),
@@ -94,9 +102,12 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
                 out += [flag, str(kind(item))]
         return tuple(out)
 
+    num_shard = int(a.num_shard or (1 if a.sharded == "false" else max(visible_gpus(), 1)))
+    if (a.sharded == "true" and num_shard < 2) or (a.sharded == "false" and num_shard > 1):
+        raise SystemExit(f"--sharded {a.sharded} contradicts {num_shard} shard(s) (--num-shard or the visible GPUs)")
     return LaunchConfig(
         model_id=a.model_id.resolve(),
-        num_shard=int(a.num_shard or max(visible_gpus(), 1)),
+        num_shard=num_shard,
         port=a.port,
         hostname=a.hostname,
         shard_uds_path=a.shard_uds_path,
@@ -126,12 +137,37 @@ def _check_port_free(hostname: str, port: int) -> None:
             raise SystemExit(f"port {port} on {hostname} is not available: {e.strerror}") from None
 
 
+def _check_sockets_free(config: LaunchConfig) -> None:
+    """A shard socket path in use by a live server is a conflict; a stale file is removed by the shard."""
+    for rank in range(config.num_shard):
+        path = config.shard_address(rank).removeprefix("unix://")
+        if not os.path.exists(path):
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            if s.connect_ex(path) == 0:
+                raise SystemExit(f"{path} is in use by another shard; choose another --shard-uds-path")
+
+
+def _model_dir(model_id: Path) -> Path:
+    """A model directory as given, or the directory a .gguf file converts into (once)."""
+    if model_id.suffix != ".gguf":
+        return model_id
+    out = model_id.with_suffix("")
+    log.info("converting %s into %s (once)", model_id, out)
+    done = subprocess.run([sys.executable, "-m", "shard.convert", "--gguf", str(model_id), "--out", str(out)])
+    if done.returncode:
+        raise SystemExit(f"converting {model_id} failed (exit code {done.returncode})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher: %(message)s")
+    config = dataclasses.replace(config, model_id=_model_dir(config.model_id))
     if not (config.model_id / "config.json").exists():
         raise SystemExit(f"{config.model_id} is not a model directory (no config.json); run `make model`")
     _check_port_free(config.hostname, config.port)
+    _check_sockets_free(config)
     log.info("model %s, %d shard(s), port %d", config.model_id, config.num_shard, config.port)
     supervisor = Supervisor(config)
 

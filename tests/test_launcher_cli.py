@@ -1,0 +1,49 @@
+"""Launcher flags, environment variables and the checks made before anything starts."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from launcher.cli import parse_args
+
+
+def test_every_flag_is_also_an_environment_variable(monkeypatch):
+    monkeypatch.setenv("NUM_SHARD", "3")
+    monkeypatch.setenv("MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("CORS_ALLOW_ORIGIN", "https://a,https://b")
+    monkeypatch.setenv("API_KEY", "zq-secret")
+    config = parse_args([])
+    assert config.num_shard == 3 and config.api_key == "zq-secret"
+    assert config.router_args == (
+        "--max-batch-size", "7", "--cors-allow-origin", "https://a", "--cors-allow-origin", "https://b",
+    )  # fmt: skip
+    assert "zq-secret" not in " ".join(config.router_argv())
+
+
+def test_sharded_contradicting_the_shard_count_is_refused():
+    with pytest.raises(SystemExit, match="--sharded true contradicts 1 shard"):
+        parse_args(["--sharded", "true", "--num-shard", "1"])
+    assert parse_args(["--sharded", "false"]).num_shard == 1
+
+
+def test_a_busy_port_is_reported_before_anything_starts(bundled_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "launcher", "--model-id", str(bundled_model_dir), "--hostname", "127.0.0.1",
+             "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode != 0 and f"port {port} on 127.0.0.1 is not available" in done.stderr
+    assert "starting shard" not in done.stderr
+
+
+def test_a_missing_model_directory_is_reported(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "--model-id", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "is not a model directory" in done.stderr
