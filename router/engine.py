@@ -43,6 +43,7 @@ class TokenEvent:
     top_tokens: list[Token]
     finish_reason: str | None = None  # set on the last event, with the text below
     generated_text: str | None = None
+    prefill: list[Token] | None = None  # prompt tokens with their logprobs (the first is NaN), if asked
 
 
 @dataclass(slots=True)
@@ -59,6 +60,7 @@ class _Handle:
     detokenizer: IncrementalDetokenizer
     timings: Timings
     span: trace.Span  # the HTTP request's span (non-recording when untraced)
+    prompt_logprobs: list[float] | None = None  # by prompt position, filled as chunks are computed
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
@@ -99,10 +101,13 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             ignore_eos=valid.ignore_eos,
             min_new_tokens=valid.min_new_tokens,
+            needs_prompt_logprobs=valid.decoder_input_details,
             arrival_s=timings.queued_s,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, valid.input_ids)
         handle = _Handle(request, valid, detokenizer, timings, trace.get_current_span())
+        if valid.decoder_input_details:
+            handle.prompt_logprobs = [float("nan")] * len(valid.input_ids)
         self._handles[request.req_id] = handle
         self.scheduler.add(request)
         self.metrics.request_input_length.observe(len(valid.input_ids))
@@ -186,6 +191,7 @@ class Engine:
             span.end()
             sent = time.monotonic()
             self.last_step = result
+            self._store_prompt_logprobs(result)
             token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}
             for request in self.scheduler.update(plan, token_ids):
                 self._emit(request, result)
@@ -220,6 +226,19 @@ class Engine:
         m.batch_inference_count.labels(method).inc()
         return method
 
+    def _store_prompt_logprobs(self, result: StepResult) -> None:
+        for req_id, (first, logprobs) in result.prompt_logprobs.items():
+            handle = self._handles.get(req_id)
+            if handle is not None and handle.prompt_logprobs is not None:
+                end = min(first + len(logprobs), len(handle.prompt_logprobs))  # recomputed outputs are not prompt
+                handle.prompt_logprobs[first:end] = logprobs[: end - first]
+
+    def _prefill(self, handle: _Handle) -> list[Token] | None:
+        if handle.prompt_logprobs is None:
+            return None
+        ids, t = handle.request.prompt_ids, self.tokenizer
+        return [Token(i, t.token_text(i), lp, i in t.special_ids) for i, lp in zip(ids, handle.prompt_logprobs)]
+
     def _emit(self, request: Request, result: StepResult) -> None:
         handle = self._handles[request.req_id]
         produced = result.tokens[request.req_id]
@@ -230,16 +249,17 @@ class Engine:
             window = handle.detokenizer.text[-(len(text) + max(map(len, stop))) :]
             if any(s in window for s in stop):
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOP_SEQUENCE)
-        finish_reason = generated_text = None
+        finish_reason = generated_text = prefill = None
         if request.status.is_finished:
             text += handle.detokenizer.flush()
             finish_reason, generated_text = FINISH_REASONS[request.status], handle.detokenizer.text
+            prefill = self._prefill(handle)
         special = token_id in self.tokenizer.special_ids
         top = [
             Token(i, self.tokenizer.token_text(i), lp, i in self.tokenizer.special_ids) for i, lp in produced.top_tokens
         ]
         handle.events.put_nowait(
-            TokenEvent(Token(token_id, text, produced.logprob, special), top, finish_reason, generated_text)
+            TokenEvent(Token(token_id, text, produced.logprob, special), top, finish_reason, generated_text, prefill)
         )
 
     async def _fail_step(self, plan: StepPlan, error: ShardError) -> None:

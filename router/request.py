@@ -53,6 +53,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     min_new_tokens: int = 0  # EOS is ignored until this many tokens were generated
+    needs_prompt_logprobs: bool = False  # computed in full (no prefix-cache hit) so every position has logits
     arrival_s: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

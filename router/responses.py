@@ -27,7 +27,7 @@ def generate_json(events: list[TokenEvent], full_text_prefix: str, details: bool
             "finish_reason": last.finish_reason,
             "generated_tokens": len(events),
             "seed": seed,
-            "prefill": [],
+            "prefill": [{k: v for k, v in token_json(t).items() if k != "special"} for t in last.prefill or []],
             "tokens": [token_json(e.token) for e in events],
         }
         if any(e.top_tokens for e in events):

@@ -115,7 +115,7 @@ class Scheduler:
         ):
             request = self.waiting[0]  # a waiting request holds no blocks and has computed nothing
             bm = self.block_manager
-            cached = bm.match_prefix(request.token_ids, request.block_hashes)
+            cached = [] if request.needs_prompt_logprobs else bm.match_prefix(request.token_ids, request.block_hashes)
             num_cached = len(cached) * bm.block_size
             num_tokens = min(request.num_tokens - num_cached, budget)
             needed = bm.blocks_needed(num_cached + num_tokens, len(cached))

@@ -84,8 +84,9 @@ async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
     runs = await asyncio.gather(*(_run(engine, v, t) for v, t in zip(candidates, timings)))
     best = max(range(len(runs)), key=lambda i: sum(e.token.logprob for e in runs[i]) / len(runs[i]))
     prefix = valid.inputs if valid.return_full_text else ""
-    body = generate_json(runs[best], prefix, valid.details, _seed(candidates[best]))
-    if valid.best_of > 1 and valid.details:
+    details = valid.details or valid.decoder_input_details  # TGI builds details for either
+    body = generate_json(runs[best], prefix, details, _seed(candidates[best]))
+    if valid.best_of > 1 and details:
         body["details"]["best_of_sequences"] = [
             {
                 "generated_text": prefix + runs[i][-1].generated_text,
@@ -232,6 +233,8 @@ def build_app(
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
     from router.openai_api import add_openai_routes  # imported here: it imports this module
+    from router.openapi import add_openapi_routes  # likewise
 
     add_openai_routes(app)
+    add_openapi_routes(app)
     return app

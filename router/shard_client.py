@@ -42,6 +42,7 @@ class StepResult:
     tokens: dict[int, TokenResult]  # req_id -> the token it produced
     forward_ns: int
     sample_ns: int
+    prompt_logprobs: dict[int, tuple[int, list[float]]]  # req_id -> (first position, logprobs)
 
 
 def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> pb.StepRequest:
@@ -57,6 +58,7 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                     num_cached_tokens=r.num_computed_tokens,
                     num_scheduled_tokens=s.num_scheduled_tokens,
                     block_ids=r.block_ids,
+                    prompt_logprobs=r.needs_prompt_logprobs,
                     sampling=pb.SamplingParams(
                         do_sample=p.do_sample,
                         temperature=p.temperature,
@@ -88,6 +90,7 @@ def result_from_pb(resp: pb.StepResponse) -> StepResult:
         },
         forward_ns=resp.forward_ns,
         sample_ns=resp.sample_ns,
+        prompt_logprobs={p.req_id: (p.first_position, list(p.logprobs)) for p in resp.prompt_logprobs},
     )
 
 

@@ -14,7 +14,7 @@ from shard.layers.attention import Attention
 from shard.loader import load_weights
 from shard.models import build_model
 from shard.sampler import Sampler, SamplerConfig, SamplingParams
-from shard.step import Batch, RequestState, StepInput, StepOutput, TokenOutput, prepare_inputs
+from shard.step import Batch, PromptLogprobs, RequestState, StepInput, StepOutput, TokenOutput, prepare_inputs
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,42 @@ class ModelRunner:
     # -- steps --------------------------------------------------------------------------
     def forward(self, batch: Batch, sample_rows_override=None):
         """Run the model over `batch`; logits [S, vocab] of the rows that sample (rank 0), else None."""
+        return self._forward(batch, sample_rows_override)[0]
+
+    def _forward(self, batch: Batch, sample_rows_override=None):
+        """(logits [S, vocab] of the sampling rows or None off rank 0, hidden states [T, hidden])."""
         input_ids, positions, ctx, sample_rows = prepare_inputs(batch, self.config.block_size, self.device)
         if sample_rows_override is not None:
             sample_rows = sample_rows_override.to(self.device)
         with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(input_ids, positions)  # [T, hidden]
-            return self.model.compute_logits(hidden[sample_rows])  # [S, vocab] on rank 0
+            return self.model.compute_logits(hidden[sample_rows]), hidden
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> list[PromptLogprobs]:
+        """Logprobs of the prompt tokens that follow this step's positions, for requests that
+        asked; every rank takes part (the LM head gathers to rank 0), rank 0 gets the values."""
+        rows, targets, spans, offset = [], [], [], 0
+        for s, n in zip(batch.states, batch.num_scheduled):
+            start, end = s.num_computed_tokens, min(s.num_computed_tokens + n, s.num_prompt_tokens - 1)
+            if s.prompt_logprobs and end > start:  # the row of position p predicts token p + 1
+                rows += range(offset, offset + end - start)
+                targets += s.token_ids[start + 1 : end + 1]
+                spans.append((s.req_id, start + 1, end - start))
+            offset += n
+        values = []
+        for i in range(0, len(rows), 512):  # bounded [512, vocab] logits at a time
+            logits = self.model.compute_logits(hidden[torch.tensor(rows[i : i + 512], device=self.device)])
+            if logits is not None:
+                target = torch.tensor(targets[i : i + 512], device=self.device)
+                values.append(logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1))
+        if not values:
+            return []
+        flat, out, at = torch.cat(values).tolist(), [], 0
+        for req_id, first, count in spans:
+            out.append(PromptLogprobs(req_id, first, flat[at : at + count]))
+            at += count
+        return out
 
     def _collect_batch(self, step: StepInput) -> Batch:
         for req_id in step.forget_req_ids:
@@ -135,7 +165,13 @@ class ModelRunner:
         states, num_scheduled = [], []
         for r in step.new_requests:
             state = RequestState(
-                r.req_id, list(r.token_ids), len(r.token_ids), r.num_cached_tokens, list(r.block_ids), r.sampling
+                r.req_id,
+                list(r.token_ids),
+                len(r.token_ids),
+                r.num_cached_tokens,
+                list(r.block_ids),
+                r.sampling,
+                r.prompt_logprobs,
             )
             self.states[r.req_id] = state
             states.append(state)
@@ -155,12 +191,13 @@ class ModelRunner:
         if not batch.states:
             return StepOutput(step.step_id, [], 0, 0)
         t0 = time.perf_counter_ns()
-        logits = self.forward(batch)
+        logits, hidden = self._forward(batch)
+        prompt_logprobs = self._prompt_logprobs(batch, hidden)
         t1 = time.perf_counter_ns()
         producing = [i for i in range(len(batch.states)) if batch.produces_token(i)]
         outputs: list[TokenOutput] = []
         token_ids = torch.empty(len(producing), dtype=torch.int64, device=self.device)
-        if logits is not None:  # rank 0
+        if logits is not None and producing:  # rank 0, and someone is due a token
             states = [batch.states[i] for i in producing]
             out = self.sampler(
                 logits,
@@ -171,7 +208,7 @@ class ModelRunner:
             token_ids = out.token_ids
         dist.broadcast_from_rank0(token_ids)
         sampled = token_ids.tolist()
-        if logits is not None:
+        if logits is not None and producing:
             logprobs = out.logprobs.tolist()
             top_ids = out.top_ids.tolist() if out.top_ids is not None else None
             top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -183,7 +220,7 @@ class ModelRunner:
             state.num_computed_tokens += n
         for j, i in enumerate(producing):
             batch.states[i].token_ids.append(sampled[j])
-        return StepOutput(step.step_id, outputs, t1 - t0, time.perf_counter_ns() - t1)
+        return StepOutput(step.step_id, outputs, t1 - t0, time.perf_counter_ns() - t1, prompt_logprobs)
 
     def health(self) -> None:
         torch.zeros(1, device=self.device).add_(1).item()

@@ -43,6 +43,7 @@ def step_from_pb(req: pb.StepRequest) -> StepInput:
                 r.num_scheduled_tokens,
                 list(r.block_ids),
                 sampling_from_pb(r.sampling),
+                r.prompt_logprobs,
             )
             for r in req.new_requests
         ],
@@ -67,6 +68,10 @@ def step_to_pb(out: StepOutput) -> pb.StepResponse:
         ],
         forward_ns=out.forward_ns,
         sample_ns=out.sample_ns,
+        prompt_logprobs=[
+            pb.PromptLogprobs(req_id=p.req_id, first_position=p.first_position, logprobs=p.logprobs)
+            for p in out.prompt_logprobs
+        ],
     )
 
 

@@ -16,6 +16,7 @@ class NewRequest:
     num_scheduled_tokens: int
     block_ids: list[int]
     sampling: SamplingParams
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +43,19 @@ class TokenOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    req_id: int
+    first_position: int  # logprobs[i] is that of the prompt token at first_position + i
+    logprobs: list[float]
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutput:
     step_id: int
     outputs: list[TokenOutput]
     forward_ns: int
     sample_ns: int
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -59,6 +68,7 @@ class RequestState:
     num_computed_tokens: int  # tokens whose KV is in the cache
     block_ids: list[int]
     sampling: SamplingParams
+    prompt_logprobs: bool = False  # report the logprob of each prompt token as it is computed
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,3 +213,26 @@ def test_metrics_use_tgi_names(server):
     ):
         assert f"\n{name}" in text, name
     assert _metric(server, "tgi_request_success") >= 1
+
+
+def test_decoder_input_details_returns_prompt_logprobs(server, bundled_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    r = post(
+        server, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 2, "decoder_input_details": True}}
+    )
+    prefill = r.json()["details"]["prefill"]
+    ids = [t["id"] for t in prefill]
+    assert prefill[0]["logprob"] is None and set(prefill[0]) == {"id", "text", "logprob"}
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = logprobs[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor([t["logprob"] for t in prefill[1:]]), expected, atol=1e-3, rtol=0)
+    # Asked twice: the second request must not take its prompt from the prefix cache.
+    again = post(
+        server, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 2, "decoder_input_details": True}}
+    )
+    assert again.json()["details"]["prefill"] == prefill

@@ -58,3 +58,17 @@ def test_chunked_prefill_with_cached_prefix_matches_full_prefill(tiny_model_dir)
     state.num_computed_tokens = 20
     ours = runner.forward(Batch([state], [30]))  # second chunk reads the first through the cache
     torch.testing.assert_close(ours[0], _hf_logits(hf, ids)[-1], atol=ATOL, rtol=0)
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(tiny_model_dir):
+    from shard.step import NewRequest, RunningRequest, StepInput
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = _runner(tiny_model_dir)
+    ids = torch.randint(2, 384, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    first = runner.step(StepInput(0, new_requests=[NewRequest(9, ids, 0, 25, [4, 2, 7], SamplingParams(), True)]))
+    second = runner.step(StepInput(1, running_requests=[RunningRequest(9, 15, [])]))
+    (a,), (b,) = first.prompt_logprobs, second.prompt_logprobs
+    assert (a.first_position, len(a.logprobs), b.first_position, len(b.logprobs)) == (1, 25, 26, 14)
+    expected = _hf_logits(hf, ids).log_softmax(-1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(a.logprobs + b.logprobs), expected, atol=ATOL, rtol=0)
