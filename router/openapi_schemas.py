@@ -79,9 +79,9 @@ def _generate_parameters() -> dict:
             "best_of": opt(
                 "integer",
                 "Sample this many sequences and return the one with the highest mean token logprob (the others "
-                "in `details.best_of_sequences`). At most `max_best_of`; 0 and null mean 1. Above 1: needs "
+                "in `details.best_of_sequences`). At most `max_best_of`; null means 1. Above 1: needs "
                 "sampling, no `seed`, and is refused on streams.",
-                minimum=0,
+                minimum=1,
                 default=1,
             ),
             "temperature": opt("number", "Sampling temperature.", exclusiveMinimum=0, default=1.0),
@@ -110,7 +110,9 @@ def _generate_parameters() -> dict:
             "watermark": opt("boolean", "Kirchenbauer et al. watermarking.", default=False),
             "details": opt("boolean", "Return `details`.", default=False),
             "decoder_input_details": opt(
-                "boolean", "Accepted (not on streams); `details.prefill` stays empty: not computed.", default=False
+                "boolean",
+                "Return `details` with the prompt's logprobs in `prefill` (refused on streams).",
+                default=False,
             ),
             "seed": opt("integer", "Sampling seed (unset: drawn at random, echoed in details).", **SEED),
             "top_n_tokens": opt(
@@ -128,7 +130,7 @@ def _details_fields() -> dict:
         "finish_reason": ref("FinishReason"),
         "generated_tokens": _int("Tokens generated."),
         "seed": nullable(_int("The seed used; null when decoding was greedy.", maximum=U64_MAX)),
-        "prefill": array(ref("PrefillToken"), "Prompt tokens with logprobs: always empty (not computed).", maxItems=0),
+        "prefill": array(ref("PrefillToken"), "The prompt's tokens with `decoder_input_details`, else empty."),
         "tokens": array(ref("Token")),
         "top_tokens": array(array(ref("Token")), "Per generated token, its `top_n_tokens` most likely ones."),
     }
@@ -164,10 +166,12 @@ def tgi_schemas() -> dict:
                 "special": BOOL,
             }
         ),
-        "PrefillToken": record({"id": _int("Token id."), "text": STR, "logprob": nullable(NUM)}),
+        "PrefillToken": record(
+            {"id": _int("Token id."), "text": STR, "logprob": nullable({**NUM, "description": "null for the first."})}
+        ),
         "GenerateResponse": record(
             {"generated_text": _str("With `return_full_text`, after the prompt."), "details": ref("Details")},
-            "`details` only when asked for.",
+            "`details` only with `details` or `decoder_input_details`.",
             optional=("details",),
         ),
         "Details": record(

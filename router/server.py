@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import random
@@ -26,6 +27,7 @@ from router.tokenizer import Tokenizer
 from router.validation import ValidationError, ValidationLimits, ValidRequest, validate
 
 log = logging.getLogger(__name__)
+__version__ = importlib.metadata.version("sluice")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,7 @@ async def generate(request: web.Request) -> web.Response:
 async def compat_generate(request: web.Request) -> web.StreamResponse:
     """POST /: `stream: true` streams, otherwise a JSON array with one response."""
     body = await _json_body(request)
-    if isinstance(body, dict) and body.get("stream"):
+    if isinstance(body, dict) and body.get("stream") is True:
         return await generate_stream(request)
     body, headers = await _generate(request)
     return web.json_response([body], headers=headers)
@@ -208,7 +210,7 @@ async def info(request: web.Request) -> web.Response:
             "validation_workers": 1,
             "max_client_batch_size": s.limits.max_client_batch_size,
             "router": "sluice-router",
-            "version": "0.1.0",
+            "version": __version__,
             "sha": None,
             "docker_label": None,
         }

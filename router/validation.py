@@ -120,7 +120,7 @@ def validate(
     if p.get("grammar") is not None:
         raise ValidationError("grammar is not supported")
 
-    best_of = p.get("best_of") or 1
+    best_of = p.get("best_of", 1)
     is_sampling = p.get("do_sample", False) or any(k in p for k in ("temperature", "top_k", "top_p", "typical_p"))
     if best_of != 1:
         if limits.max_best_of == 1:
@@ -157,7 +157,7 @@ def validate(
     max_new_tokens = p.get("max_new_tokens")
     if max_new_tokens == 0:
         raise ValidationError("`max_new_tokens` must be strictly positive")
-    stop = p.get("stop", [])
+    stop = [s for s in p.get("stop", []) if s]  # an empty string would match at once
     if len(stop) > limits.max_stop_sequences:
         raise ValidationError(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
     top_n_tokens = p.get("top_n_tokens", 0)
