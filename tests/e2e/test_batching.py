@@ -99,3 +99,11 @@ def test_a_small_kv_pool_completes_64_requests_through_preemption(tight_server, 
     assert outputs == expected
     assert metric(tight_server.url, "sluice_preemptions") > before
     assert metric(tight_server.url, "sluice_kv_blocks_free") == 40
+
+
+def test_inputs_longer_than_max_input_tokens_are_refused(tight_server):
+    prompt = " ".join(f"w{i}" for i in range(130))  # 410 tokens: over 400, yet 10 more fit in 512
+    r = requests.post(tight_server.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 10}},
+                      timeout=30)  # fmt: skip
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert r.json()["error"].startswith("Input validation error: `inputs` must have less than 400 tokens. Given: ")
