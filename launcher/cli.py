@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pythonjsonlogger.json import JsonFormatter
+
 from launcher.config import LaunchConfig, visible_gpus
 from launcher.process import ChildFailed, Supervisor
 
@@ -162,7 +164,17 @@ def _model_dir(model_id: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level"},
+            static_fields={"process": "launcher"},
+        )
+        if config.json_output
+        else logging.Formatter("%(asctime)s %(levelname)s launcher: %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     config = dataclasses.replace(config, model_id=_model_dir(config.model_id))
     if not (config.model_id / "config.json").exists():
         raise SystemExit(f"{config.model_id} is not a model directory (no config.json); run `make model`")

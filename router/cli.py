@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from aiohttp import web
+from pythonjsonlogger.json import JsonFormatter
 
 from router.block_manager import BlockManager
 from router.config import RouterConfig
@@ -66,12 +67,17 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--otlp-service-name", default="sluice")
     p.add_argument("--json-output", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format='{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "target"},
+            static_fields={"process": "router"},
+        )
         if a.json_output
-        else "%(asctime)s %(levelname)s router %(name)s: %(message)s",
+        else logging.Formatter("%(asctime)s %(levelname)s router %(name)s: %(message)s")
     )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     return RouterConfig(
         model_dir=a.model_id,
         shard_addresses=tuple(a.shards),

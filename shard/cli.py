@@ -6,6 +6,8 @@ import logging
 import signal
 from pathlib import Path
 
+from pythonjsonlogger.json import JsonFormatter
+
 from shard import dist
 from shard.config import ShardConfig
 
@@ -31,12 +33,17 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     p.add_argument("--otlp-service-name", default="sluice")
     p.add_argument("--json-output", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format='{"time":"%(asctime)s","level":"%(levelname)s","target":"%(name)s","message":"%(message)s"}'
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "target"},
+            static_fields={"process": f"shard-{a.rank}"},
+        )
         if a.json_output
-        else f"%(asctime)s %(levelname)s shard-{a.rank} %(name)s: %(message)s",
+        else logging.Formatter(f"%(asctime)s %(levelname)s shard-{a.rank} %(name)s: %(message)s")
     )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     return ShardConfig(
         model_dir=a.model_id,
         rank=a.rank,

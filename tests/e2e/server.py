@@ -65,7 +65,7 @@ class LauncherProcess:
         raise TimeoutError(f"launcher not ready in {timeout_s}s:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text()[-5000:]
+        return "\n".join(self.log_path.read_text().splitlines()[-300:])  # whole lines
 
     def stop(self) -> int:
         if self.process is not None and self.process.poll() is None:

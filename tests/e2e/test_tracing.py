@@ -1,5 +1,6 @@
 """A traced request: router and shard spans join the client's trace, exported over OTLP/gRPC."""
 
+import json
 import time
 from concurrent import futures
 
@@ -42,7 +43,7 @@ def collector():
 def test_router_and_shard_spans_share_the_incoming_trace(bundled_model_dir, collector):
     servicer, endpoint = collector
     env = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # export promptly
-    with LauncherProcess(bundled_model_dir, "--otlp-endpoint", endpoint, env=env) as launcher:
+    with LauncherProcess(bundled_model_dir, "--otlp-endpoint", endpoint, "--json-output", env=env) as launcher:
         r = requests.post(
             launcher.url + "/generate",
             json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 3}},
@@ -55,6 +56,9 @@ def test_router_and_shard_spans_share_the_incoming_trace(bundled_model_dir, coll
             service for service, span in servicer.spans if span.trace_id.hex() == TRACE_ID
         }:
             time.sleep(0.1)
+        log_lines = [line for line in launcher.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in log_lines]  # --json-output: every line of every process
+    assert {"launcher", "router", "shard-0"} <= {r["process"] for r in records}
     ours = [(service, span) for service, span in servicer.spans if span.trace_id.hex() == TRACE_ID]
     (http,) = [span for service, span in ours if span.name == "POST /generate"]
     assert http.parent_span_id.hex() == PARENT_ID
