@@ -216,6 +216,9 @@ class Engine:
         num_new = sum(s.is_new for s in plan.scheduled)
         if num_new:
             m.batch_next_size.observe(num_new)
+            if len(scheduler.running) > num_new:  # prompts ride along with running decodes
+                m.batch_concat.labels("chunking").inc()
+        m.batch_current_max_tokens.set(sum(len(r.prompt_ids) + r.max_new_tokens for r in scheduler.running))
         m.queue_size.set(len(scheduler.waiting))
         m.batch_current_size.set(len(scheduler.running))
         m.kv_blocks_free.set(scheduler.block_manager.num_free_blocks)

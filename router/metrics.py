@@ -50,6 +50,10 @@ class Metrics:
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting to be scheduled", registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
         self.batch_max_total_tokens = Gauge("tgi_batch_max_total_tokens", "Tokens the KV cache holds", registry=r)
+        self.batch_current_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens", "Prompt + max_new_tokens summed over the running batch", registry=r
+        )
+        self.batch_concat = counter("tgi_batch_concat", "New requests joined a running batch", ["reason"])
         self.batch_next_size = Histogram(
             "tgi_batch_next_size", "Requests admitted per step", buckets=[2**k for k in range(11)], registry=r
         )

@@ -218,6 +218,7 @@ def test_metrics_use_tgi_names(server):
         "tgi_batch_forward_duration_bucket",
         "tgi_request_input_length_bucket",
         "tgi_batch_max_total_tokens",
+        "tgi_batch_current_max_tokens",
     ):
         assert f"\n{name}" in text, name
     assert _metric(server, "tgi_request_success") >= 1
