@@ -67,6 +67,14 @@ class ModelRunner:
         self.states: dict[int, RequestState] = {}
         self.num_blocks = 0
 
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence served exactly: attention is full, so a sliding window (Mistral v0.1)
+        caps it at the window's size rather than letting outputs drift past it."""
+        c = self.hf_config
+        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+        return min(c.max_position_embeddings, window or c.max_position_embeddings)
+
     # -- KV cache -------------------------------------------------------------------------
     @property
     def block_bytes(self) -> int:
@@ -86,7 +94,7 @@ class ModelRunner:
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_num_blocks: int) -> int:
         """Run the largest prefill once, then size and allocate the KV cache; returns its blocks."""
-        num_tokens = max(1, min(max_prefill_tokens, self.hf_config.max_position_embeddings))
+        num_tokens = max(1, min(max_prefill_tokens, self.max_positions))
         if self.device.type != "cuda":  # nothing to profile: a small forward only proves the model runs
             num_tokens = min(num_tokens, 64)
         bs = self.config.block_size

@@ -93,7 +93,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             vocab_size=r.hf_config.vocab_size,
             eos_token_ids=r.eos_token_ids,
             block_size=r.config.block_size,
-            max_position_embeddings=r.hf_config.max_position_embeddings,
+            max_position_embeddings=r.max_positions,
             world_size=r.config.world_size,
             rank=r.config.rank,
         )

@@ -72,3 +72,14 @@ def test_prompt_logprobs_match_transformers_across_chunks(tiny_model_dir):
     assert (a.first_position, len(a.logprobs), b.first_position, len(b.logprobs)) == (1, 25, 26, 14)
     expected = _hf_logits(hf, ids).log_softmax(-1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     torch.testing.assert_close(torch.tensor(a.logprobs + b.logprobs), expected, atol=ATOL, rtol=0)
+
+
+def test_a_sliding_window_caps_the_positions_served(tmp_path):
+    import json
+
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model("llama", tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 128}))
+    assert ModelRunner(ShardConfig(model_dir=model_dir, device="cpu")).max_positions == 128
