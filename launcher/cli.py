@@ -36,6 +36,7 @@ ROUTER_FLAGS = [
     ("--prefix-caching", str, "reuse the KV blocks of shared prompt prefixes (true/false)"),
     ("--payload-limit", int, "largest request body in bytes"),
     ("--max-client-batch-size", int, "prompts per /v1/completions request"),
+    ("--step-timeout", float, "seconds a step may take before its requests fail (0: no limit)"),
     ("--cors-allow-origin", str, "allowed CORS origin (repeatable; none: any)"),
 ]
 SHARD_FLAGS = [

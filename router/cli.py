@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-waiting-tokens", type=int, default=20, help="see SchedulerConfig")
     p.add_argument("--payload-limit", type=int, default=2_000_000)
     p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
+    p.add_argument("--step-timeout", type=float, default=120.0, help="seconds a step may take (0: no limit)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("API_KEY"),
@@ -99,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         prefix_caching=a.prefix_caching,
         payload_limit=a.payload_limit,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
+        step_timeout_s=a.step_timeout or None,
         api_key=a.api_key,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
@@ -147,7 +149,7 @@ async def _serve(config: RouterConfig) -> None:
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)
     metrics.kv_blocks_total.set(num_blocks)
     metrics.kv_blocks_free.set(num_blocks)
-    engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids, metrics)
+    engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids, metrics, config.step_timeout_s)
     limits = ValidationLimits(
         config.max_best_of,
         config.max_stop_sequences,

@@ -30,6 +30,7 @@ class RouterConfig:
     otlp_endpoint: str | None = None  # OTLP/gRPC endpoint for traces; None: no tracing
     otlp_service_name: str = "sluice"
     shard_connect_timeout_s: float = 300.0
+    step_timeout_s: float | None = 120.0  # a step taking longer fails its requests; None: wait forever
     graceful_termination_timeout_s: float = 90.0  # in-flight requests may finish within this after SIGTERM
 
     def __post_init__(self):

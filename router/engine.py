@@ -72,8 +72,11 @@ class Engine:
         tokenizer: Tokenizer,
         eos_token_ids: list[int],
         metrics: Metrics,
+        step_timeout_s: float | None = None,
     ):
         self.scheduler = scheduler
+        self.step_timeout_s = step_timeout_s
+        self.is_healthy = True  # false after a failed step whose recovery (ClearCache) failed too
         self.metrics = metrics
         self.shards = shards
         self.tokenizer = tokenizer
@@ -181,7 +184,7 @@ class Engine:
                 {"step_id": plan.step_id, "method": method, "batch_size": len(plan.scheduled)},
             )
             try:
-                result = await self.shards.step(plan, trace_context)
+                result = await self.shards.step(plan, trace_context, self.step_timeout_s)
             except ShardError as e:
                 span.record_exception(e)
                 span.end()
@@ -189,6 +192,7 @@ class Engine:
                 await self._fail_step(plan, e)
                 continue
             span.end()
+            self.is_healthy = True
             sent = time.monotonic()
             self.last_step = result
             self._store_prompt_logprobs(result)
@@ -275,6 +279,7 @@ class Engine:
         try:
             await self.shards.clear_cache()
         except ShardError as e:
+            self.is_healthy = False
             log.error("clearing the shards' caches failed: %s", e)
 
     def _fail_unschedulable(self) -> None:

@@ -160,6 +160,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     try:
+        if not request.app[STATE].engine.is_healthy:
+            raise ShardError("the last step failed and the shards could not be reset")
         await request.app[STATE].shards.health()
     except (TimeoutError, ShardError) as e:
         log.warning("health check failed: %s", e)

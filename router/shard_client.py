@@ -165,14 +165,22 @@ class ShardedClient:
         responses = await self._all(lambda c: c.stub.Warmup(request))
         return min(r.num_blocks for r in responses)
 
-    async def clear_cache(self) -> None:
+    async def clear_cache(self, timeout_s: float = 30.0) -> None:
+        """Drop every rank's request state and open fresh step streams."""
         for c in self.clients:
             c.reset_stream()
-        await self._all(lambda c: c.stub.ClearCache(pb.ClearCacheRequest()))
+        await self._all(lambda c: c.stub.ClearCache(pb.ClearCacheRequest(), timeout=timeout_s))
 
-    async def step(self, plan: StepPlan, trace_context: dict[str, str] | None = None) -> StepResult:
+    async def step(
+        self, plan: StepPlan, trace_context: dict[str, str] | None = None, timeout_s: float | None = None
+    ) -> StepResult:
+        """Send the step to every rank and return rank 0's result; ShardError on any failure,
+        or when the ranks take longer than `timeout_s` (their streams must then be reset)."""
         request = plan_to_pb(plan, trace_context)
-        responses = await asyncio.gather(*(c.step(request) for c in self.clients))
+        try:
+            responses = await asyncio.wait_for(asyncio.gather(*(c.step(request) for c in self.clients)), timeout_s)
+        except TimeoutError:
+            raise ShardError(f"step {plan.step_id} timed out after {timeout_s:g}s") from None
         return result_from_pb(responses[0])
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@ and refuse what the validation code does, and response schemas that what the cod
 
 import copy
 import json
+import types
 
 import pytest
 from aiohttp import web
@@ -79,9 +80,10 @@ def _schema(name: str) -> Draft202012Validator:
 
 
 def _stand_in_state(max_concurrent_requests: int = 8, is_healthy: bool = True) -> ServerState:
-    """No engine: `build_app` reads only the metrics and the concurrency limit, handlers the rest."""
+    """No engine beyond its health flag: `build_app` reads only the metrics and the concurrency
+    limit, handlers the rest."""
     return ServerState(
-        engine=None,
+        engine=types.SimpleNamespace(is_healthy=True),
         shards=StandInShards(is_healthy),
         tokenizer=ByteTokenizer(),
         limits=LIMITS,
