@@ -34,6 +34,7 @@ ROUTER_FLAGS = [
     ("--waiting-served-ratio", float, "while requests run, admit new ones once this fraction of them wait"),
     ("--max-waiting-tokens", int, "...or after this many steps without admission"),
     ("--prefix-caching", str, "reuse the KV blocks of shared prompt prefixes (true/false)"),
+    ("--overlap-steps", str, "prepare the next step while the shards compute the current one (true/false)"),
     ("--payload-limit", int, "largest request body in bytes"),
     ("--max-client-batch-size", int, "prompts per /v1/completions request"),
     ("--step-timeout", float, "seconds a step may take before its requests fail (0: no limit)"),

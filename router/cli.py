@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         default=True,
         help="reuse the KV blocks of shared prompt prefixes (true/false)",
     )
+    p.add_argument(
+        "--overlap-steps",
+        type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+        default=True,
+        help="prepare the next step while the shards compute the current one (true/false)",
+    )
     p.add_argument("--max-batch-total-tokens", type=int, help="cap on the KV cache in tokens (default: what fits)")
     p.add_argument("--waiting-served-ratio", type=float, default=0.0, help="see SchedulerConfig")
     p.add_argument("--max-waiting-tokens", type=int, default=20, help="see SchedulerConfig")
@@ -98,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         waiting_served_ratio=a.waiting_served_ratio,
         max_waiting_tokens=a.max_waiting_tokens,
         prefix_caching=a.prefix_caching,
+        overlap_steps=a.overlap_steps,
         payload_limit=a.payload_limit,
         graceful_termination_timeout_s=a.graceful_termination_timeout,
         step_timeout_s=a.step_timeout or None,
@@ -149,7 +156,15 @@ async def _serve(config: RouterConfig) -> None:
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)
     metrics.kv_blocks_total.set(num_blocks)
     metrics.kv_blocks_free.set(num_blocks)
-    engine = Engine(scheduler, shards, tokenizer, info.eos_token_ids, metrics, config.step_timeout_s)
+    engine = Engine(
+        scheduler,
+        shards,
+        tokenizer,
+        info.eos_token_ids,
+        metrics,
+        config.step_timeout_s,
+        max_steps_in_flight=2 if config.overlap_steps else 1,
+    )
     limits = ValidationLimits(
         config.max_best_of,
         config.max_stop_sequences,

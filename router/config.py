@@ -21,6 +21,7 @@ class RouterConfig:
     max_batch_prefill_tokens: int | None = None
     max_batch_size: int = 256
     prefix_caching: bool = True
+    overlap_steps: bool = True  # schedule and send step N+1 while the shards compute step N
     max_batch_total_tokens: int | None = None  # cap on the KV pool in tokens; None: what warmup finds
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -54,6 +55,17 @@ class Timings:
 
 
 @dataclass(slots=True)
+class _InFlight:
+    """A step sent to the shards whose result has not been applied yet."""
+
+    plan: StepPlan
+    method: str
+    span: trace.Span
+    trace_context: dict[str, str]
+    sent_s: float
+
+
+@dataclass(slots=True)
 class _Handle:
     request: Request
     valid: ValidRequest
@@ -73,8 +85,10 @@ class Engine:
         eos_token_ids: list[int],
         metrics: Metrics,
         step_timeout_s: float | None = None,
+        max_steps_in_flight: int = 2,
     ):
         self.scheduler = scheduler
+        self.max_steps_in_flight = max_steps_in_flight
         self.step_timeout_s = step_timeout_s
         self.is_healthy = True  # false after a failed step whose recovery (ClearCache) failed too
         self.metrics = metrics
@@ -160,61 +174,85 @@ class Engine:
             )
 
     async def run(self) -> None:
-        """Step forever; never raises for a failed step (its requests get the error)."""
+        """Step forever; never raises for a failed step (its requests get the error).
+
+        Up to `max_steps_in_flight` steps are queued on the shards: with 2, the next step is
+        scheduled and sent while the shards compute the current one, so the router's work
+        (scheduling, protobuf, detokenization) hides behind the forward. The shards feed
+        each request's last sampled token to its next decode themselves.
+        """
+        in_flight: deque[_InFlight] = deque()
         while True:
-            if not self.scheduler.has_work:
+            if not in_flight and not self.scheduler.has_work:
                 self.metrics.queue_size.set(0)
                 self.metrics.batch_current_size.set(0)
                 self.metrics.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            plan = self.scheduler.schedule()
-            if plan.is_empty:
-                self._fail_unschedulable()
-                await asyncio.sleep(0)
-                continue
-            now = time.monotonic()
-            for s in plan.scheduled:
-                timings = self._handles[s.request.req_id].timings
-                timings.batched_s = timings.batched_s or now
-            method = self._record_plan(plan)
-            span, trace_context = start_step_span(
-                [self._handles[s.request.req_id].span for s in plan.scheduled],
-                {"step_id": plan.step_id, "method": method, "batch_size": len(plan.scheduled)},
-            )
+            if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work:
+                plan = self.scheduler.schedule()
+                if not plan.is_empty:
+                    step = self._start_step(plan)
+                    in_flight.append(step)
+                    try:
+                        await self.shards.send(plan, step.trace_context)
+                    except ShardError as e:
+                        await self._fail_steps(in_flight, e)
+                    continue
+                if not in_flight:
+                    self._fail_unschedulable()
+                    await asyncio.sleep(0)
+                    continue
             try:
-                result = await self.shards.step(plan, trace_context, self.step_timeout_s)
+                result = await self.shards.receive(self.step_timeout_s)
             except ShardError as e:
-                span.record_exception(e)
-                span.end()
-                self.metrics.batch_inference_failure.labels(method).inc()
-                await self._fail_step(plan, e)
+                await self._fail_steps(in_flight, e)
                 continue
-            span.end()
-            self.is_healthy = True
-            sent = time.monotonic()
-            self.last_step = result
-            self._store_prompt_logprobs(result)
-            token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}
-            for request in self.scheduler.update(plan, token_ids):
-                self._emit(request, result)
-            m = self.metrics
-            m.batch_inference_success.labels(method).inc()
-            m.batch_inference_duration.labels(method).observe(sent - now)
-            m.batch_forward_duration.labels(method).observe(result.forward_ns / 1e9)
-            m.batch_decode_duration.labels(method).observe(time.monotonic() - sent)
-            m.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
+            self._finish_step(in_flight.popleft(), result)
+
+    def _start_step(self, plan: StepPlan) -> _InFlight:
+        now = time.monotonic()
+        for s in plan.scheduled:
+            timings = self._handles[s.request.req_id].timings
+            timings.batched_s = timings.batched_s or now
+        method = self._record_plan(plan)
+        span, trace_context = start_step_span(
+            [self._handles[s.request.req_id].span for s in plan.scheduled],
+            {"step_id": plan.step_id, "method": method, "batch_size": len(plan.scheduled)},
+        )
+        return _InFlight(plan, method, span, trace_context, now)
+
+    def _finish_step(self, step: _InFlight, result: StepResult) -> None:
+        """Apply a step's tokens: detokenize, check stops, hand each request its event."""
+        step.span.end()
+        self.is_healthy = True
+        received = time.monotonic()
+        self.last_step = result
+        self._store_prompt_logprobs(result)
+        token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}
+        for request in self.scheduler.update(step.plan, token_ids):
+            self._emit(request, result)
+        m = self.metrics
+        m.batch_inference_success.labels(step.method).inc()
+        m.batch_inference_duration.labels(step.method).observe(received - step.sent_s)
+        m.batch_forward_duration.labels(step.method).observe(result.forward_ns / 1e9)
+        m.batch_decode_duration.labels(step.method).observe(time.monotonic() - received)
+        m.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
+
+    async def _fail_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
+        for step in in_flight:
+            step.span.record_exception(error)
+            step.span.end()
+            self.metrics.batch_inference_failure.labels(step.method).inc()
+        in_flight.clear()
+        await self._fail_step(error)
 
     def _record_plan(self, plan: StepPlan) -> str:
         """Update the queue and batch gauges for `plan`; returns its method label."""
         m, scheduler = self.metrics, self.scheduler
         prompt_tokens = sum(
-            max(
-                0,
-                min(s.request.num_computed_tokens + s.num_scheduled_tokens, len(s.request.prompt_ids))
-                - s.request.num_computed_tokens,
-            )
+            max(0, min(s.start_position + s.num_scheduled_tokens, len(s.request.prompt_ids)) - s.start_position)
             for s in plan.scheduled
         )
         num_new = sum(s.is_new for s in plan.scheduled)
@@ -269,9 +307,9 @@ class Engine:
             TokenEvent(Token(token_id, text, produced.logprob, special), top, finish_reason, generated_text, prefill)
         )
 
-    async def _fail_step(self, plan: StepPlan, error: ShardError) -> None:
-        """A shard failed: every request it was computing fails; the shards start clean."""
-        log.error("step %d failed: %s", plan.step_id, error)
+    async def _fail_step(self, error: ShardError) -> None:
+        """A shard failed: every running request fails; the shards start clean."""
+        log.error("step failed: %s", error)
         for request in self.scheduler.fail_all():
             handle = self._handles.get(request.req_id)
             if handle is not None:

@@ -195,7 +195,7 @@ def _tools(body: dict, template: str | None) -> list | None:
     return tools
 
 
-def _prompts(prompt: object, tokenizer: Tokenizer) -> list[tuple[str, list[int] | None]]:
+def _prompts(prompt: object, tokenizer: Tokenizer, limits: ValidationLimits) -> list[tuple[str, list[int] | None]]:
     """`prompt` -> [(text, token ids or None)]: a string, strings, token ids, or lists of token ids."""
     if isinstance(prompt, str):
         return [(prompt, None)]
@@ -209,6 +209,8 @@ def _prompts(prompt: object, tokenizer: Tokenizer) -> list[tuple[str, list[int] 
         raise ValidationError("`prompt` must be a string, an array of strings, of token ids, or of arrays of token ids")
     out = []
     for ids in prompt:
+        if len(ids) > limits.max_input_tokens:  # before decoding them
+            raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {len(ids)}")
         if any(not 0 <= i < tokenizer.vocab_size for i in ids):
             raise ValidationError(f"token ids must be in [0, {tokenizer.vocab_size})")
         out.append((tokenizer.decode(ids, skip_special_tokens=False), ids))
@@ -222,7 +224,7 @@ def parse_completion(body: object, tokenizer: Tokenizer, limits: ValidationLimit
         raise OpenAIError(
             "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
         )
-    prompts = _prompts(body.get("prompt"), tokenizer)
+    prompts = _prompts(body.get("prompt"), tokenizer, limits)
     if len(prompts) > limits.max_client_batch_size:
         raise OpenAIError(
             f"Number of prompts exceeds the maximum allowed batch size of {limits.max_client_batch_size}",

@@ -57,7 +57,8 @@ class Request:
     arrival_s: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache; reset by preemption
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache or being computed; reset by preemption
+    num_pending_outputs: int = 0  # tokens sampled by steps still in flight, known only to the shards
     block_ids: list[int] = field(default_factory=list)
     is_on_shard: bool = False  # the shards hold this request's state (set on first schedule)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks; a function of the tokens

@@ -3,7 +3,10 @@
 Data flows as `Request` (router state) -> `StepPlan` (this module) -> `StepRequest` (proto,
 built in shard_client.py) -> `StepInput` (shard) -> `ForwardContext` (shard attention).
 The scheduler is synchronous and does no I/O: `schedule()` returns a plan, `update()`
-applies the tokens the shards produced for it.
+applies the tokens the shards produced for it. Plans may be scheduled ahead of results (the
+engine keeps one step in flight while it prepares the next): a request's computed tokens
+advance when it is scheduled, and a token its step will sample is counted as pending until
+the result arrives; the shards feed that token to the next decode themselves.
 
 Rules:
 - Running requests come first, oldest first; each decodes one token, or continues its
@@ -42,6 +45,9 @@ class ScheduledRequest:
     num_scheduled_tokens: int
     is_new: bool  # the shards do not hold this request: it is sent in full
     new_block_ids: list[int]  # blocks appended for this step (all of them when is_new)
+    start_position: int  # tokens computed before this step (for a new request: the prefix-cache hit)
+    incarnation: int  # the request's preemption count when scheduled: older results are stale
+    produces_token: bool  # the step computes the request's last known token, so it samples one
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +97,9 @@ class Scheduler:
         for request in list(self.running):
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_tokens = request.num_tokens - request.num_computed_tokens
+            if len(request.output_ids) + request.num_pending_outputs >= request.max_new_tokens:
+                continue  # its last token is in flight: it will finish by length
+            num_tokens = request.num_tokens + request.num_pending_outputs - request.num_computed_tokens
             if num_tokens > 1:  # prompt chunk
                 num_tokens = min(num_tokens, budget)
                 if num_tokens == 0:
@@ -101,8 +109,7 @@ class Scheduler:
                 continue
             if num_tokens > 1:
                 budget -= num_tokens
-            self._register_blocks(request, num_tokens)
-            running.append(ScheduledRequest(request, num_tokens, False, new_block_ids))
+            running.append(self._commit(request, num_tokens, False, new_block_ids))
         new: list[ScheduledRequest] = []
         may_admit = self._may_admit()  # decided on the batch as it was before this step
         # After a preemption, admitting newer requests would only evict them again.
@@ -129,12 +136,13 @@ class Scheduler:
             self.running.append(request)
             self.num_prefix_hit_tokens += num_cached
             budget -= num_tokens
-            self._register_blocks(request, num_tokens)
-            new.append(ScheduledRequest(request, num_tokens, True, list(request.block_ids)))
+            new.append(self._commit(request, num_tokens, True, list(request.block_ids)))
         self._steps_without_admission = 0 if new else self._steps_without_admission + 1
         scheduled = new + running
         for s in scheduled:
             s.request.is_on_shard = True
+        if not scheduled:  # nothing is sent: the forget list waits for the next step
+            return StepPlan(self._next_step_id, [], [])
         plan = StepPlan(self._next_step_id, scheduled, self._forget)
         self._next_step_id += 1
         self._forget = []
@@ -149,12 +157,12 @@ class Scheduler:
         produced = []
         for s in plan.scheduled:
             request = s.request
-            if request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += s.num_scheduled_tokens
+            if request.status != RequestStatus.RUNNING or s.incarnation != request.num_preemptions:
+                continue  # finished, aborted or preempted since: the token is dropped
             token_id = token_ids.get(request.req_id)
             if token_id is None:
                 continue
+            request.num_pending_outputs -= 1
             request.output_ids.append(token_id)
             produced.append(request)
             if len(request.output_ids) >= request.max_new_tokens:
@@ -175,11 +183,23 @@ class Scheduler:
             or self._steps_without_admission >= c.max_waiting_tokens
         )
 
-    def _register_blocks(self, request: Request, num_scheduled_tokens: int) -> None:
+    def _commit(self, request: Request, num_tokens: int, is_new: bool, new_block_ids: list[int]) -> ScheduledRequest:
+        """Count `num_tokens` as computed by this step, and its sampled token as pending."""
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_tokens
+        produces_token = request.num_computed_tokens == request.num_tokens + request.num_pending_outputs
+        request.num_pending_outputs += produces_token
+        self._register_blocks(request)
+        return ScheduledRequest(
+            request, num_tokens, is_new, new_block_ids, start, request.num_preemptions, produces_token
+        )
+
+    def _register_blocks(self, request: Request) -> None:
         """Offer the blocks this step fills to the prefix cache right away: in a forward,
         every layer stores the step's K/V before any attention reads the cache, so a request
-        admitted in the same step may already share them."""
-        num_tokens = request.num_computed_tokens + num_scheduled_tokens
+        admitted in the same step may already share them. Only known tokens can be hashed: a
+        block holding a pending token waits for its result."""
+        num_tokens = min(request.num_computed_tokens, request.num_tokens)
         if num_tokens // self.block_manager.block_size > request.num_registered_blocks:
             request.num_registered_blocks = self.block_manager.cache_full_blocks(
                 request.token_ids, request.block_ids, num_tokens, request.block_hashes, request.num_registered_blocks
@@ -213,7 +233,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._release(request)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = request.num_registered_blocks = 0
+        request.num_computed_tokens = request.num_registered_blocks = request.num_pending_outputs = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

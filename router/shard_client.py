@@ -55,7 +55,7 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                 pb.NewRequest(
                     req_id=r.req_id,
                     token_ids=r.token_ids,
-                    num_cached_tokens=r.num_computed_tokens,
+                    num_cached_tokens=s.start_position,
                     num_scheduled_tokens=s.num_scheduled_tokens,
                     block_ids=r.block_ids,
                     prompt_logprobs=r.needs_prompt_logprobs,
@@ -106,11 +106,20 @@ class ShardClient:
         self.stub = shard_pb2_grpc.ShardStub(self.channel)
         self._stream = None
 
-    async def step(self, request: pb.StepRequest) -> pb.StepResponse:
+    async def send(self, request: pb.StepRequest) -> None:
         if self._stream is None:
             self._stream = self.stub.Step()
         try:
             await self._stream.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            self._stream = None
+            raise ShardError(f"shard {self.address}: {e}") from e
+
+    async def receive(self) -> pb.StepResponse:
+        """The response to the oldest step sent and not yet answered."""
+        if self._stream is None:
+            raise ShardError(f"shard {self.address}: no step stream")
+        try:
             response = await self._stream.read()
         except grpc.aio.AioRpcError as e:
             self._stream = None
@@ -171,16 +180,18 @@ class ShardedClient:
             c.reset_stream()
         await self._all(lambda c: c.stub.ClearCache(pb.ClearCacheRequest(), timeout=timeout_s))
 
-    async def step(
-        self, plan: StepPlan, trace_context: dict[str, str] | None = None, timeout_s: float | None = None
-    ) -> StepResult:
-        """Send the step to every rank and return rank 0's result; ShardError on any failure,
-        or when the ranks take longer than `timeout_s` (their streams must then be reset)."""
+    async def send(self, plan: StepPlan, trace_context: dict[str, str] | None = None) -> None:
+        """Queue a step on every rank's stream; steps run in the order they are sent."""
         request = plan_to_pb(plan, trace_context)
+        await asyncio.gather(*(c.send(request) for c in self.clients))
+
+    async def receive(self, timeout_s: float | None = None) -> StepResult:
+        """Rank 0's result for the oldest step in flight. ShardError on any rank's failure, or
+        when the ranks take longer than `timeout_s` (the streams must then be reset)."""
         try:
-            responses = await asyncio.wait_for(asyncio.gather(*(c.step(request) for c in self.clients)), timeout_s)
+            responses = await asyncio.wait_for(asyncio.gather(*(c.receive() for c in self.clients)), timeout_s)
         except TimeoutError:
-            raise ShardError(f"step {plan.step_id} timed out after {timeout_s:g}s") from None
+            raise ShardError(f"a step took longer than {timeout_s:g}s") from None
         return result_from_pb(responses[0])
 
     async def close(self) -> None:

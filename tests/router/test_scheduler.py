@@ -21,14 +21,7 @@ def make_request(req_id, prompt_len, max_new_tokens=4) -> Request:
 
 def run_step(scheduler, token=7):
     plan = scheduler.schedule()
-    produced = scheduler.update(
-        plan,
-        {
-            s.request.req_id: token
-            for s in plan.scheduled
-            if s.request.num_computed_tokens + s.num_scheduled_tokens == s.request.num_tokens
-        },
-    )
+    produced = scheduler.update(plan, {s.request.req_id: token for s in plan.scheduled if s.produces_token})
     return plan, produced
 
 
@@ -111,6 +104,7 @@ def test_eos_finishes_and_is_forgotten_with_the_next_step():
     run_step(s)
     _, produced = run_step(s, token=EOS)
     assert produced[0].status == RequestStatus.FINISHED_EOS
+    s.add(make_request(1, 3))  # a step that is sent carries the forget
     assert s.schedule().forget_req_ids == [0]
 
 
@@ -150,6 +144,7 @@ def test_abort_frees_blocks_of_running_and_removes_waiting():
     s.finish(running, RequestStatus.FINISHED_ABORTED)
     s.finish(waiting, RequestStatus.FINISHED_ABORTED)
     assert s.block_manager.num_free_blocks == 64 and not s.running and not s.waiting
+    s.add(make_request(2, 3))
     assert s.schedule().forget_req_ids == [0]
 
 
@@ -195,7 +190,7 @@ def test_prefix_hit_skips_computed_tokens():
     second = Request(1, first.prompt_ids[:8] + [99, 98, 97], 1, SamplingParams(), frozenset({EOS}))
     s.add(second)
     (scheduled,) = s.schedule().scheduled
-    assert second.num_computed_tokens == 8 and scheduled.num_scheduled_tokens == 3
+    assert scheduled.start_position == 8 and scheduled.num_scheduled_tokens == 3
     assert second.block_ids[:2] == [0, 1]  # the first request's two full blocks
     assert s.num_prefix_hit_tokens == 8
 
@@ -221,7 +216,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     again = make_request(1, 8, max_new_tokens=1)
     s.add(again)
     (scheduled,) = s.schedule().scheduled
-    assert again.num_computed_tokens == 4 and scheduled.num_scheduled_tokens == 4
+    assert scheduled.start_position == 4 and scheduled.num_scheduled_tokens == 4
 
 
 def test_cached_blocks_are_evicted_least_recently_freed_first():
@@ -246,8 +241,8 @@ def test_prefix_caching_can_be_switched_off():
     run_to_completion(s)
     again = make_request(1, 9, max_new_tokens=1)
     s.add(again)
-    s.schedule()
-    assert again.num_computed_tokens == 0 and s.block_manager.num_cached_blocks == 0
+    (scheduled,) = s.schedule().scheduled
+    assert scheduled.start_position == 0 and s.block_manager.num_cached_blocks == 0
 
 
 def test_preempted_request_reuses_its_own_cached_prefix():
@@ -262,7 +257,7 @@ def test_preempted_request_reuses_its_own_cached_prefix():
     while old.status == RequestStatus.RUNNING:
         run_step(s)  # old takes one more block: the cache evicts new's last block, not its first
     (again,) = s.schedule().scheduled
-    assert again.request is new and new.num_computed_tokens == 4 and again.num_scheduled_tokens == 9 - 4
+    assert again.request is new and again.start_position == 4 and again.num_scheduled_tokens == 9 - 4
 
 
 def test_requests_arriving_together_compute_a_shared_prefix_once():
@@ -304,3 +299,28 @@ def test_waiting_served_ratio_holds_admission_until_enough_wait_or_max_waiting_t
     s.add(make_request(7, 2))  # 3 waiting >= 0.5 * 5 running: admitted at once
     plan, _ = run_step(s)
     assert [x.request.req_id for x in plan.scheduled if x.is_new] == [5, 6, 7]
+
+
+def test_forgotten_ids_wait_for_a_step_that_is_sent():
+    s = make_scheduler()
+    r = make_request(0, 3, max_new_tokens=1)
+    s.add(r)
+    run_step(s)  # finished by length
+    assert s.schedule().is_empty  # nothing to send: the forget must not be lost
+    s.add(make_request(1, 3))
+    assert s.schedule().forget_req_ids == [0]
+
+
+def test_a_step_can_be_scheduled_before_the_previous_result():
+    s = make_scheduler()
+    r = make_request(0, 5, max_new_tokens=3)
+    s.add(r)
+    first = s.schedule()  # prefill, samples token 1
+    second = s.schedule()  # decodes token 1 (held by the shard), samples token 2
+    third = s.schedule()  # decodes token 2, samples token 3: the last one
+    assert [x.num_scheduled_tokens for p in (first, second, third) for x in p.scheduled] == [5, 1, 1]
+    assert s.schedule().is_empty and r.num_pending_outputs == 3  # length is reached by pending tokens
+    for plan, token in ((first, 11), (second, EOS), (third, 13)):
+        s.update(plan, {0: token})
+    assert r.output_ids == [11, EOS] and r.status == RequestStatus.FINISHED_EOS  # 13 came after EOS: dropped
+    assert s.block_manager.num_free_blocks == 64

@@ -7,6 +7,7 @@ hash of the sequence, so batched outputs can be compared with unbatched ones.
 """
 
 import hashlib
+from collections import deque
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ class FakeShard:
             r = s.request
             if s.is_new:
                 assert r.req_id not in self.states
-                tokens, blocks, computed = list(r.token_ids), list(s.new_block_ids), r.num_computed_tokens
+                tokens, blocks, computed = list(r.token_ids), list(s.new_block_ids), s.start_position
             else:
                 tokens, blocks, computed = self.states[r.req_id]
                 blocks = blocks + s.new_block_ids
@@ -81,9 +82,10 @@ request_spec = st.tuples(
     prefill_budget=st.integers(4, 40),
     max_batch_size=st.integers(1, 6),
     prefix_caching=st.booleans(),
+    in_flight=st.sampled_from([1, 2]),  # 2: the next step is scheduled before the last one's result
 )
 def test_no_leak_every_request_ends_and_outputs_match_unbatched(
-    specs, num_blocks, prefill_budget, max_batch_size, prefix_caching
+    specs, num_blocks, prefill_budget, max_batch_size, prefix_caching, in_flight
 ):
     prefixes = [[], [7] * 9, [11, 12, 13, 14] * 2]
     bm = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching)
@@ -93,16 +95,20 @@ def test_no_leak_every_request_ends_and_outputs_match_unbatched(
     for i, (arrival, prefix, own, max_new, cancel_at) in enumerate(specs):
         prompt = (prefixes[prefix] + own)[: num_blocks * BLOCK_SIZE - max_new]  # fits the pool alone
         requests.append((arrival, cancel_at, Request(i, prompt, max_new, SamplingParams(), frozenset({EOS}))))
-    for step in range(400):
+    pending = deque()  # (plan, result) sent but not yet applied
+    for step in range(600):
         for arrival, cancel_at, r in requests:
             if arrival == step:
                 scheduler.add(r)
             if cancel_at == step and arrival <= step and not r.status.is_finished:
                 scheduler.finish(r, RequestStatus.FINISHED_ABORTED)
-        if step > 6 and not scheduler.has_work:
+        if step > 6 and not scheduler.has_work and not pending:
             break
-        plan = scheduler.schedule()
-        scheduler.update(plan, shard.step(plan))
+        if len(pending) < in_flight:  # the shard runs plans in the order they are sent
+            plan = scheduler.schedule()
+            pending.append((plan, shard.step(plan)))
+        if len(pending) == in_flight or not scheduler.has_work:
+            scheduler.update(*pending.popleft())
     for _, _, r in requests:
         assert r.status.is_finished, f"request {r.req_id} never ended"
         if r.status != RequestStatus.FINISHED_ABORTED:

@@ -1,0 +1,62 @@
+"""The engine sends step N+1 before it reads step N's result, and outputs are unchanged."""
+
+import asyncio
+from collections import deque
+
+import pytest
+
+from router.block_manager import BlockManager
+from router.engine import Engine, Timings
+from router.metrics import Metrics
+from router.request import SamplingParams
+from router.scheduler import Scheduler, SchedulerConfig
+from router.shard_client import StepResult, TokenResult
+from router.tokenizer import Tokenizer
+from router.validation import ValidRequest
+
+
+class FakeShards:
+    """Answers steps in order; the token sampled is 100 + the sequence length (never EOS)."""
+
+    def __init__(self):
+        self.log: list[str] = []
+        self.queue: deque = deque()
+        self.lengths: dict[int, int] = {}
+
+    async def send(self, plan, trace_context=None):
+        self.log.append(f"send {plan.step_id}")
+        tokens = {}
+        for s in plan.scheduled:
+            self.lengths[s.request.req_id] = s.start_position + s.num_scheduled_tokens
+            if s.produces_token:
+                tokens[s.request.req_id] = TokenResult(100 + self.lengths[s.request.req_id], -0.5, [])
+        self.queue.append((plan.step_id, StepResult(tokens, 1000, 10, {})))
+
+    async def receive(self, timeout_s=None):
+        await asyncio.sleep(0.001)
+        step_id, result = self.queue.popleft()
+        self.log.append(f"receive {step_id}")
+        return result
+
+
+async def _generate(tokenizer, max_steps_in_flight: int) -> tuple[list[int], list[str]]:
+    shards = FakeShards()
+    scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
+    engine = Engine(scheduler, shards, tokenizer, [2], Metrics(100, 200), max_steps_in_flight=max_steps_in_flight)
+    task = asyncio.create_task(engine.run())
+    valid = ValidRequest("hi", [5, 6, 7], SamplingParams(), 5, [], False, False, False, 1, False)
+    ids = [e.token.id async for e in engine.generate(valid, Timings(queued_s=0.0))]
+    task.cancel()
+    return ids, shards.log
+
+
+@pytest.mark.parametrize("max_steps_in_flight", [1, 2])
+def test_outputs_do_not_depend_on_overlap(bundled_model_dir, max_steps_in_flight):
+    ids, _ = asyncio.run(_generate(Tokenizer(bundled_model_dir), max_steps_in_flight))
+    assert ids == [103, 104, 105, 106, 107]
+
+
+def test_the_next_step_is_sent_before_the_previous_result_is_read(bundled_model_dir):
+    _, log = asyncio.run(_generate(Tokenizer(bundled_model_dir), 2))
+    assert log[:4] == ["send 0", "send 1", "receive 0", "send 2"]
+    assert log.count("send 5") == 0  # the 5th token was in flight: no step beyond max_new_tokens
