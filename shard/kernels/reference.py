@@ -22,11 +22,14 @@ def store_kv(
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """[num_reqs, length, num_kv_heads, head_dim]: the first `length` positions of each row."""
-    block_size = cache.shape[1]
-    pos = torch.arange(length, device=cache.device)
-    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
-    return cache.view(-1, *cache.shape[2:])[slots]
+    """[num_reqs, length, num_kv_heads, head_dim]: the first `length` positions of each row.
+
+    Whole blocks are copied with index_select (block_size rows at a time), which is several
+    times faster on CPU than indexing slot by slot."""
+    num_reqs, block_size = block_tables.shape[0], cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = cache.index_select(0, block_tables[:, :num_blocks].reshape(-1).long())
+    return blocks.view(num_reqs, num_blocks * block_size, *cache.shape[2:])[:, :length]
 
 
 def _attend(q, k, v, mask, scale):
