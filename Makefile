@@ -40,10 +40,28 @@ run: install model
 	$(VENV)/bin/sluice-launcher --model-id $(MODEL_DIR) --port $(PORT)
 
 test: install model
-	$(PY) -m pytest -q -m "not gpu" --durations=15
+	$(PY) -m pytest -q -m "not gpu and not reliability" --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check router shard launcher tests
 
 clean:
 	rm -rf $(VENV) router/pb shard/pb
+
+# Benchmarks (benchmarks/RESULTS.md): Sluice against transformers' pipeline, static batching and
+# continuous batching on the same prompts; JSON and plots land in benchmarks/out/.
+.PHONY: bench bench-gpu
+bench: install model
+	$(PY) -m benchmarks.run --num-requests 64 --prompt-len 32 256 --output-len 128 128 \
+		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 \
+		--profile 32 --profile-requests 32
+
+bench-gpu: install model
+	$(PY) -m benchmarks.run --workload nano-vllm --num-requests 256 --concurrency 256 \
+		--device cuda --dtype bfloat16 --baselines static --out benchmarks/out/gpu
+
+# Reliability soak: tests/reliability in full mode (thousands of fuzzed bodies, 2,000 mixed requests,
+# overload waves, a shard stopped past the router's reset deadline); `make test` runs it reduced.
+.PHONY: soak
+soak: install model
+	SLUICE_SOAK=full $(PY) -m pytest -q -s -p no:cacheprovider tests/reliability --durations=15

@@ -18,6 +18,9 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # the attack suite takes too long for `make test` yet: `make soak` runs it
+        if "tests/reliability/" in item.nodeid:
+            item.add_marker(pytest.mark.reliability)
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
