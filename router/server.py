@@ -1,11 +1,14 @@
 """aiohttp routes: HTTP <-> validated requests and engine events. Translation only."""
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -21,10 +24,11 @@ from router.middleware import (
     error_response,
     tracing_middleware,
 )
+from router.request import SamplingParams
 from router.responses import error_json, generate_json, stream_json
 from router.shard_client import ModelInfo, ShardedClient, ShardError
 from router.tokenizer import Tokenizer
-from router.validation import ValidationError, ValidationLimits, ValidRequest, validate
+from router.validation import ValidationError, ValidationLimits, ValidRequest, check_input_length, validate
 
 log = logging.getLogger(__name__)
 __version__ = importlib.metadata.version("sluice")
@@ -45,10 +49,32 @@ class ServerState:
 STATE = web.AppKey("state", ServerState)
 
 
+# A JSON escape of a UTF-16 surrogate: the only way (with raw surrogate bytes) to put a lone one in a string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes) -> object:
+    """`raw` as JSON, refusing what `json` accepts but no tokenizer or client can use (ValueError):
+    nesting deeper than the interpreter's recursion limit, and lone UTF-16 surrogates (`"\\ud800"`),
+    which cannot be encoded as UTF-8 (serde_json, and so TGI, refuses both)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not raw.isascii() or _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("lone Unicode surrogate in a string") from None
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+    return body
+
+
 async def _json_body(request: web.Request) -> object:
     try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as e:
+        return parse_json(await request.read())
+    except ValueError as e:  # UnicodeDecodeError included
         raise web.HTTPBadRequest(
             text=json.dumps(error_json(f"Malformed JSON: {e}", "bad_request")), content_type="application/json"
         ) from None
@@ -66,7 +92,8 @@ def _seed(valid: ValidRequest) -> int | None:
 
 
 async def _run(engine: Engine, valid: ValidRequest, timings: Timings) -> list[TokenEvent]:
-    return [e async for e in engine.generate(valid, timings)]
+    async with contextlib.aclosing(engine.generate(valid, timings)) as events:
+        return [e async for e in events]
 
 
 async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
@@ -83,7 +110,14 @@ async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
         for _ in range(valid.best_of - 1)
     ]
     timings = [Timings(queued_s=time.monotonic(), start_s=start) for _ in candidates]
-    runs = await asyncio.gather(*(_run(engine, v, t) for v, t in zip(candidates, timings)))
+    tasks = [asyncio.ensure_future(_run(engine, v, t)) for v, t in zip(candidates, timings)]
+    try:
+        runs = await asyncio.gather(*tasks)
+    except BaseException:  # one sequence failed: the others (best_of) would run on for nobody
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     best = max(range(len(runs)), key=lambda i: sum(e.token.logprob for e in runs[i]) / len(runs[i]))
     prefix = valid.inputs if valid.return_full_text else ""
     details = valid.details or valid.decoder_input_details  # TGI builds details for either
@@ -147,26 +181,68 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     prefix = valid.inputs if valid.return_full_text else ""
     index = 0
+    events = request.app[STATE].engine.generate(valid, Timings(queued_s=time.monotonic(), start_s=start))
     try:
-        async for event in request.app[STATE].engine.generate(valid, Timings(queued_s=time.monotonic(), start_s=start)):
-            index += 1
-            body = stream_json(index, event, prefix, valid.details, _seed(valid), len(valid.input_ids))
-            await response.write(b"data:" + json.dumps(body).encode() + b"\n\n")
+        async with contextlib.aclosing(events):  # leaving early (client gone) aborts the request at once
+            async for event in events:
+                index += 1
+                body = stream_json(index, event, prefix, valid.details, _seed(valid), len(valid.input_ids))
+                await response.write(b"data:" + json.dumps(body).encode() + b"\n\n")
     except GenerationError as e:
         await response.write(b"data:" + json.dumps(error_json(str(e), "generation")).encode() + b"\n\n")
+    except ConnectionError:
+        raise  # the client went away
+    except Exception:  # a bug: the stream already started, so the client gets an error event, not a cut
+        log.exception("stream failed on %s", request.path)
+        await response.write(b"data:" + json.dumps(error_json("Internal server error", "internal")).encode() + b"\n\n")
     await response.write_eof()
     return response
 
 
+HEALTH_PROBE_TIMEOUT_S = 10.0
+_HEALTH_PROBE = web.AppKey("health_probe", asyncio.Lock)
+
+
 async def health(request: web.Request) -> web.Response:
+    """200 while the shards answer; after a failed step whose reset failed too, only once a
+    generation succeeds again. As TGI does, /health then runs a one-token generation itself:
+    without it, a server that load balancers stop sending requests to (503) would stay unhealthy."""
+    state = request.app[STATE]
     try:
-        if not request.app[STATE].engine.is_healthy:
-            raise ShardError("the last step failed and the shards could not be reset")
-        await request.app[STATE].shards.health()
-    except (TimeoutError, ShardError) as e:
+        await state.shards.health()
+        if not state.engine.is_healthy:
+            await _probe_generation(request.app)
+    except (TimeoutError, ShardError, GenerationError) as e:
         log.warning("health check failed: %s", e)
         return error_response(503, "unhealthy", "healthcheck")
     return web.Response(status=200)
+
+
+async def _probe_generation(app: web.Application) -> None:
+    """One token for a one-token prompt through the engine (one probe at a time); raises unless the
+    engine is healthy afterwards. Counted in the engine's metrics like any request."""
+    state = app[STATE]
+    async with app[_HEALTH_PROBE]:
+        if state.engine.is_healthy:  # a request or another probe succeeded meanwhile
+            return
+        probe = ValidRequest(
+            inputs="",
+            input_ids=state.tokenizer.encode("Hi", add_special_tokens=False)[:1] or [0],
+            sampling=SamplingParams(),
+            max_new_tokens=1,
+            stop=[],
+            details=False,
+            decoder_input_details=False,
+            return_full_text=False,
+            best_of=1,
+            is_seeded=False,
+        )
+        async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
+            async with contextlib.aclosing(state.engine.generate(probe, Timings(queued_s=time.monotonic()))) as events:
+                async for _ in events:
+                    pass
+    if not state.engine.is_healthy:
+        raise ShardError("the last step failed and the shards could not be reset")
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -175,18 +251,22 @@ async def tokenize(request: web.Request) -> web.Response:
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, str) or not inputs:
         raise ValidationError("`inputs` must be a non-empty string")
-    tokenizer = request.app[STATE].tokenizer
-    ids, offsets = await asyncio.to_thread(tokenizer.encode_with_offsets, inputs)
+    state = request.app[STATE]
+    check_input_length(inputs, state.limits)  # before the tokenizer's work, as for generation
+    text = await asyncio.to_thread(lambda: json.dumps(_tokens_json(state.tokenizer, inputs)))
+    return web.Response(text=text, content_type="application/json")
 
-    def byte_offset(char_offset: int) -> int:
-        return len(inputs[:char_offset].encode())
 
-    return web.json_response(
-        [
-            {"id": i, "text": inputs[start:stop], "start": byte_offset(start), "stop": byte_offset(stop)}
-            for i, (start, stop) in zip(ids, offsets)
-        ]
-    )
+def _tokens_json(tokenizer: Tokenizer, inputs: str) -> list[dict]:
+    """[{id, text, start, stop}] with byte offsets, in time linear in `inputs` (run in a thread
+    with its serialization: a long text has hundreds of thousands of tokens)."""
+    ids, offsets = tokenizer.encode_with_offsets(inputs)
+    utf8_len = (1 if c < "\x80" else 2 if c < "\u0800" else 3 if c < "\U00010000" else 4 for c in inputs)
+    byte_offset = [0, *itertools.accumulate(utf8_len)]  # by character offset
+    return [
+        {"id": i, "text": inputs[start:stop], "start": byte_offset[start], "stop": byte_offset[stop]}
+        for i, (start, stop) in zip(ids, offsets)
+    ]
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -229,6 +309,7 @@ def build_app(
     app = web.Application(middlewares=middlewares, client_max_size=payload_limit)
     add_cors(app, cors_allow_origins)
     app[STATE] = state
+    app[_HEALTH_PROBE] = asyncio.Lock()
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_post("/", compat_generate)

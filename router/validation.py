@@ -92,6 +92,16 @@ def _typed(params: dict) -> dict:
     return out
 
 
+# No token of a real vocabulary spans more characters than this: a longer text has more tokens than any limit allows.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def check_input_length(inputs: str, limits: ValidationLimits) -> None:
+    """Bound the tokenizer's work before running it: refuse a text too long to fit in any case."""
+    if len(inputs) > MAX_CHARS_PER_TOKEN * limits.max_total_tokens:
+        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: more than that")
+
+
 def validate(
     body: object,
     tokenizer: Tokenizer,
@@ -173,9 +183,8 @@ def validate(
         raise ValidationError("`seed` must fit in 64 bits")
     if not inputs:
         raise ValidationError("`inputs` cannot be empty")
-    # Bound the tokenizer's work before running it: no token is shorter than one byte.
-    if truncate is None and len(inputs) > 64 * limits.max_total_tokens:
-        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: more than that")
+    if truncate is None:
+        check_input_length(inputs, limits)
 
     if input_ids is None:
         input_ids = tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
@@ -184,6 +193,8 @@ def validate(
     if truncate is not None:
         input_ids = input_ids[-truncate:]
     n = len(input_ids)
+    if n == 0:  # e.g. control characters the tokenizer drops: the shards cannot run an empty prompt
+        raise ValidationError("`inputs` must have at least one token. Given: 0")
     if max_new_tokens is None:
         max_new_tokens = max(limits.max_total_tokens - n, 1)
     if n + max_new_tokens > limits.max_total_tokens:
