@@ -40,7 +40,7 @@ run: install model
 	$(VENV)/bin/sluice-launcher --model-id $(MODEL_DIR) --port $(PORT)
 
 test: install model
-	$(PY) -m pytest -q -m "not gpu and not reliability" --durations=15
+	$(PY) -m pytest -q -m "not gpu" --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check router shard launcher tests

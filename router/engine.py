@@ -316,6 +316,7 @@ class Engine:
                 handle.events.put_nowait(GenerationError(f"Request failed during generation: Server error: {error}"))
         try:
             await self.shards.clear_cache()
+            self.is_healthy = True  # the shards answered the reset: healthy again
         except ShardError as e:
             self.is_healthy = False
             log.error("clearing the shards' caches failed: %s", e)

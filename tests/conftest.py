@@ -18,7 +18,7 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:  # the attack suite takes too long for `make test` yet: `make soak` runs it
+    for item in items:  # the attack suite: reduced in `make test`, full with `make soak`
         if "tests/reliability/" in item.nodeid:
             item.add_marker(pytest.mark.reliability)
     if _has_cuda():

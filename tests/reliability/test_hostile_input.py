@@ -10,7 +10,7 @@ import math
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.reliability.conftest import scaled
@@ -356,9 +356,10 @@ def _spoil(draw, body: dict) -> dict:
     keys = [k for k in body if k not in ("max_new_tokens", "max_tokens")]
     if keys and draw(st.booleans()):
         key = draw(st.sampled_from(keys))
-        value = draw(weird)
-        if value is not None or key != "parameters":  # null parameters means "no limit"
-            body[key] = value
+        if key == "parameters":  # a dict without max_new_tokens, or null, would mean "no limit": a long generation
+            body[key] = draw(weird.filter(lambda v: v is not None and not isinstance(v, dict)))
+        else:
+            body[key] = draw(weird)
     return body
 
 
@@ -434,6 +435,7 @@ def hostile_request(draw) -> tuple[str, bytes, str | None, object]:
 EXAMPLES = scaled(300, 3000)
 
 
+@pytest.mark.timeout(scaled(600, 3600))
 def test_fuzzed_bodies_get_documented_answers(rel_server, documented):
     seen: dict[int, int] = {}
 
@@ -443,6 +445,7 @@ def test_fuzzed_bodies_get_documented_answers(rel_server, documented):
         database=None,
         deadline=None,
         suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: each step is a request; the raw example is shown
     )
     @given(hostile_request())
     def fuzz(request):
