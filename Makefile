@@ -51,12 +51,16 @@ clean:
 # Benchmarks (benchmarks/RESULTS.md): Sluice against transformers' pipeline, static batching and
 # continuous batching on the same prompts; JSON and plots land in benchmarks/out/.
 .PHONY: bench bench-gpu
-bench: install model
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[bench]'
+	touch $@
+
+bench: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --num-requests 64 --prompt-len 32 256 --output-len 128 128 \
 		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 \
 		--profile 32 --profile-requests 32
 
-bench-gpu: install model
+bench-gpu: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --workload nano-vllm --num-requests 256 --concurrency 256 \
 		--device cuda --dtype bfloat16 --baselines static --out benchmarks/out/gpu
 

@@ -87,12 +87,13 @@ def step_breakdown(before: dict, after: dict, wall_s: float, router_cpu_s: float
     return out
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def _cpu_seconds(pids: list[int], children: bool = False) -> float:
+    """User + system CPU seconds of `pids` (and, with `children`, of their children already reaped)."""
     total = 0.0
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            total += t.user + t.system + (t.children_user + t.children_system if children else 0.0)
         except psutil.NoSuchProcess:
             pass
     return total
@@ -108,14 +109,14 @@ class CpuMonitor:
     def __enter__(self) -> CpuMonitor:
         self._wall = time.perf_counter()
         self._machine = _busy_seconds()
-        self._own = _cpu_seconds([os.getpid()])
+        self._own = _cpu_seconds([os.getpid()], children=True)
         self._server = {name: _cpu_seconds([pid]) for name, pid in self.server_pids.items()}
         return self
 
     def __exit__(self, *exc) -> None:
         wall = time.perf_counter() - self._wall
         machine = _busy_seconds() - self._machine
-        own = _cpu_seconds([os.getpid()]) - self._own
+        own = _cpu_seconds([os.getpid()], children=True) - self._own
         per_process = {name: _cpu_seconds([pid]) - self._server[name] for name, pid in self.server_pids.items()}
         server = sum(per_process.values())
         cores = psutil.cpu_count() or 1
@@ -133,6 +134,15 @@ class CpuMonitor:
 def _busy_seconds() -> float:
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+
+
+def wait_quiet(max_busy_pct: float, timeout_s: float, interval_s: float = 3.0, intervals: int = 4) -> float:
+    """Wait (at most `timeout_s`) until the machine's CPU use stayed under `max_busy_pct` for
+    `intervals` consecutive intervals (this process idles meanwhile); returns the seconds waited."""
+    start, quiet = time.monotonic(), 0
+    while quiet < intervals and time.monotonic() - start < timeout_s:
+        quiet = quiet + 1 if psutil.cpu_percent(interval=interval_s) < max_busy_pct else 0
+    return time.monotonic() - start
 
 
 def server_processes(launcher_pid: int) -> dict[str, int]:

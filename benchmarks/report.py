@@ -244,6 +244,6 @@ def summary_text(result: dict) -> str:
         overhead_table([r for r in runs if r["system"] == "sluice"]),
         "",
         profile_text(result.get("profile") or {}),
-        f"\nelapsed {meta['elapsed_s']:.0f} s",
+        f"\nelapsed {meta['elapsed_s']:.0f} s, of which {meta.get('waited_s', 0):.0f} s waiting for other jobs to stop",
     ]
     return "\n".join(parts)
