@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--cuda-memory-fraction", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=4.0)
+    p.add_argument(
+        "--cpu-gemm",
+        default="onednn",
+        choices=["onednn", "aten"],
+        help="CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)",
+    )
     p.add_argument("--watermark-gamma", type=float, default=0.5)
     p.add_argument("--watermark-delta", type=float, default=2.0)
     p.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC endpoint for traces (none: no tracing)")
@@ -58,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         block_size=a.block_size,
         cuda_memory_fraction=a.cuda_memory_fraction,
         cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
+        cpu_gemm=a.cpu_gemm,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
         watermark_gamma=a.watermark_gamma,

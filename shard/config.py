@@ -19,6 +19,7 @@ class ShardConfig:
     block_size: int = 16
     cuda_memory_fraction: float = 0.9
     cpu_kv_cache_bytes: int = 4 << 30
+    cpu_gemm: str = "onednn"  # CPU linear layers: "onednn" (weights packed at load) or "aten" (F.linear, MKL)
     otlp_endpoint: str | None = None
     otlp_service_name: str = "sluice"
     watermark_gamma: float = 0.5
@@ -29,6 +30,8 @@ class ShardConfig:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block size must be a power of two, got {self.block_size}")
+        if self.cpu_gemm not in ("onednn", "aten"):
+            raise ValueError(f"cpu_gemm must be 'onednn' or 'aten', got {self.cpu_gemm!r}")
         if not 0 < self.cuda_memory_fraction <= 1:
             raise ValueError(f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}")
 

@@ -11,20 +11,40 @@ import torch
 
 
 @dataclass(frozen=True, slots=True)
-class ForwardContext:
-    """Where this step's tokens live in the paged KV cache.
+class ExtendMeta:
+    """Requests computing several tokens (prompt chunks): query rows [0, num_tokens) of the step.
 
-    Tokens of one step are laid out request after request; request i owns query rows
-    `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last rows of its sequence of
-    `context_lens[i]` tokens (cached prefix + this step's tokens).
+    Request i owns query rows `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, the last rows of its
+    sequence of `context_lens[i]` tokens (cached prefix + this step's tokens).
     """
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64, KV slot of each token of the step
+    num_tokens: int
     cu_seqlens_q: torch.Tensor  # [num_reqs + 1] int32, prefix sums of query lengths
     context_lens: torch.Tensor  # [num_reqs] int32, sequence length after this step
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
-    max_query_len: int  # host copy: 1 means a pure decode step
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeMeta:
+    """Requests computing one token each: the step's query rows after the extend rows, one per request."""
+
+    context_lens: torch.Tensor  # [num_reqs] int32, sequence length after this step
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
     max_context_len: int  # host copy of context_lens.max()
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardContext:
+    """Where this step's tokens live in the paged KV cache.
+
+    A step's tokens are laid out request after request, multi-token requests first, so that
+    each part runs its own kernel: prompt chunks the causal extend, single tokens the batched
+    decode (in a mixed step too).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, KV slot of each token of the step
+    extend: ExtendMeta | None
+    decode: DecodeMeta | None
 
 
 _context: ForwardContext | None = None

@@ -61,6 +61,9 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, config.model_dir)
+        if self.device.type == "cpu" and config.cpu_gemm == "onednn":
+            packed = [m.pack_for_cpu() for m in self.model.modules() if hasattr(m, "pack_for_cpu")]
+            log.info("oneDNN-packed weights: %d of %d linear layers", sum(packed), len(packed))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(SamplerConfig(config.watermark_gamma, config.watermark_delta))
         self.eos_token_ids = eos_token_ids(config.model_dir, self.hf_config)
@@ -191,7 +194,7 @@ class ModelRunner:
             state.block_ids += r.new_block_ids
             states.append(state)
             num_scheduled.append(r.num_scheduled_tokens)
-        return Batch(states, num_scheduled)
+        return Batch.ordered(states, num_scheduled)
 
     def step(self, step: StepInput) -> StepOutput:
         """Compute the scheduled tokens of every request and sample where a token is due."""

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shard.context import ForwardContext
+from shard.context import DecodeMeta, ExtendMeta, ForwardContext
 from shard.sampler import SamplingParams
 
 
@@ -73,10 +73,21 @@ class RequestState:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One step's requests with how many tokens each computes, in execution order."""
+    """One step's requests with how many tokens each computes, in execution order: requests
+    computing several tokens first, then those computing one (see `ordered`)."""
 
     states: list[RequestState]
     num_scheduled: list[int]
+
+    @classmethod
+    def ordered(cls, states: list[RequestState], num_scheduled: list[int]) -> "Batch":
+        """The batch with multi-token requests moved (stably) before single-token ones."""
+        order = sorted(range(len(states)), key=lambda i: num_scheduled[i] == 1)
+        return cls([states[i] for i in order], [num_scheduled[i] for i in order])
+
+    @property
+    def num_extend_requests(self) -> int:
+        return sum(n > 1 for n in self.num_scheduled)
 
     def produces_token(self, i: int) -> bool:
         """A request samples once it has computed every token it knows."""
@@ -85,7 +96,7 @@ class Batch:
 
 
 def prepare_inputs(batch: Batch, block_size: int, device: torch.device):
-    """Build (input_ids [T], positions [T], context, sample_rows [S]) for `batch`."""
+    """Build (input_ids [T], positions [T], context, sample_rows [S]) for an ordered `batch`."""
     input_ids, positions, slots, cu_seqlens, context_lens, sample_rows = [], [], [], [0], [], []
     for i, (s, n) in enumerate(zip(batch.states, batch.num_scheduled)):
         start, end = s.num_computed_tokens, s.num_computed_tokens + n
@@ -98,18 +109,29 @@ def prepare_inputs(batch: Batch, block_size: int, device: torch.device):
         context_lens.append(end)
         if batch.produces_token(i):
             sample_rows.append(cu_seqlens[-1] - 1)
-    max_blocks = max(len(s.block_ids) for s in batch.states)
-    tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in batch.states]
+    num_extend = batch.num_extend_requests
+    assert all(n == 1 for n in batch.num_scheduled[num_extend:]), "batch is not ordered: use Batch.ordered"
 
     def tensor(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)
 
-    ctx = ForwardContext(
-        slot_mapping=tensor(slots, torch.int64),
-        cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-        context_lens=tensor(context_lens, torch.int32),
-        block_tables=tensor(tables, torch.int32),
-        max_query_len=max(batch.num_scheduled),
-        max_context_len=max(context_lens),
-    )
+    def block_table(states):  # [num_reqs, max_blocks] int32, padded with 0
+        width = max(len(s.block_ids) for s in states)
+        return tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in states], torch.int32)
+
+    extend = decode = None
+    if num_extend:
+        extend = ExtendMeta(
+            num_tokens=cu_seqlens[num_extend],
+            cu_seqlens_q=tensor(cu_seqlens[: num_extend + 1], torch.int32),
+            context_lens=tensor(context_lens[:num_extend], torch.int32),
+            block_tables=block_table(batch.states[:num_extend]),
+        )
+    if num_extend < len(batch.states):
+        decode = DecodeMeta(
+            context_lens=tensor(context_lens[num_extend:], torch.int32),
+            block_tables=block_table(batch.states[num_extend:]),
+            max_context_len=max(context_lens[num_extend:]),
+        )
+    ctx = ForwardContext(tensor(slots, torch.int64), extend, decode)
     return tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx, tensor(sample_rows, torch.int64)

@@ -33,8 +33,10 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
 
 
 def _attend(q, k, v, mask, scale):
-    """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask [B, 1, Lq, Lk] bool -> [B, Hq, Lq, D]."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask [B, 1, Lq, Lk] bool or None for causal -> [B, Hq, Lq, D]."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def attention_decode(
@@ -75,8 +77,11 @@ def attention_extend(
         q_len = q.shape[0]
         k = _gather_kv(k_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
         v = _gather_kv(v_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-        k_pos = torch.arange(ctx_len, device=q.device)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        if q_len == ctx_len:  # no cached prefix: plain causal attention, SDPA's fastest path
+            mask = None
+        else:
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            k_pos = torch.arange(ctx_len, device=q.device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         out[starts[i] : starts[i + 1]] = _attend(q.transpose(0, 1)[None], k, v, mask, scale)[0].transpose(0, 1)
     return out

@@ -18,12 +18,23 @@ class Attention(nn.Module):
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
         ctx = get_context()
         kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.max_query_len == 1:  # decode
-            out = kernels.attention_decode(
-                q, self.k_cache, self.v_cache, ctx.context_lens, ctx.block_tables, self.scale, ctx.max_context_len
-            )
-        else:  # prefill or extend
-            out = kernels.attention_extend(
-                q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, self.scale
-            )
+        e, d = ctx.extend, ctx.decode
+        if e is None:
+            out = self._decode(q, d)
+        elif d is None:
+            out = self._extend(q, e)
+        else:  # mixed step: prompt chunks first, then single tokens
+            out = torch.empty_like(q)
+            out[: e.num_tokens] = self._extend(q[: e.num_tokens], e)
+            out[e.num_tokens :] = self._decode(q[e.num_tokens :], d)
         return out.reshape(q.shape[0], -1)
+
+    def _extend(self, q, e):
+        return kernels.attention_extend(
+            q, self.k_cache, self.v_cache, e.cu_seqlens_q, e.context_lens, e.block_tables, self.scale
+        )
+
+    def _decode(self, q, d):
+        return kernels.attention_decode(
+            q, self.k_cache, self.v_cache, d.context_lens, d.block_tables, self.scale, d.max_context_len
+        )

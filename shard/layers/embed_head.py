@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from shard import dist
+from shard.layers import cpu_gemm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,6 +33,20 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; the full vocab is gathered on rank 0 only."""
 
+    packed_weight: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """Add a oneDNN-packed copy of the weight (see cpu_gemm); the dense one stays, since a tied
+        embedding reads it too. False if unsupported."""
+        if not cpu_gemm.available(self.weight):
+            return False
+        self.packed_weight = cpu_gemm.pack(self.weight.data)
+        return True
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # [T, hidden] -> [T, vocab]
-        logits = dist.gather_last_dim(nn.functional.linear(hidden, self.weight))
+        if self.packed_weight is not None:
+            logits = cpu_gemm.linear(hidden, self.packed_weight, None)
+        else:
+            logits = nn.functional.linear(hidden, self.weight)
+        logits = dist.gather_last_dim(logits)
         return None if logits is None else logits[:, : self.vocab_size]

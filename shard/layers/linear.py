@@ -1,13 +1,15 @@
 """Linear layers that shard their weight over tensor-parallel ranks.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies only this
-rank's slice; `loaded` is a safetensors slice, so a rank reads only the bytes it keeps.
+rank's slice; `loaded` is a safetensors slice, so a rank reads only the bytes it keeps. On CPU
+the runner then calls `pack_for_cpu()`, which replaces the weight by a oneDNN-packed copy.
 """
 
 import torch
 from torch import nn
 
 from shard import dist
+from shard.layers import cpu_gemm
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -32,11 +34,22 @@ class ReplicatedLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+        self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         param.data.copy_(loaded[:])
 
+    def pack_for_cpu(self) -> bool:
+        """Swap the loaded weight for its oneDNN-packed form (see cpu_gemm); False if unsupported."""
+        if not cpu_gemm.available(self.weight):
+            return False
+        self.packed_weight = cpu_gemm.pack(self.weight.data)
+        del self.weight  # the packed copy replaces it: no second copy of the weights in memory
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return cpu_gemm.linear(x, self.packed_weight, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -95,4 +108,4 @@ class RowParallelLinear(ReplicatedLinear):
         param.data.copy_(_narrow(loaded, 1, dist.tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dist.all_reduce(nn.functional.linear(x, self.weight, self.bias))
+        return dist.all_reduce(super().forward(x))

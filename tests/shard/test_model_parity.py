@@ -60,6 +60,39 @@ def test_chunked_prefill_with_cached_prefix_matches_full_prefill(tiny_model_dir)
     torch.testing.assert_close(ours[0], _hf_logits(hf, ids)[-1], atol=ATOL, rtol=0)
 
 
+def test_mixed_step_of_decodes_and_prompt_chunks_matches_transformers(tiny_model_dir):
+    """Decodes, a second prompt chunk and a fresh prompt in one step, sent with the single-token
+    requests first: the shard runs the chunks with the extend kernel and the tokens with the
+    decode kernel, and every request still gets transformers' next token."""
+    from shard.step import NewRequest, RunningRequest, StepInput
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = _runner(tiny_model_dir)
+    g = torch.Generator().manual_seed(7)
+    a, b, c = (torch.randint(2, 384, (n,), generator=g).tolist() for n in (30, 45, 12))
+    runner.step(
+        StepInput(
+            0,
+            new_requests=[
+                NewRequest(1, a, 0, 30, [0, 5], SamplingParams()),
+                NewRequest(2, b, 0, 20, [1, 6, 9], SamplingParams()),
+            ],
+        )
+    )
+    out = runner.step(
+        StepInput(
+            1,
+            new_requests=[NewRequest(3, c, 0, 12, [2], SamplingParams())],
+            running_requests=[RunningRequest(1, 1, []), RunningRequest(2, 25, [])],
+        )
+    )
+    greedy = {o.req_id: o.token_id for o in out.outputs}
+    first_a = int(_hf_logits(hf, a)[-1].argmax())
+    expected = {1: int(_hf_logits(hf, a + [first_a])[-1].argmax()), 2: int(_hf_logits(hf, b)[-1].argmax())}
+    expected[3] = int(_hf_logits(hf, c)[-1].argmax())
+    assert greedy == expected
+
+
 def test_prompt_logprobs_match_transformers_across_chunks(tiny_model_dir):
     from shard.step import NewRequest, RunningRequest, StepInput
 

@@ -1,0 +1,46 @@
+"""oneDNN-packed CPU linears compute what F.linear does, and the runner uses them on CPU."""
+
+import pytest
+import torch
+
+from shard.config import ShardConfig
+from shard.layers import cpu_gemm
+from shard.layers.linear import ReplicatedLinear
+from shard.runner import ModelRunner
+from shard.sampler import SamplingParams
+from shard.step import Batch, RequestState
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.zeros(1, 1)), reason="PyTorch built without oneDNN")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 33, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    layer = ReplicatedLinear(96, 80, bias=bias)
+    layer.weight.data.copy_(torch.randn(80, 96, generator=g))
+    if bias:
+        layer.bias.data.copy_(torch.randn(80, generator=g))
+    x = torch.randn(rows, 192, generator=g)[:, ::2]  # strided input, as a slice of a wider tensor
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert layer.pack_for_cpu()
+    assert not hasattr(layer, "weight")  # the dense copy is released
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_weights_stay_dense():
+    layer = ReplicatedLinear(8, 8).to(torch.float64)
+    assert not layer.pack_for_cpu() and layer.packed_weight is None and layer.weight.shape == (8, 8)
+
+
+def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
+    ids = torch.randint(2, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    logits = []
+    for gemm in ("aten", "onednn"):
+        runner = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", cpu_gemm=gemm))
+        packed = [m.packed_weight is not None for m in runner.model.modules() if hasattr(m, "pack_for_cpu")]
+        assert all(packed) if gemm == "onednn" else not any(packed)
+        runner.warmup(64, 4, max_num_blocks=8)
+        state = RequestState(0, ids, len(ids), 0, [1, 2, 3], SamplingParams())
+        logits.append(runner.forward(Batch([state], [len(ids)]), sample_rows_override=torch.arange(40)))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
