@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from shard import dist
-from shard.layers import cpu_gemm
+from shard.kernels import cpu_gemm
 
 
 class VocabParallelEmbedding(nn.Module):

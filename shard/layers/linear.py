@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shard import dist
-from shard.layers import cpu_gemm
+from shard.kernels import cpu_gemm
 
 
 def _divide(n: int, d: int, what: str) -> int:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shard.config import ShardConfig
-from shard.layers import cpu_gemm
+from shard.kernels import cpu_gemm
 from shard.layers.linear import ReplicatedLinear
 from shard.runner import ModelRunner
 from shard.sampler import SamplingParams
