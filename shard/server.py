@@ -122,10 +122,14 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             try:
                 out = await self._run(self.runner.step, step)
             except Exception as e:  # the router fails the step's requests and forgets them
-                log.exception("step %d failed", request.step_id)
+                refused = isinstance(e, ValueError)  # a malformed step, refused before it ran
+                log.error("step %d refused: %s", request.step_id, e) if refused else log.exception(
+                    "step %d failed", request.step_id
+                )
                 span.record_exception(e)
                 span.end()
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+                code = grpc.StatusCode.INVALID_ARGUMENT if refused else grpc.StatusCode.INTERNAL
+                await context.abort(code, f"{type(e).__name__}: {e}")
             span.set_attributes({"forward_ns": out.forward_ns, "sample_ns": out.sample_ns})
             span.end()
             yield step_to_pb(out)
