@@ -91,6 +91,7 @@ class Engine:
         self.max_steps_in_flight = max_steps_in_flight
         self.step_timeout_s = step_timeout_s
         self.is_healthy = True  # false after a failed step whose recovery (ClearCache) failed too
+        self._reset_pending = False  # a failed step's ClearCache has not succeeded yet
         self.metrics = metrics
         self.shards = shards
         self.tokenizer = tokenizer
@@ -190,6 +191,9 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._reset_pending and not in_flight and not await self._reset_shards():
+                self._fail_waiting("Request failed during generation: Server error: the shards could not be reset")
+                continue
             if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work:
                 plan = self.scheduler.schedule()
                 if not plan.is_empty:
@@ -198,7 +202,7 @@ class Engine:
                     try:
                         await self.shards.send(plan, step.trace_context)
                     except ShardError as e:
-                        await self._fail_steps(in_flight, e)
+                        self._fail_steps(in_flight, e)
                     continue
                 if not in_flight:
                     self._fail_unschedulable()
@@ -207,7 +211,7 @@ class Engine:
             try:
                 result = await self.shards.receive(self.step_timeout_s)
             except ShardError as e:
-                await self._fail_steps(in_flight, e)
+                self._fail_steps(in_flight, e)
                 continue
             self._finish_step(in_flight.popleft(), result)
 
@@ -240,13 +244,20 @@ class Engine:
         m.batch_decode_duration.labels(step.method).observe(time.monotonic() - received)
         m.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
 
-    async def _fail_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
+    def _fail_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
+        """A shard failed: the steps in flight and every running request fail; the loop resets
+        the shards before its next step."""
+        log.error("step failed: %s", error)
         for step in in_flight:
             step.span.record_exception(error)
             step.span.end()
             self.metrics.batch_inference_failure.labels(step.method).inc()
         in_flight.clear()
-        await self._fail_step(error)
+        for request in self.scheduler.fail_all():
+            handle = self._handles.get(request.req_id)
+            if handle is not None:
+                handle.events.put_nowait(GenerationError(f"Request failed during generation: Server error: {error}"))
+        self._reset_pending = True
 
     def _record_plan(self, plan: StepPlan) -> str:
         """Update the queue and batch gauges for `plan`; returns its method label."""
@@ -307,19 +318,24 @@ class Engine:
             TokenEvent(Token(token_id, text, produced.logprob, special), top, finish_reason, generated_text, prefill)
         )
 
-    async def _fail_step(self, error: ShardError) -> None:
-        """A shard failed: every running request fails; the shards start clean."""
-        log.error("step failed: %s", error)
-        for request in self.scheduler.fail_all():
-            handle = self._handles.get(request.req_id)
-            if handle is not None:
-                handle.events.put_nowait(GenerationError(f"Request failed during generation: Server error: {error}"))
+    async def _reset_shards(self) -> bool:
+        """ClearCache on every shard, within the step timeout. Until one succeeds the engine is
+        unhealthy and tries again before its next step, so a hung shard never blocks it for long."""
         try:
-            await self.shards.clear_cache()
-            self.is_healthy = True  # the shards answered the reset: healthy again
+            await self.shards.clear_cache(self.step_timeout_s)
         except ShardError as e:
             self.is_healthy = False
-            log.error("clearing the shards' caches failed: %s", e)
+            log.error("resetting the shards failed; trying again before the next step: %s", e)
+            return False
+        self._reset_pending = False
+        self.is_healthy = True  # the shards answered the reset: healthy again
+        return True
+
+    def _fail_waiting(self, message: str) -> None:
+        """End every queued request with `message` (the shards cannot serve them)."""
+        for request in list(self.scheduler.waiting):
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            self._handles[request.req_id].events.put_nowait(GenerationError(message))
 
     def _fail_unschedulable(self) -> None:
         """Nothing runs and the head of the queue cannot fit in the whole pool."""

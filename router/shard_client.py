@@ -174,8 +174,8 @@ class ShardedClient:
         responses = await self._all(lambda c: c.stub.Warmup(request))
         return min(r.num_blocks for r in responses)
 
-    async def clear_cache(self, timeout_s: float = 30.0) -> None:
-        """Drop every rank's request state and open fresh step streams."""
+    async def clear_cache(self, timeout_s: float | None = 30.0) -> None:
+        """Drop every rank's request state and open fresh step streams (None: no deadline)."""
         for c in self.clients:
             c.reset_stream()
         await self._all(lambda c: c.stub.ClearCache(pb.ClearCacheRequest(), timeout=timeout_s))
