@@ -53,6 +53,12 @@ _ERRORS = {
         "payload_too_large",
         "Request Entity Too Large",
     ),
+    "415": (
+        "UnsupportedMediaType",
+        "The body's `Content-Type` is not `application/json` (or a `+json` type).",
+        "unsupported_media_type",
+        "Expected request with `Content-Type: application/json`",
+    ),
     "422": (
         "Unprocessable",
         "The request is invalid (`validation`, with TGI's messages), or the chat template or tools failed "
@@ -124,9 +130,9 @@ def _post(
     can_fail: bool = True,
     description: str | None = None,
 ) -> dict:
-    """`{path: {"post": ...}}` with the errors of a JSON body (400, 413, 422), of the API key (401) and
+    """`{path: {"post": ...}}` with the errors of a JSON body (400, 413, 415, 422), of the API key (401) and
     concurrency (429) middlewares where they apply, and 424 if generation can fail before the response starts."""
-    statuses = ["400", "413", "422"]
+    statuses = ["400", "413", "415", "422"]
     if path in PROTECTED_ROUTES:
         statuses.append("401")
     if path in GENERATION_ROUTES:

@@ -71,7 +71,23 @@ def parse_json(raw: bytes) -> object:
     return body
 
 
+def is_json_content_type(content_type: str) -> bool:
+    """`application/json` or a `+json` suffix type (parameters such as charset aside), as TGI's axum accepts."""
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
 async def _json_body(request: web.Request) -> object:
+    if not is_json_content_type(request.content_type):
+        # A browser sends text/plain or form posts cross-origin without a CORS preflight: refusing
+        # every other type keeps such pages from driving the API with a visitor's credentials.
+        raise web.HTTPUnsupportedMediaType(
+            text=json.dumps(
+                error_json("Expected request with `Content-Type: application/json`", "unsupported_media_type")
+            ),
+            content_type="application/json",
+        )
     try:
         return parse_json(await request.read())
     except ValueError as e:  # UnicodeDecodeError included

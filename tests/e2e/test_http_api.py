@@ -62,10 +62,27 @@ def test_empty_inputs_and_stream_only_rules(server):
 
 
 def test_malformed_json_is_400_and_oversized_body_is_413(server):
-    r = requests.post(server.url + "/generate", data=b"{not json", timeout=10)
+    json_type = {"Content-Type": "application/json"}
+    r = requests.post(server.url + "/generate", data=b"{not json", headers=json_type, timeout=10)
     assert r.status_code == 400 and r.json()["error_type"] == "bad_request"
-    r = requests.post(server.url + "/generate", data=b"x" * 2_100_000, timeout=10)
+    r = requests.post(server.url + "/generate", data=b"x" * 2_100_000, headers=json_type, timeout=10)
     assert r.status_code == 413 and "error" in r.json()
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_declared_json_is_415(server, content_type):
+    """TGI's answer; it also keeps browsers from posting cross-origin without a CORS preflight."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = b'{"inputs": "Hi", "parameters": {"max_new_tokens": 1}}'
+    r = requests.post(server.url + "/generate", data=body, headers=headers, timeout=10)
+    assert r.status_code == 415, r.text
+    assert r.json() == {
+        "error": "Expected request with `Content-Type: application/json`",
+        "error_type": "unsupported_media_type",
+    }
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = requests.post(server.url + "/generate", data=body, headers={"Content-Type": content_type}, timeout=60)
+        assert r.status_code == 200, (content_type, r.text)
 
 
 def test_generate_details_shape_and_headers(server):

@@ -86,7 +86,8 @@ def test_request_content_never_reaches_the_logs(rel_server):
     for path, body in requests_sent:
         assert requests.post(rel_server.url + path, json=body, headers=auth, timeout=60).status_code < 500
     malformed = f'{{"inputs": "{marker}", "parameters": {{'.encode()
-    assert requests.post(rel_server.url + "/generate", data=malformed, headers=auth, timeout=10).status_code == 400
+    headers = {**auth, "Content-Type": "application/json"}
+    assert requests.post(rel_server.url + "/generate", data=malformed, headers=headers, timeout=10).status_code == 400
     time.sleep(0.5)  # let the processes flush their logs
     log = rel_server.log_path.read_text()
     assert marker not in log, [line for line in log.splitlines() if marker in line][:5]
@@ -118,7 +119,8 @@ def test_huge_inputs_are_refused_before_tokenization(rel_server, path, body):
 
 def test_payload_limit(rel_server):
     start = time.monotonic()
-    r = requests.post(rel_server.url + "/generate", data=b"x" * 2_100_000, timeout=30)
+    json_type = {"Content-Type": "application/json"}
+    r = requests.post(rel_server.url + "/generate", data=b"x" * 2_100_000, headers=json_type, timeout=30)
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
     assert time.monotonic() - start < 1.0
 

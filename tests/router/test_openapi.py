@@ -422,6 +422,7 @@ def _declared_error_type(path: str, method: str, status: int) -> str | None:
         ("post", "/generate", {"inputs": "Hello"}, False, 401),
         ("post", "/tokenize", {"inputs": "Hello"}, False, 401),
         ("post", "/v1/chat/completions", b"{not json", True, 400),
+        ("post", "/v1/completions", "text/plain", True, 415),
         ("post", "/generate", b'{"inputs": "' + b"x" * 2000 + b'"}', True, 413),
         ("post", "/generate", {"inputs": 5}, True, 422),
         ("post", "/tokenize", {"inputs": ""}, True, 422),
@@ -432,6 +433,11 @@ async def test_errors_of_the_real_app_are_declared(method, path, body, auth, sta
     """The stand-in state would fail any request that reaches the model: these stop before it."""
     app = build_app(_stand_in_state(), payload_limit=1000, api_key="secret")
     headers = {"Authorization": "Bearer secret"} if auth else {}
+    if isinstance(body, str):  # a content type: a valid JSON body under it
+        headers["Content-Type"] = body
+        body = b'{"prompt": "Hi"}'
+    elif isinstance(body, bytes):
+        headers["Content-Type"] = "application/json"
     kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
     async with TestClient(TestServer(app)) as client:
         response = await client.request(method.upper(), path, headers=headers, **kwargs)
