@@ -143,19 +143,32 @@ class Sampler:
 
     @staticmethod
     def _apply_penalties(logits, params, histories, num_prompt_tokens):
-        rows = [i for i, p in enumerate(params) if p.repetition_penalty not in (0.0, 1.0) or p.frequency_penalty]
-        if not rows:
+        """Repetition penalty over every token seen (prompt included, as transformers does) and
+        frequency penalty over the generated ones, for all rows at once: the histories go to the
+        device in one copy and index_put builds the masks, with no loop and no sync."""
+        rep = [p.repetition_penalty if p.repetition_penalty not in (0.0, 1.0) else 1.0 for p in params]
+        freq = [p.frequency_penalty for p in params]
+        if all(r == 1.0 for r in rep) and not any(freq):
             return logits
-        logits = logits.clone()
-        for i in rows:  # per-row work is on the device; the loop is over penalized requests only
-            p, history = params[i], torch.tensor(histories[i], device=logits.device)
-            row = logits[i]
-            if p.repetition_penalty not in (0.0, 1.0):
-                seen = history.unique()
-                score = row[seen]
-                row[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-            if p.frequency_penalty:
-                generated = history[num_prompt_tokens[i] :]
-                counts = torch.zeros_like(row).scatter_add_(0, generated, torch.ones_like(generated, dtype=row.dtype))
-                row -= p.frequency_penalty * counts
+        device, (n, vocab) = logits.device, logits.shape
+        rows, tokens, generated = [], [], []
+        for i, history in enumerate(histories):
+            if rep[i] != 1.0 or freq[i]:
+                rows += [i] * len(history)
+                tokens += history
+                generated += [0] * num_prompt_tokens[i] + [1] * (len(history) - num_prompt_tokens[i])
+        rows_t = torch.tensor(rows, device=device)
+        tokens_t = torch.tensor(tokens, device=device)
+        if any(r != 1.0 for r in rep):
+            seen = torch.zeros(n, vocab, dtype=torch.bool, device=device).index_put_(
+                (rows_t, tokens_t), torch.ones_like(rows_t, dtype=torch.bool)
+            )
+            penalty = torch.tensor(rep, device=device)[:, None]
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        if any(freq):
+            counts = torch.zeros(n, vocab, dtype=logits.dtype, device=device)
+            counts.index_put_(
+                (rows_t, tokens_t), torch.tensor(generated, dtype=logits.dtype, device=device), accumulate=True
+            )
+            logits = logits - torch.tensor(freq, dtype=logits.dtype, device=device)[:, None] * counts
         return logits
