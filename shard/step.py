@@ -81,8 +81,14 @@ class Batch:
 
     @classmethod
     def ordered(cls, states: list[RequestState], num_scheduled: list[int]) -> "Batch":
-        """The batch with multi-token requests moved (stably) before single-token ones."""
-        order = sorted(range(len(states)), key=lambda i: num_scheduled[i] == 1)
+        """The batch with multi-token requests first (in their order), then single-token ones
+        from the shortest sequence to the longest (the decode kernels group rows by length)."""
+
+        def key(i: int) -> tuple[bool, int]:
+            single = num_scheduled[i] == 1
+            return single, states[i].num_computed_tokens if single else 0
+
+        order = sorted(range(len(states)), key=key)
         return cls([states[i] for i in order], [num_scheduled[i] for i in order])
 
     @property

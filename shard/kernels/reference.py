@@ -48,7 +48,29 @@ def attention_decode(
     scale: float,
     max_context_len: int,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
-    """Attention of one new token per request over its whole cached sequence."""
+    """Attention of one new token per request over its whole cached sequence.
+
+    The gathered K/V are padded to the longest row, so rows sorted by length (the runner orders
+    a step's decodes so) go in a few groups, each padded to its own longest: with lengths spread
+    over 100-400 tokens that is ~30% less memory traffic at batch 32."""
+    lens = context_lens.tolist()
+    group = max(_MIN_DECODE_GROUP, -(-len(lens) // _DECODE_GROUPS))
+    if len(lens) <= group or lens != sorted(lens):
+        return _attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len)
+    out = torch.empty_like(query)
+    for s in range(0, len(lens), group):
+        e = min(s + group, len(lens))
+        rows = slice(s, e)
+        out[rows] = _attention_decode(
+            query[rows], k_cache, v_cache, context_lens[rows], block_tables[rows], scale, lens[e - 1]
+        )
+    return out
+
+
+_DECODE_GROUPS, _MIN_DECODE_GROUP = 4, 8
+
+
+def _attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len):
     k = _gather_kv(k_cache, block_tables, max_context_len).transpose(1, 2)
     v = _gather_kv(v_cache, block_tables, max_context_len).transpose(1, 2)
     pos = torch.arange(max_context_len, device=query.device)
