@@ -175,24 +175,26 @@ class ModelRunner:
         changes any state: on CUDA an out-of-range index kills the whole process's context."""
         bs, forgotten = self.config.block_size, set(step.forget_req_ids)
 
-        def check(req_id: int, start: int, n: int, num_known: int, block_ids) -> None:
+        def check(req_id: int, start: int, n: int, num_known: int, num_blocks: int, new_block_ids) -> None:
             if n < 1:
                 raise ValueError(f"request {req_id}: {n} tokens scheduled; every request computes at least one")
             if start < 0 or start + n > num_known:
                 raise ValueError(f"request {req_id}: tokens {start}..{start + n} scheduled, {num_known} known")
-            if start + n > len(block_ids) * bs:
-                raise ValueError(f"request {req_id}: {len(block_ids)} blocks cannot hold {start + n} tokens")
-            if any(not 0 <= b < self.num_blocks for b in block_ids):
+            if start + n > num_blocks * bs:
+                raise ValueError(f"request {req_id}: {num_blocks} blocks cannot hold {start + n} tokens")
+            if any(not 0 <= b < self.num_blocks for b in new_block_ids):  # earlier blocks were checked
                 raise ValueError(f"request {req_id}: a block id outside the cache's {self.num_blocks} blocks")
 
         for r in step.new_requests:
-            check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), r.block_ids)
+            num_blocks = len(r.block_ids)
+            check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
         for r in step.running_requests:
             state = None if r.req_id in forgotten else self.states.get(r.req_id)
             if state is None:
                 raise ValueError(f"request {r.req_id} is not running on this shard")
-            blocks = state.block_ids + list(r.new_block_ids)
-            check(r.req_id, state.num_computed_tokens, r.num_scheduled_tokens, len(state.token_ids), blocks)
+            num_blocks = len(state.block_ids) + len(r.new_block_ids)
+            num_known = len(state.token_ids)
+            check(r.req_id, state.num_computed_tokens, r.num_scheduled_tokens, num_known, num_blocks, r.new_block_ids)
 
     def _collect_batch(self, step: StepInput) -> Batch:
         self._check_step(step)
