@@ -114,6 +114,10 @@ async def _main(config: ShardConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await serve(runner, executor, config.address, stop)
+    try:  # after any step still running on the model thread; a rank stuck in a collective is not waited for
+        await asyncio.wait_for(loop.run_in_executor(executor, dist.shutdown), timeout=10)
+    except TimeoutError:
+        logging.getLogger(__name__).warning("left without closing the tensor-parallel group")
     if provider is not None:
         provider.shutdown()  # flush the last spans
 

@@ -27,6 +27,15 @@ def init(rank: int, world_size: int, master_addr: str, master_port: int, device:
     )
 
 
+def shutdown() -> None:
+    """Leave the group. gloo's threads must be joined before the process exits, or C++ aborts
+    it ("terminate called without an active exception", exit -6)."""
+    global _rank, _size
+    if _size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _rank, _size = 0, 1
+
+
 def tp_rank() -> int:
     return _rank
 

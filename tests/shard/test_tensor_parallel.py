@@ -45,6 +45,7 @@ def _logits(model_dir, rank: int, world_size: int, port: int, queue) -> None:
         results.append(runner.forward(Batch(states, [1, 1])))
     if rank == 0:
         queue.put([r.tolist() for r in results])
+    dist.shutdown()
 
 
 def _run(model_dir, world_size: int) -> list[torch.Tensor]:
