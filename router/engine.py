@@ -30,6 +30,11 @@ class GenerationError(RuntimeError):
     """The shards failed while computing this request (HTTP 424)."""
 
 
+def _server_error(reason: object) -> GenerationError:
+    """TGI's message for a generation the shards failed."""
+    return GenerationError(f"Request failed during generation: Server error: {reason}")
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     id: int
@@ -192,7 +197,7 @@ class Engine:
                 await self._wake.wait()
                 continue
             if self._reset_pending and not in_flight and not await self._reset_shards():
-                self._fail_waiting("Request failed during generation: Server error: the shards could not be reset")
+                self._fail_waiting("the shards could not be reset")
                 continue
             if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work:
                 plan = self.scheduler.schedule()
@@ -256,7 +261,7 @@ class Engine:
         for request in self.scheduler.fail_all():
             handle = self._handles.get(request.req_id)
             if handle is not None:
-                handle.events.put_nowait(GenerationError(f"Request failed during generation: Server error: {error}"))
+                handle.events.put_nowait(_server_error(error))
         self._reset_pending = True
 
     def _record_plan(self, plan: StepPlan) -> str:
@@ -331,11 +336,11 @@ class Engine:
         self.is_healthy = True  # the shards answered the reset: healthy again
         return True
 
-    def _fail_waiting(self, message: str) -> None:
-        """End every queued request with `message` (the shards cannot serve them)."""
+    def _fail_waiting(self, reason: str) -> None:
+        """End every queued request with a server error (the shards cannot serve them)."""
         for request in list(self.scheduler.waiting):
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-            self._handles[request.req_id].events.put_nowait(GenerationError(message))
+            self._handles[request.req_id].events.put_nowait(_server_error(reason))
 
     def _fail_unschedulable(self) -> None:
         """Nothing runs and the head of the queue cannot fit in the whole pool."""

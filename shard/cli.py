@@ -104,13 +104,12 @@ async def _main(config: ShardConfig) -> None:
         dist.init(config.rank, config.world_size, config.master_addr, config.master_port, resolve_device(config))
         return ModelRunner(config)
 
-    executor = model_thread()
-    runner = await asyncio.get_running_loop().run_in_executor(executor, load)
+    executor, loop = model_thread(), asyncio.get_running_loop()
+    runner = await loop.run_in_executor(executor, load)
     logging.getLogger(__name__).info(
         "loaded %s (%s on %s, kernels: %s)", config.model_dir, runner.dtype, runner.device, runner.kernel_backend
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await serve(runner, executor, config.address, stop)

@@ -39,6 +39,9 @@ def _attend(q, k, v, mask, scale):
     )
 
 
+_DECODE_GROUPS, _MIN_DECODE_GROUP = 4, 8  # decode rows go in up to 4 length-sorted groups of at least 8
+
+
 def attention_decode(
     query: torch.Tensor,  # [num_reqs, num_heads, head_dim], one token per request
     k_cache: torch.Tensor,
@@ -65,9 +68,6 @@ def attention_decode(
             query[rows], k_cache, v_cache, context_lens[rows], block_tables[rows], scale, lens[e - 1]
         )
     return out
-
-
-_DECODE_GROUPS, _MIN_DECODE_GROUP = 4, 8
 
 
 def _attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len):
