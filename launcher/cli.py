@@ -46,6 +46,7 @@ SHARD_FLAGS = [
     ("--block-size", int, "tokens per KV block"),
     ("--watermark-gamma", float, "watermark green-list fraction"),
     ("--watermark-delta", float, "watermark logit bias"),
+    ("--enforce-eager", bool, "run the model eagerly instead of compiling its forward (CPU)"),
 ]
 
 
@@ -95,13 +96,27 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     router.add_argument("--api-key", default=_env("--api-key"), help="require `Authorization: Bearer KEY`")
     shard = p.add_argument_group("shard runtime")
     for flag, kind, help_text in SHARD_FLAGS:
-        shard.add_argument(flag, type=kind, default=_env(flag), help=help_text)
+        if kind is bool:
+            shard.add_argument(
+                flag, action="store_true", default=_env(flag, "") not in ("", "0", "false"), help=help_text
+            )
+        else:
+            shard.add_argument(flag, type=kind, default=_env(flag), help=help_text)
+    shard.add_argument(
+        "--compile-cache-dir",
+        type=Path,
+        default=Path(_env("--compile-cache-dir") or _default_cache_dir()),
+        help="compiled kernels and graphs, kept across restarts",
+    )
     a = p.parse_args(argv)
 
     def forwarded(flags):
         out = []
         for flag, kind, _ in flags:
             value = getattr(a, flag.lstrip("-").replace("-", "_"))
+            if kind is bool:
+                out += [flag] if value else []
+                continue
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 out += [flag, str(kind(item))]
         return tuple(out)
@@ -122,8 +137,13 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         graceful_termination_timeout_s=a.graceful_termination_timeout,
         api_key=a.api_key,
         router_args=forwarded(ROUTER_FLAGS) + _otlp_args(a),
-        shard_args=forwarded(SHARD_FLAGS) + _otlp_args(a),
+        shard_args=forwarded(SHARD_FLAGS) + ("--compile-cache-dir", str(a.compile_cache_dir)) + _otlp_args(a),
     )
+
+
+def _default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/sluice, as the shard's own default."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sluice"
 
 
 def _otlp_args(a: argparse.Namespace) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from pythonjsonlogger.json import JsonFormatter
 
 from shard import dist
-from shard.config import ShardConfig
+from shard.config import ShardConfig, default_cache_dir
 
 
 def parse_args(argv: list[str] | None = None) -> ShardConfig:
@@ -33,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         default="onednn",
         choices=["onednn", "aten"],
         help="CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)",
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="run the model eagerly (no torch.compile on CPU)")
+    p.add_argument(
+        "--compile-cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="compiled CPU kernels and Inductor graphs, reused across restarts",
     )
     p.add_argument("--watermark-gamma", type=float, default=0.5)
     p.add_argument("--watermark-delta", type=float, default=2.0)
@@ -66,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         cuda_memory_fraction=a.cuda_memory_fraction,
         cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
         cpu_gemm=a.cpu_gemm,
+        enforce_eager=a.enforce_eager,
+        compile_cache_dir=a.compile_cache_dir,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,
         watermark_gamma=a.watermark_gamma,

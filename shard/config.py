@@ -1,5 +1,11 @@
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where compiled kernels and graphs live unless told otherwise: $XDG_CACHE_HOME/sluice."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sluice"
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,11 +21,14 @@ class ShardConfig:
     port: int | None = None
     host: str = "127.0.0.1"
     device: str = "auto"  # "auto": cuda:{rank} when CUDA is available, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 on CUDA (float16 if the model says so), float32 on CPU
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA (float16 if the model says so) and on CPUs with native
+    # bfloat16 (AVX512-BF16 or AMX), float32 on other CPUs
     block_size: int = 16
     cuda_memory_fraction: float = 0.9
     cpu_kv_cache_bytes: int = 4 << 30
     cpu_gemm: str = "onednn"  # CPU linear layers: "onednn" (weights packed at load) or "aten" (F.linear, MKL)
+    enforce_eager: bool = False  # run the model eagerly; otherwise its forward is compiled on CPU
+    compile_cache_dir: Path = field(default_factory=default_cache_dir)  # compiled kernels and graphs
     otlp_endpoint: str | None = None
     otlp_service_name: str = "sluice"
     watermark_gamma: float = 0.5

@@ -45,6 +45,9 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [num_tokens] int64, KV slot of each token of the step
     extend: ExtendMeta | None
     decode: DecodeMeta | None
+    # Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]; indexed by
+    # Attention.layer_index.
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 _context: ForwardContext | None = None

@@ -45,10 +45,21 @@ def tp_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over ranks, in place."""
-    if _size > 1:
-        dist.all_reduce(x)
-    return x
+    """Sum `x` over ranks (the identity with one rank)."""
+    return _all_reduce(x) if _size > 1 else x
+
+
+@torch.library.custom_op("sluice::all_reduce", mutates_args=())
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """An opaque op, so that a compiled forward calls the process group as eager code does."""
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
+@_all_reduce.register_fake
+def _(x):
+    return torch.empty_like(x)
 
 
 def gather_last_dim(x: torch.Tensor) -> torch.Tensor | None:

@@ -4,17 +4,20 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, GenerationConfig
 
 from shard import dist, kernels
+from shard.compile import compile_forward
 from shard.config import ShardConfig
 from shard.context import forward_context
+from shard.input_batch import InputBatch, ModelInputs, prepare_inputs
 from shard.layers.attention import Attention
 from shard.loader import load_weights
 from shard.models import build_model
-from shard.sampler import Sampler, SamplerConfig, SamplingParams
-from shard.step import Batch, PromptLogprobs, RequestState, StepInput, StepOutput, TokenOutput, prepare_inputs
+from shard.sampler import Sampler, SamplerConfig
+from shard.step import Batch, PromptLogprobs, StepInput, StepOutput, TokenOutput
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +28,21 @@ def resolve_device(config: ShardConfig) -> torch.device:
     return torch.device(f"cuda:{config.rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where bf16 linears run
+    about twice as fast as float32 ones; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cpu":
-        return torch.float32  # this CPU has no fast bf16 matmul
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return (
         torch.float16 if str(getattr(hf_config, "torch_dtype", "")) in ("float16", "torch.float16") else torch.bfloat16
     )
@@ -52,7 +65,7 @@ class ModelRunner:
         self.device = resolve_device(config)
         self.hf_config = AutoConfig.from_pretrained(config.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.device, self.hf_config)
-        self.kernel_backend = kernels.select_backend(self.device)
+        self.kernel_backend = kernels.select_backend(self.device, config.compile_cache_dir)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -65,9 +78,12 @@ class ModelRunner:
             packed = [m.pack_for_cpu() for m in self.model.modules() if hasattr(m, "pack_for_cpu")]
             log.info("oneDNN-packed weights: %d of %d linear layers", sum(packed), len(packed))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.compiled = self.device.type == "cpu" and not config.enforce_eager
+        self._model_forward = compile_forward(self.model, config.compile_cache_dir) if self.compiled else self.model
         self.sampler = Sampler(SamplerConfig(config.watermark_gamma, config.watermark_delta))
         self.eos_token_ids = eos_token_ids(config.model_dir, self.hf_config)
-        self.states: dict[int, RequestState] = {}
+        self.batch = InputBatch(self.max_positions + 1, config.block_size, self.device)  # + the token sampled last
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
 
     @property
@@ -91,13 +107,13 @@ class ModelRunner:
         shape = (2, len(self.attention_layers), num_blocks, self.config.block_size, a.num_kv_heads, a.head_dim)
         # Zeroed: the reference decode reads padded positions (masked, but 0 * NaN would be NaN).
         cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.attention_layers):
-            layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+        self.kv_caches = [(cache[0, i], cache[1, i]) for i in range(len(self.attention_layers))]
         self.num_blocks = num_blocks
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_num_blocks: int) -> int:
-        """Run the largest prefill once, then size and allocate the KV cache; returns its blocks."""
-        num_tokens = max(1, min(max_prefill_tokens, self.max_positions))
+        """Run the largest prefill once (compiling the forward where it is compiled), then size
+        and allocate the KV cache; returns its blocks."""
+        num_tokens = max(2, min(max_prefill_tokens, self.max_positions))
         if self.device.type != "cuda":  # nothing to profile: a small forward only proves the model runs
             num_tokens = min(num_tokens, 64)
         bs = self.config.block_size
@@ -106,8 +122,11 @@ class ModelRunner:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         rows = max(1, min(max_batch_size, num_tokens))
-        state = RequestState(-1, [0] * num_tokens, num_tokens, 0, list(range(self.num_blocks)), SamplingParams())
-        self.forward(Batch([state], [num_tokens]), sample_rows_override=torch.arange(num_tokens - rows, num_tokens))
+        start = time.perf_counter()
+        state = Batch.single(list(range(num_tokens)), list(range(self.num_blocks)))
+        self.forward(state, sample_rows_override=torch.arange(num_tokens - rows, num_tokens))
+        if self.compiled:
+            log.info("compiled the forward in %.1f s", time.perf_counter() - start)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -128,40 +147,44 @@ class ModelRunner:
         return num_blocks
 
     def clear(self) -> None:
-        self.states.clear()
+        self.batch.clear()
 
-    # -- steps --------------------------------------------------------------------------
-    def forward(self, batch: Batch, sample_rows_override=None):
-        """Run the model over `batch`; logits [S, vocab] of the rows that sample (rank 0), else None."""
-        return self._forward(batch, sample_rows_override)[0]
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, batch: Batch, sample_rows_override=None) -> torch.Tensor | None:
+        """Logits [S, vocab] of the rows of `batch` that sample (rank 0; None elsewhere), for requests
+        described in full by `batch` rather than held by the shard (tests, warmup)."""
+        inputs = prepare_inputs(*batch.arrays(), self.config.block_size, self.kv_caches, self.batch.stage)
+        return self._forward(inputs, sample_rows_override)[0]
 
-    def _forward(self, batch: Batch, sample_rows_override=None):
+    def _forward(self, inputs: ModelInputs, sample_rows_override=None):
         """(logits [S, vocab] of the sampling rows or None off rank 0, hidden states [T, hidden])."""
-        input_ids, positions, ctx, sample_rows = prepare_inputs(batch, self.config.block_size, self.device)
-        if sample_rows_override is not None:
-            sample_rows = sample_rows_override.to(self.device)
-        with torch.inference_mode(), forward_context(ctx):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
+        sample_rows = inputs.sample_rows if sample_rows_override is None else sample_rows_override.to(self.device)
+        with torch.inference_mode(), forward_context(inputs.context):
+            hidden = self._model_forward(inputs.input_ids, inputs.positions)  # [T, hidden]
             return self.model.compute_logits(hidden[sample_rows]), hidden
 
     @torch.inference_mode()
-    def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> list[PromptLogprobs]:
+    def _prompt_logprobs(self, inputs: ModelInputs, hidden: torch.Tensor) -> list[PromptLogprobs]:
         """Logprobs of the prompt tokens that follow this step's positions, for requests that
         asked; every rank takes part (the LM head gathers to rank 0), rank 0 gets the values."""
-        rows, targets, spans, offset = [], [], [], 0
-        for s, n in zip(batch.states, batch.num_scheduled):
-            start, end = s.num_computed_tokens, min(s.num_computed_tokens + n, s.num_prompt_tokens - 1)
-            if s.prompt_logprobs and end > start:  # the row of position p predicts token p + 1
-                rows += range(offset, offset + end - start)
-                targets += s.token_ids[start + 1 : end + 1]
-                spans.append((s.req_id, start + 1, end - start))
+        b, rows, targets, spans, offset = self.batch, [], [], [], 0
+        for row, n in zip(inputs.rows.tolist(), inputs.num_scheduled.tolist()):
+            start = int(b.num_computed[row])
+            end = min(start + n, int(b.num_prompt_tokens[row]) - 1)
+            if b.prompt_logprobs[row] and end > start:  # the row of position p predicts token p + 1
+                rows.append(np.arange(offset, offset + end - start))
+                targets.append(b.token_ids[row, start + 1 : end + 1])
+                spans.append((int(b.req_ids[row]), start + 1, end - start))
             offset += n
+        if not spans:
+            return []
+        rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        targets_t = torch.from_numpy(np.concatenate(targets)).to(self.device)
         values = []
-        for i in range(0, len(rows), 512):  # bounded [512, vocab] logits at a time
-            logits = self.model.compute_logits(hidden[torch.tensor(rows[i : i + 512], device=self.device)])
+        for i in range(0, len(rows_t), 512):  # bounded [512, vocab] logits at a time
+            logits = self.model.compute_logits(hidden[rows_t[i : i + 512]])
             if logits is not None:
-                target = torch.tensor(targets[i : i + 512], device=self.device)
-                values.append(logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1))
+                values.append(logits.log_softmax(-1).gather(-1, targets_t[i : i + 512, None]).squeeze(-1))
         if not values:
             return []
         flat, out, at = torch.cat(values).tolist(), [], 0
@@ -170,10 +193,11 @@ class ModelRunner:
             at += count
         return out
 
+    # -- steps ----------------------------------------------------------------------------
     def _check_step(self, step: StepInput) -> None:
         """Refuse (ValueError) a step that would read or write outside what it owns, before it
         changes any state: on CUDA an out-of-range index kills the whole process's context."""
-        bs, forgotten = self.config.block_size, set(step.forget_req_ids)
+        b, bs, forgotten = self.batch, self.config.block_size, set(step.forget_req_ids)
 
         def check(req_id: int, start: int, n: int, num_known: int, num_blocks: int, new_block_ids) -> None:
             if n < 1:
@@ -182,80 +206,67 @@ class ModelRunner:
                 raise ValueError(f"request {req_id}: tokens {start}..{start + n} scheduled, {num_known} known")
             if start + n > num_blocks * bs:
                 raise ValueError(f"request {req_id}: {num_blocks} blocks cannot hold {start + n} tokens")
-            if any(not 0 <= b < self.num_blocks for b in new_block_ids):  # earlier blocks were checked
+            if num_known > self.max_positions or num_blocks > b.max_blocks:
+                raise ValueError(f"request {req_id}: {num_known} tokens exceed the {self.max_positions} served")
+            if any(not 0 <= x < self.num_blocks for x in new_block_ids):  # earlier blocks were checked
                 raise ValueError(f"request {req_id}: a block id outside the cache's {self.num_blocks} blocks")
 
         for r in step.new_requests:
             num_blocks = len(r.block_ids)
             check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
         for r in step.running_requests:
-            state = None if r.req_id in forgotten else self.states.get(r.req_id)
-            if state is None:
+            row = None if r.req_id in forgotten else b.row_of.get(r.req_id)
+            if row is None:
                 raise ValueError(f"request {r.req_id} is not running on this shard")
-            num_blocks = len(state.block_ids) + len(r.new_block_ids)
-            num_known = len(state.token_ids)
-            check(r.req_id, state.num_computed_tokens, r.num_scheduled_tokens, num_known, num_blocks, r.new_block_ids)
+            num_blocks = int(b.num_blocks[row]) + len(r.new_block_ids)
+            start, num_known = int(b.num_computed[row]), int(b.num_tokens[row])
+            check(r.req_id, start, r.num_scheduled_tokens, num_known, num_blocks, r.new_block_ids)
 
-    def _collect_batch(self, step: StepInput) -> Batch:
+    def _apply_step(self, step: StepInput) -> tuple[np.ndarray, np.ndarray]:
+        """Forget, add and grow requests as the step says; returns (rows, tokens each computes)."""
         self._check_step(step)
+        b = self.batch
         for req_id in step.forget_req_ids:
-            self.states.pop(req_id, None)
-        states, num_scheduled = [], []
+            b.remove(req_id)
+        rows, num_scheduled = [], []
         for r in step.new_requests:
-            state = RequestState(
-                r.req_id,
-                list(r.token_ids),
-                len(r.token_ids),
-                r.num_cached_tokens,
-                list(r.block_ids),
-                r.sampling,
-                r.prompt_logprobs,
-            )
-            self.states[r.req_id] = state
-            states.append(state)
+            rows.append(b.add(r.req_id, r.token_ids, r.num_cached_tokens, r.block_ids, r.sampling, r.prompt_logprobs))
             num_scheduled.append(r.num_scheduled_tokens)
         for r in step.running_requests:
-            state = self.states[r.req_id]
-            state.block_ids += r.new_block_ids
-            states.append(state)
+            b.append_blocks(r.req_id, r.new_block_ids)
+            rows.append(b.row_of[r.req_id])
             num_scheduled.append(r.num_scheduled_tokens)
-        return Batch.ordered(states, num_scheduled)
+        return b.order(np.array(rows, dtype=np.int64), np.array(num_scheduled, dtype=np.int64))
 
     def step(self, step: StepInput) -> StepOutput:
         """Compute the scheduled tokens of every request and sample where a token is due."""
-        batch = self._collect_batch(step)
-        if not batch.states:
+        rows, num_scheduled = self._apply_step(step)
+        if not len(rows):
             return StepOutput(step.step_id, [], 0, 0)
         t0 = time.perf_counter_ns()
-        logits, hidden = self._forward(batch)
-        prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        inputs = self.batch.prepare(rows, num_scheduled, self.kv_caches)
+        logits, hidden = self._forward(inputs)
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         t1 = time.perf_counter_ns()
-        producing = [i for i in range(len(batch.states)) if batch.produces_token(i)]
-        outputs: list[TokenOutput] = []
+        producing = inputs.rows[inputs.produces]
         token_ids = torch.empty(len(producing), dtype=torch.int64, device=self.device)
-        if logits is not None and producing:  # rank 0, and someone is due a token
-            states = [batch.states[i] for i in producing]
-            out = self.sampler(
-                logits,
-                [s.sampling for s in states],
-                [s.token_ids for s in states],
-                [s.num_prompt_tokens for s in states],
-            )
+        out = None
+        if logits is not None and len(producing):  # rank 0, and someone is due a token
+            out = self.sampler(logits, self.batch.sampling_batch(producing))
             token_ids = out.token_ids
         dist.broadcast_from_rank0(token_ids)
         sampled = token_ids.tolist()
-        if logits is not None and producing:
+        outputs: list[TokenOutput] = []
+        if out is not None:
+            req_ids = self.batch.req_ids[producing].tolist()
             logprobs = out.logprobs.tolist()
             top_ids = out.top_ids.tolist() if out.top_ids is not None else None
             top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-            for j, i in enumerate(producing):
-                n = batch.states[i].sampling.top_n_tokens
-                top = list(zip(top_ids[j][:n], top_logprobs[j][:n])) if n else []
-                outputs.append(TokenOutput(batch.states[i].req_id, sampled[j], logprobs[j], top))
-        for state, n in zip(batch.states, batch.num_scheduled):
-            state.num_computed_tokens += n
-        for j, i in enumerate(producing):
-            batch.states[i].token_ids.append(sampled[j])
+            top_n = self.batch.sampling.top_n[producing].tolist()
+            for j in range(len(producing)):
+                top = list(zip(top_ids[j][: top_n[j]], top_logprobs[j][: top_n[j]])) if top_n[j] else []
+                outputs.append(TokenOutput(req_ids[j], sampled[j], logprobs[j], top))
+        self.batch.advance(inputs, sampled)
         return StepOutput(step.step_id, outputs, t1 - t0, time.perf_counter_ns() - t1, prompt_logprobs)
 
     def health(self) -> None:

@@ -32,7 +32,37 @@ class SamplerConfig:
     watermark_delta: float = 2.0
 
 
-def _signed(c: int) -> int:
+@dataclass(frozen=True, slots=True)
+class Penalties:
+    """The tokens each penalized row has seen, flattened for index_put (one entry per occurrence)."""
+
+    repetition: torch.Tensor | None  # [N] float32, 1.0 for rows without one; None if no row has one
+    frequency: torch.Tensor | None  # [N] float32, 0.0 for rows without one; None if no row has one
+    rows: torch.Tensor  # [K] int64, the batch row of each occurrence
+    tokens: torch.Tensor  # [K] int64
+    generated: torch.Tensor  # [K] float32, 1 for a generated token, 0 for a prompt token
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingBatch:
+    """One step's sampling inputs for the N rows that produce a token, as device tensors. A field
+    is None when no row of the batch uses it, so a greedy batch costs an argmax and a logsumexp."""
+
+    do_sample: torch.Tensor | None  # [N] bool
+    temperature: torch.Tensor | None  # [N] float32, 1.0 where not sampling
+    top_k: torch.Tensor | None  # [N] int64, 0 = off; None (with top_p) when no row filters so
+    top_p: torch.Tensor | None  # [N] float32, 1.0 = off
+    typical_p: torch.Tensor | None  # [N] float32, 1.0 = off; None when no row filters so
+    seeds: torch.Tensor | None  # [N] int64
+    positions: torch.Tensor | None  # [N] int64, the position of the token being sampled
+    watermark: torch.Tensor | None  # [N] bool
+    prev_tokens: torch.Tensor | None  # [N] int64, each sequence's last token (for the watermark)
+    penalties: Penalties | None
+    max_top_n: int = 0
+
+
+def signed_seed(c: int) -> int:
+    """A uint64 seed as the int64 with the same bits."""
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
@@ -44,9 +74,9 @@ def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
 def hash_uniform(a: torch.Tensor, b: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """a, b [N] int64 -> [N, vocab_size] float32 uniform in (0, 1), a pure function of its inputs."""
     v = torch.arange(vocab_size, device=a.device, dtype=torch.int64)
-    z = a[:, None] * _signed(0x9E3779B97F4A7C15) + b[:, None] * _signed(0xD1B54A32D192ED03) + v * 0x2545F491
-    z = (z ^ _lsr(z, 30)) * _signed(0xBF58476D1CE4E5B9)  # splitmix64 finalizer (int64 wraps)
-    z = (z ^ _lsr(z, 27)) * _signed(0x94D049BB133111EB)
+    z = a[:, None] * signed_seed(0x9E3779B97F4A7C15) + b[:, None] * signed_seed(0xD1B54A32D192ED03) + v * 0x2545F491
+    z = (z ^ _lsr(z, 30)) * signed_seed(0xBF58476D1CE4E5B9)  # splitmix64 finalizer (int64 wraps)
+    z = (z ^ _lsr(z, 27)) * signed_seed(0x94D049BB133111EB)
     z = z ^ _lsr(z, 31)
     return (_lsr(z, 40).float() + 0.5) / float(1 << 24)
 
@@ -83,6 +113,23 @@ def _apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Ten
     return logits.masked_fill(remove, _MASK_NEG_INF)
 
 
+def _apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Repetition penalty over every token seen (prompt included, as transformers does) and
+    frequency penalty over the generated ones, for all rows at once: index_put builds the
+    masks from the flattened histories, with no loop and no sync."""
+    n, vocab = logits.shape
+    if p.repetition is not None:
+        seen = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
+        seen.index_put_((p.rows, p.tokens), torch.ones_like(p.rows, dtype=torch.bool))
+        penalty = p.repetition[:, None]
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if p.frequency is not None:
+        counts = torch.zeros(n, vocab, dtype=logits.dtype, device=logits.device)
+        counts.index_put_((p.rows, p.tokens), p.generated.to(logits.dtype), accumulate=True)
+        logits = logits - p.frequency[:, None] * counts
+    return logits
+
+
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: torch.Tensor  # [N] int64
@@ -97,78 +144,30 @@ class Sampler:
     def __init__(self, config: SamplerConfig = SamplerConfig()):
         self.config = config
 
-    def __call__(
-        self,
-        logits: torch.Tensor,  # [N, vocab] float32
-        params: list[SamplingParams],
-        histories: list[list[int]],  # tokens of each sequence so far (prompt + generated)
-        num_prompt_tokens: list[int],
-    ) -> SamplerOutput:
-        device, vocab = logits.device, logits.shape[-1]
-        logits = self._apply_penalties(logits, params, histories, num_prompt_tokens)
-        if any(p.watermark for p in params):
-            prev = torch.tensor([h[-1] for h in histories], device=device)
-            green = watermark_greenlist(prev, vocab, self.config.watermark_gamma)
-            on = torch.tensor([p.watermark for p in params], device=device)
-            logits = logits + (green & on[:, None]) * self.config.watermark_delta
-        sampling = [p.do_sample for p in params]
-        if any(sampling):
-            temp = torch.tensor(
-                [p.temperature if p.do_sample and p.temperature > 0 else 1.0 for p in params], device=device
-            )
-            logits = logits / temp[:, None]
-            if any(p.do_sample and (p.top_k > 0 or 0 < p.top_p < 1) for p in params):
-                top_k = torch.tensor([p.top_k if p.do_sample else 0 for p in params], device=device)
-                top_p = torch.tensor(
-                    [p.top_p if p.do_sample and 0 < p.top_p < 1 else 1.0 for p in params], device=device
-                )
-                logits = _apply_top_k_top_p(logits, top_k, top_p)
-            if any(p.do_sample and 0 < p.typical_p < 1 for p in params):
-                typical = torch.tensor(
-                    [p.typical_p if p.do_sample and 0 < p.typical_p < 1 else 1.0 for p in params], device=device
-                )
-                logits = _apply_typical_p(logits, typical)
-        logprobs = logits.log_softmax(-1)
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits [N, vocab] float32 -> the N tokens, with log-probabilities under the processed
+        distribution (after penalties, watermark, temperature and the top-k/p/typical filters)."""
+        vocab = logits.shape[-1]
+        if batch.penalties is not None:
+            logits = _apply_penalties(logits, batch.penalties)
+        if batch.watermark is not None:
+            green = watermark_greenlist(batch.prev_tokens, vocab, self.config.watermark_gamma)
+            logits = logits + (green & batch.watermark[:, None]) * self.config.watermark_delta
+        if batch.do_sample is not None:
+            logits = logits / batch.temperature[:, None]
+            if batch.top_k is not None:
+                logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+            if batch.typical_p is not None:
+                logits = _apply_typical_p(logits, batch.typical_p)
+        log_total = logits.logsumexp(-1, keepdim=True)  # [N, 1]: log-probabilities are logits - log_total
         token_ids = logits.argmax(-1)
-        if any(sampling):
-            seeds = torch.tensor([_signed(p.seed % (1 << 64)) for p in params], device=device)
-            positions = torch.tensor([len(h) for h in histories], device=device)
-            noise = -hash_uniform(seeds, positions, vocab).log()  # Exp(1): argmax(p / E) ~ Categorical(p)
-            sampled = (logprobs.exp() / noise).argmax(-1)
-            token_ids = torch.where(torch.tensor(sampling, device=device), sampled, token_ids)
-        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
-        max_top_n = max(p.top_n_tokens for p in params)
-        top_logprobs, top_ids = logprobs.topk(max_top_n, dim=-1) if max_top_n else (None, None)
+        if batch.do_sample is not None:
+            noise = -hash_uniform(batch.seeds, batch.positions, vocab).log()  # Exp(1): argmax(p / E) ~ Categorical(p)
+            sampled = (logits - noise.log()).argmax(-1)
+            token_ids = torch.where(batch.do_sample, sampled, token_ids)
+        chosen = (logits.gather(-1, token_ids[:, None]) - log_total).squeeze(-1)
+        top_logprobs = top_ids = None
+        if batch.max_top_n:
+            top_logits, top_ids = logits.topk(batch.max_top_n, dim=-1)
+            top_logprobs = top_logits - log_total
         return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
-
-    @staticmethod
-    def _apply_penalties(logits, params, histories, num_prompt_tokens):
-        """Repetition penalty over every token seen (prompt included, as transformers does) and
-        frequency penalty over the generated ones, for all rows at once: the histories go to the
-        device in one copy and index_put builds the masks, with no loop and no sync."""
-        rep = [p.repetition_penalty if p.repetition_penalty not in (0.0, 1.0) else 1.0 for p in params]
-        freq = [p.frequency_penalty for p in params]
-        if all(r == 1.0 for r in rep) and not any(freq):
-            return logits
-        device, (n, vocab) = logits.device, logits.shape
-        rows, tokens, generated = [], [], []
-        for i, history in enumerate(histories):
-            if rep[i] != 1.0 or freq[i]:
-                rows += [i] * len(history)
-                tokens += history
-                generated += [0] * num_prompt_tokens[i] + [1] * (len(history) - num_prompt_tokens[i])
-        rows_t = torch.tensor(rows, device=device)
-        tokens_t = torch.tensor(tokens, device=device)
-        if any(r != 1.0 for r in rep):
-            seen = torch.zeros(n, vocab, dtype=torch.bool, device=device).index_put_(
-                (rows_t, tokens_t), torch.ones_like(rows_t, dtype=torch.bool)
-            )
-            penalty = torch.tensor(rep, device=device)[:, None]
-            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-        if any(freq):
-            counts = torch.zeros(n, vocab, dtype=logits.dtype, device=device)
-            counts.index_put_(
-                (rows_t, tokens_t), torch.tensor(generated, dtype=logits.dtype, device=device), accumulate=True
-            )
-            logits = logits - torch.tensor(freq, dtype=logits.dtype, device=device)[:, None] * counts
-        return logits

@@ -9,6 +9,10 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without CUDA the Triton kernels run under the interpreter, which must be chosen before anything
+# imports triton (torch.compile does, in the tests of the compiled CPU forward).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _has_cuda() -> bool:

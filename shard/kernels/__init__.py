@@ -1,38 +1,59 @@
 """The one import point for attention kernels.
 
 `select_backend(device)` is called once by the runner; afterwards `store_kv`,
-`attention_extend` and `attention_decode` dispatch to the Triton kernels on CUDA and to the
-torch reference elsewhere, with identical signatures, so callers never branch.
+`attention_extend` and `attention_decode` dispatch, with identical signatures, to:
+- "triton" on CUDA: the Triton kernels;
+- "cpu" on a CPU: the C++ decode kernel (cpu_native, reads the paged cache in place) and the
+  torch reference for the KV store and prompt chunks;
+- "reference" elsewhere, or on a CPU where the C++ kernels cannot be built (no compiler).
 """
+
+import logging
+from pathlib import Path
 
 import torch
 
 from shard.kernels import reference
 
-_backend = reference
+log = logging.getLogger(__name__)
+
+_store_kv = reference.store_kv
+_extend = reference.attention_extend
+_decode = reference.attention_decode
 
 
-def select_backend(device: torch.device) -> str:
-    """Choose the kernels for `device` ("triton" on CUDA when available, else "reference")."""
-    global _backend
-    _backend = reference
+def select_backend(device: torch.device, cache_dir: Path) -> str:
+    """Choose the kernels for `device`; `cache_dir` holds built C++ kernels. Returns the name."""
+    global _store_kv, _extend, _decode
+    _store_kv, _extend, _decode = reference.store_kv, reference.attention_extend, reference.attention_decode
     if device.type == "cuda":
         try:
-            from shard.kernels import triton_attention
-
-            _backend = triton_attention
+            from shard.kernels import triton_attention as t
         except ImportError:
-            pass
-    return _backend.__name__.rsplit(".", 1)[-1]
+            log.warning("triton is not importable: using the torch reference kernels on CUDA")
+            return "reference"
+        _store_kv, _extend, _decode = t.store_kv, t.attention_extend, t.attention_decode
+        return "triton"
+    if device.type == "cpu":
+        from shard.kernels import cpu_native
+
+        try:
+            cpu_native.load(cache_dir)
+        except RuntimeError as e:
+            log.warning("%s; decoding with the slower torch reference attention", e)
+            return "reference"
+        _decode = cpu_native.attention_decode
+        return "cpu"
+    return "reference"
 
 
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    _backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    _store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 def attention_extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
-    return _backend.attention_extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return _extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
 def attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len):
-    return _backend.attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len)
+    return _decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len)

@@ -5,11 +5,20 @@ project's EPYC (AVX-512) oneDNN with a prepacked weight runs the model's matmuls
 faster (batch 1 to 1024, float32, same results within float32 rounding). The ops are
 PyTorch's own (`torch.ops.mkldnn`, the ones Inductor emits for frozen CPU linears); where
 they are missing the layers keep `F.linear`.
+
+A packed weight is an opaque oneDNN tensor, which a compiled graph cannot take as an input, so
+the matmul is the custom op `sluice::packed_linear` and names its weight by a handle: the
+compiled forward calls it like any op, and eager code calls the same thing.
 """
+
+import itertools
+import weakref
 
 import torch
 
 _DTYPES = (torch.float32, torch.bfloat16)
+_packed: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+_handles = itertools.count()
 
 
 def available(weight: torch.Tensor) -> bool:
@@ -23,11 +32,26 @@ def available(weight: torch.Tensor) -> bool:
     )
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] dense -> an opaque oneDNN tensor, laid out for `linear` at any batch size."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+class PackedWeight:
+    """A weight [out, in] in oneDNN's blocked layout (for any batch size), and its handle."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.out_features = weight.shape[0]
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        self.handle = next(_handles)
+        _packed[self.handle] = self.tensor  # lives as long as this object holds it
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] -> [..., out], as `F.linear(x, weight, bias)` with the weight `pack` returned."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out], as `F.linear(x, dense_weight, bias)`."""
+    return packed_linear(x, weight.handle, weight.out_features, bias)
+
+
+@torch.library.custom_op("sluice::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, _packed[handle], bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, handle, out_features, bias):
+    return x.new_empty(*x.shape[:-1], out_features)

@@ -33,14 +33,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; the full vocab is gathered on rank 0 only."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: cpu_gemm.PackedWeight | None = None
 
     def pack_for_cpu(self) -> bool:
         """Add a oneDNN-packed copy of the weight (see cpu_gemm); the dense one stays, since a tied
         embedding reads it too. False if unsupported."""
         if not cpu_gemm.available(self.weight):
             return False
-        self.packed_weight = cpu_gemm.pack(self.weight.data)
+        self.packed_weight = cpu_gemm.PackedWeight(self.weight.data)
         return True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # [T, hidden] -> [T, vocab]

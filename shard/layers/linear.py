@@ -34,7 +34,7 @@ class ReplicatedLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
-        self.packed_weight: torch.Tensor | None = None
+        self.packed_weight: cpu_gemm.PackedWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         param.data.copy_(loaded[:])
@@ -43,7 +43,7 @@ class ReplicatedLinear(nn.Module):
         """Swap the loaded weight for its oneDNN-packed form (see cpu_gemm); False if unsupported."""
         if not cpu_gemm.available(self.weight):
             return False
-        self.packed_weight = cpu_gemm.pack(self.weight.data)
+        self.packed_weight = cpu_gemm.PackedWeight(self.weight.data)
         del self.weight  # the packed copy replaces it: no second copy of the weights in memory
         return True
 

@@ -5,6 +5,7 @@ from tests.e2e.server import LauncherProcess
 
 @pytest.fixture(scope="session")
 def server(bundled_model_dir):
-    """One launcher serving the bundled model on CPU for the whole session."""
-    with LauncherProcess(bundled_model_dir) as launcher:
+    """One launcher serving the bundled model on CPU for the whole session, in float32 (the
+    parity tests compare it with transformers in float32)."""
+    with LauncherProcess(bundled_model_dir, "--dtype", "float32") as launcher:
         yield launcher

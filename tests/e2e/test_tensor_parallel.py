@@ -31,7 +31,7 @@ def _processes_with(fragment: str) -> dict[int, str]:
 
 
 def test_tp3_matches_tp1_and_a_killed_shard_stops_everything(server, bundled_model_dir):
-    launcher = LauncherProcess(bundled_model_dir, num_shard=3).start()
+    launcher = LauncherProcess(bundled_model_dir, "--dtype", "float32", num_shard=3).start()
     try:
         assert [_greedy(launcher.url, p) for p in PROMPTS] == [_greedy(server.url, p) for p in PROMPTS]
 

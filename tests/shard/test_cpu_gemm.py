@@ -37,7 +37,7 @@ def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
     ids = torch.randint(2, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     logits = []
     for gemm in ("aten", "onednn"):
-        runner = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", cpu_gemm=gemm))
+        runner = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", dtype="float32", cpu_gemm=gemm))
         packed = [m.packed_weight is not None for m in runner.model.modules() if hasattr(m, "pack_for_cpu")]
         assert all(packed) if gemm == "onednn" else not any(packed)
         runner.warmup(64, 4, max_num_blocks=8)

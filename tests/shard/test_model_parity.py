@@ -12,7 +12,7 @@ ATOL = 1e-4
 
 
 def _runner(model_dir, block_size=16) -> ModelRunner:
-    runner = ModelRunner(ShardConfig(model_dir=model_dir, block_size=block_size, device="cpu"))
+    runner = ModelRunner(ShardConfig(model_dir=model_dir, block_size=block_size, device="cpu", dtype="float32"))
     runner.warmup(64, 4, max_num_blocks=64)
     return runner
 

@@ -6,6 +6,7 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from shard.sampler import Sampler, SamplerConfig, SamplingParams, watermark_greenlist
+from shard.sampling_table import sampling_batch
 
 VOCAB = 16
 # Probabilities 0.4, 0.3, 0.15, 0.1, then 0.05 spread over the other 12 tokens.
@@ -13,10 +14,14 @@ PROBS = torch.tensor([0.4, 0.3, 0.15, 0.1] + [0.05 / 12] * 12)
 LOGITS = PROBS.log()
 
 
+def _sample(sampler: Sampler, logits, params, histories, num_prompt_tokens):
+    return sampler(logits, sampling_batch(params, histories, num_prompt_tokens))
+
+
 def sample_many(params: SamplingParams, n: int = 400, logits=LOGITS) -> set[int]:
     """Sampled tokens of n rows differing only in seed."""
     rows = [SamplingParams(**{**_fields(params), "seed": s}) for s in range(n)]
-    out = Sampler()(logits.expand(n, -1).clone(), rows, [[0]] * n, [1] * n)
+    out = _sample(Sampler(), logits.expand(n, -1).clone(), rows, [[0]] * n, [1] * n)
     return set(out.token_ids.tolist())
 
 
@@ -25,7 +30,7 @@ def _fields(p: SamplingParams) -> dict:
 
 
 def test_greedy_is_argmax():
-    out = Sampler()(LOGITS[None].clone(), [SamplingParams()], [[0]], [1])
+    out = _sample(Sampler(), LOGITS[None].clone(), [SamplingParams()], [[0]], [1])
     assert out.token_ids.tolist() == [0] and math.isclose(out.logprobs.item(), math.log(0.4), rel_tol=1e-5)
 
 
@@ -49,17 +54,17 @@ def test_typical_p_keeps_tokens_closest_to_the_entropy():
 def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     params = SamplingParams(do_sample=True, temperature=1.5, seed=42)
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
-    alone = Sampler()(logits.clone(), [params], [[1, 2, 3]], [3]).token_ids.item()
+    alone = _sample(Sampler(), logits.clone(), [params], [[1, 2, 3]], [3]).token_ids.item()
     others = [SamplingParams(do_sample=True, seed=s) for s in range(5)]
     batch = torch.cat([torch.randn(5, 1000), logits])
-    together = Sampler()(batch, others + [params], [[1]] * 5 + [[1, 2, 3]], [1] * 6).token_ids[-1].item()
+    together = _sample(Sampler(), batch, others + [params], [[1]] * 5 + [[1, 2, 3]], [1] * 6).token_ids[-1].item()
     assert alone == together
 
 
 def test_sampling_follows_the_distribution():
     n = 4000
     rows = [SamplingParams(do_sample=True, seed=s) for s in range(n)]
-    tokens = Sampler()(LOGITS.expand(n, -1).clone(), rows, [[0]] * n, [1] * n).token_ids
+    tokens = _sample(Sampler(), LOGITS.expand(n, -1).clone(), rows, [[0]] * n, [1] * n).token_ids
     freq = torch.bincount(tokens, minlength=VOCAB).float() / n
     assert torch.allclose(freq[:4], PROBS[:4], atol=0.03)
 
@@ -74,7 +79,7 @@ def test_repetition_penalty_matches_transformers():
         ]
     )
     params = [SamplingParams(repetition_penalty=1.3, top_n_tokens=50)] * 2
-    out = Sampler()(logits.clone(), params, history, [2, 2])
+    out = _sample(Sampler(), logits.clone(), params, history, [2, 2])
     torch.testing.assert_close(out.top_logprobs.exp().sum(-1), torch.ones(2))
     ours = torch.full_like(logits, float("nan")).scatter(-1, out.top_ids, out.top_logprobs)
     torch.testing.assert_close(ours, expected.log_softmax(-1), atol=1e-5, rtol=0)
@@ -83,7 +88,9 @@ def test_repetition_penalty_matches_transformers():
 def test_frequency_penalty_counts_generated_tokens_only():
     logits = torch.zeros(1, 10)
     # prompt [4, 4], generated [7, 7, 7]: only token 7 is penalized, three times.
-    out = Sampler()(logits.clone(), [SamplingParams(frequency_penalty=0.5, top_n_tokens=10)], [[4, 4, 7, 7, 7]], [2])
+    out = _sample(
+        Sampler(), logits.clone(), [SamplingParams(frequency_penalty=0.5, top_n_tokens=10)], [[4, 4, 7, 7, 7]], [2]
+    )
     ours = torch.zeros(10).scatter(0, out.top_ids[0], out.top_logprobs[0])
     expected = torch.zeros(10)
     expected[7] = -1.5
@@ -91,7 +98,7 @@ def test_frequency_penalty_counts_generated_tokens_only():
 
 
 def test_top_n_tokens_are_the_most_likely_in_order():
-    out = Sampler()(LOGITS[None].clone(), [SamplingParams(top_n_tokens=3)], [[0]], [1])
+    out = _sample(Sampler(), LOGITS[None].clone(), [SamplingParams(top_n_tokens=3)], [[0]], [1])
     assert out.top_ids[0].tolist() == [0, 1, 2]
 
 
@@ -112,6 +119,6 @@ def test_watermarked_text_is_detected_and_plain_text_is_not():
         for _ in range(steps):
             logits = torch.randn(1, 1000, generator=g)
             p = SamplingParams(do_sample=True, seed=11, watermark=watermark)
-            tokens.append(sampler(logits, [p], [tokens], [1]).token_ids.item())
+            tokens.append(_sample(sampler, logits, [p], [tokens], [1]).token_ids.item())
         z = _z_score(tokens, gamma)
         assert (z > 4) if watermark else (abs(z) < 3), (watermark, z)

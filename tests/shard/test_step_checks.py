@@ -12,8 +12,21 @@ from shard.step import NewRequest, RunningRequest, StepInput
 def runner(tiny_model_dir):
     r = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu"))
     r.warmup(64, 4, max_num_blocks=16)
-    r.step(StepInput(0, new_requests=[NewRequest(1, [5, 6, 7], 0, 3, [0], SamplingParams())]))
     return r
+
+
+def _start_request_1(runner) -> None:
+    """Request 1 computed its 3 prompt tokens and sampled a 4th; nothing else runs."""
+    runner.clear()
+    runner.step(StepInput(0, new_requests=[NewRequest(1, [5, 6, 7], 0, 3, [0], SamplingParams())]))
+
+
+def _state(runner) -> dict[int, tuple]:
+    b = runner.batch
+    return {
+        req_id: (int(b.num_tokens[row]), int(b.num_computed[row]), b.block_table[row, : b.num_blocks[row]].tolist())
+        for req_id, row in b.row_of.items()
+    }
 
 
 def _new(req_id=2, token_ids=(5, 6, 7), cached=0, scheduled=3, blocks=(1,)):
@@ -39,12 +52,10 @@ def _new(req_id=2, token_ids=(5, 6, 7), cached=0, scheduled=3, blocks=(1,)):
     ],
 )
 def test_malformed_steps_are_refused_without_side_effects(runner, step, message):
-    before = {k: (len(s.token_ids), s.num_computed_tokens, list(s.block_ids)) for k, s in runner.states.items()}
+    _start_request_1(runner)
+    before = _state(runner)
     with pytest.raises(ValueError, match=message):
         runner.step(step)
-    after = {k: (len(s.token_ids), s.num_computed_tokens, list(s.block_ids)) for k, s in runner.states.items()}
-    assert after == before
+    assert _state(runner) == before
     out = runner.step(StepInput(2, running_requests=[RunningRequest(1, 1, [])]))
     assert [o.req_id for o in out.outputs] == [1]
-    runner.states[1].token_ids.pop()  # undo, so that every case starts from the same state
-    runner.states[1].num_computed_tokens -= 1

@@ -30,7 +30,9 @@ def _logits(model_dir, rank: int, world_size: int, port: int, queue) -> None:
 
     torch.set_num_threads(1)
     dist.init(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
-    runner = ModelRunner(ShardConfig(model_dir=model_dir, rank=rank, world_size=world_size, device="cpu"))
+    runner = ModelRunner(
+        ShardConfig(model_dir=model_dir, rank=rank, world_size=world_size, device="cpu", dtype="float32")
+    )
     runner.warmup(64, 4, max_num_blocks=16)
     g = torch.Generator().manual_seed(0)
     states = [

@@ -1,0 +1,64 @@
+"""C++ CPU kernels (csrc/), compiled once per machine for its vector ISA and cached on disk.
+
+`load(cache_dir)` builds them with torch's extension builder into `cache_dir/extensions` (the
+first time on a machine: ~10-20 s; later starts only load the library) and registers the ops
+under `torch.ops.sluice_cpu`. The ISA comes from `torch.backends.cpu.get_cpu_capability()`, so
+a cache shared by different machines keeps one build per ISA.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "csrc" / "cpu_attention.cpp"]
+_ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+_loaded: str | None = None  # the ISA built, once loaded
+
+
+def load(cache_dir: Path) -> str:
+    """Build (if needed) and load the kernels; returns the ISA they were built for. Raises
+    RuntimeError, with the compiler's reason, where they cannot be built (no C++ compiler)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    from torch.utils import cpp_extension
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    isa = isa if isa in _ISA_FLAGS else "DEFAULT"
+    name = f"sluice_cpu_{isa.lower()}"
+    build_dir = cache_dir / "extensions" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *_ISA_FLAGS.get(isa, [])]
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+        )
+    except (RuntimeError, OSError) as e:  # no compiler, or it failed: the caller decides what to fall back to
+        raise RuntimeError(f"could not build the C++ CPU kernels in {build_dir}: {e}") from e
+    _loaded = isa
+    log.info("C++ CPU kernels loaded (%s, %s)", isa, build_dir)
+    return isa
+
+
+def attention_decode(
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,  # [num_reqs] int32, including the query token
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+    max_context_len: int,
+) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
+    """reference.attention_decode, reading each row's K/V in place through its block table."""
+    return torch.ops.sluice_cpu.paged_attention_decode(query, k_cache, v_cache, block_tables, context_lens, scale)

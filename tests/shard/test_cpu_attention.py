@@ -1,0 +1,70 @@
+"""The C++ CPU decode attention reads the paged cache in place and gives the torch reference's rows."""
+
+import pytest
+import torch
+
+from shard.config import default_cache_dir
+from shard.kernels import cpu_native, reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    cpu_native.load(default_cache_dir())
+
+
+def _case(num_reqs, heads, kv_heads, head_dim, block, dtype, max_len=70, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len, (num_reqs,), generator=g)
+    lens[0] = 1  # a request whose only token is the query's own
+    max_blocks = -(-max_len // block)
+    num_blocks = num_reqs * max_blocks + 3
+    k_cache, v_cache = (torch.randn(num_blocks, block, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks, generator=g)[: num_reqs * max_blocks].view(num_reqs, max_blocks).int()
+    query = torch.randn(num_reqs, heads, head_dim, generator=g).to(dtype)
+    return query, k_cache, v_cache, lens.int(), tables
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 2, 16), (6, 2, 10), (16, 1, 64), (32, 2, 64)],
+)
+@pytest.mark.parametrize("block", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_matches_the_reference(heads, kv_heads, head_dim, block, dtype):
+    query, k_cache, v_cache, lens, tables = _case(11, heads, kv_heads, head_dim, block, dtype)
+    scale = head_dim**-0.5
+    ours = cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, scale, int(lens.max()))
+    expected = reference.attention_decode(
+        query.float(), k_cache.float(), v_cache.float(), lens, tables, scale, int(lens.max())
+    )
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ours.dtype == dtype and ours.shape == query.shape
+    torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
+
+
+def test_decode_reads_only_each_rows_own_positions():
+    """Positions past a row's length and blocks outside its table may hold anything, NaN included."""
+    query, k_cache, v_cache, lens, tables = _case(5, 6, 2, 64, 16, torch.float32)
+    expected = cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, 0.125, int(lens.max()))
+    poisoned_k, poisoned_v = k_cache.clone(), v_cache.clone()
+    used = torch.zeros(k_cache.shape[0] * 16, dtype=torch.bool)
+    for row, n in enumerate(lens.tolist()):
+        pos = torch.arange(n)
+        used[tables[row, pos // 16].long() * 16 + pos % 16] = True
+    poisoned_k.view(-1, 2, 64)[~used] = float("nan")
+    poisoned_v.view(-1, 2, 64)[~used] = float("nan")
+    ours = cpu_native.attention_decode(query, poisoned_k, poisoned_v, lens, tables, 0.125, int(lens.max()))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_decode_takes_a_strided_query():
+    """The runner passes the decode rows of a step's query, a slice of a [T, Hq, D] tensor."""
+    query, k_cache, v_cache, lens, tables = _case(6, 9, 3, 64, 16, torch.bfloat16)
+    wide = torch.cat([query, query], dim=-1)[..., :64]  # the same values, strided rows
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(
+        cpu_native.attention_decode(wide, k_cache, v_cache, lens, tables, 0.125, 0),
+        cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, 0.125, 0),
+        rtol=0,
+        atol=0,
+    )
