@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shard import kernels
+
 _MASK_NEG_INF = float("-inf")
 
 
@@ -159,8 +161,8 @@ class Sampler:
                 logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
             if batch.typical_p is not None:
                 logits = _apply_typical_p(logits, batch.typical_p)
-        log_total = logits.logsumexp(-1, keepdim=True)  # [N, 1]: log-probabilities are logits - log_total
-        token_ids = logits.argmax(-1)
+        token_ids, log_total = kernels.argmax_logsumexp(logits)
+        log_total = log_total[:, None]  # [N, 1]: log-probabilities are logits - log_total
         if batch.do_sample is not None:
             noise = -hash_uniform(batch.seeds, batch.positions, vocab).log()  # Exp(1): argmax(p / E) ~ Categorical(p)
             sampled = (logits - noise.log()).argmax(-1)

@@ -3,8 +3,8 @@
 `select_backend(device)` is called once by the runner; afterwards `store_kv`,
 `attention_extend` and `attention_decode` dispatch, with identical signatures, to:
 - "triton" on CUDA: the Triton kernels;
-- "cpu" on a CPU: the C++ decode kernel (cpu_native, reads the paged cache in place) and the
-  torch reference for the KV store and prompt chunks;
+- "cpu" on a CPU: the C++ decode attention (cpu_native, reads the paged cache in place) and
+  greedy reductions, and the torch reference for the KV store and prompt chunks;
 - "reference" elsewhere, or on a CPU where the C++ kernels cannot be built (no compiler).
 """
 
@@ -20,12 +20,14 @@ log = logging.getLogger(__name__)
 _store_kv = reference.store_kv
 _extend = reference.attention_extend
 _decode = reference.attention_decode
+_argmax_logsumexp = reference.argmax_logsumexp
 
 
 def select_backend(device: torch.device, cache_dir: Path) -> str:
     """Choose the kernels for `device`; `cache_dir` holds built C++ kernels. Returns the name."""
-    global _store_kv, _extend, _decode
+    global _store_kv, _extend, _decode, _argmax_logsumexp
     _store_kv, _extend, _decode = reference.store_kv, reference.attention_extend, reference.attention_decode
+    _argmax_logsumexp = reference.argmax_logsumexp
     if device.type == "cuda":
         try:
             from shard.kernels import triton_attention as t
@@ -42,7 +44,7 @@ def select_backend(device: torch.device, cache_dir: Path) -> str:
         except RuntimeError as e:
             log.warning("%s; decoding with the slower torch reference attention", e)
             return "reference"
-        _decode = cpu_native.attention_decode
+        _decode, _argmax_logsumexp = cpu_native.attention_decode, cpu_native.argmax_logsumexp
         return "cpu"
     return "reference"
 
@@ -57,3 +59,7 @@ def attention_extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_
 
 def attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len):
     return _decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len)
+
+
+def argmax_logsumexp(logits):
+    return _argmax_logsumexp(logits)

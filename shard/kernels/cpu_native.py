@@ -13,7 +13,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / "cpu_attention.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / f"cpu_{name}.cpp" for name in ("attention", "sampling", "linear")]
 _ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -46,9 +46,22 @@ def load(cache_dir: Path) -> str:
         )
     except (RuntimeError, OSError) as e:  # no compiler, or it failed: the caller decides what to fall back to
         raise RuntimeError(f"could not build the C++ CPU kernels in {build_dir}: {e}") from e
+    _register_fakes()
     _loaded = isa
     log.info("C++ CPU kernels loaded (%s, %s)", isa, build_dir)
     return isa
+
+
+def is_loaded() -> bool:
+    return _loaded is not None
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops a compiled forward calls, for tracing."""
+
+    @torch.library.register_fake("sluice_cpu::packed_linear")
+    def _(x, handle, out_features, bias):
+        return x.new_empty(*x.shape[:-1], out_features)
 
 
 def attention_decode(
@@ -62,3 +75,8 @@ def attention_decode(
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """reference.attention_decode, reading each row's K/V in place through its block table."""
     return torch.ops.sluice_cpu.paged_attention_decode(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, vocab] float32 -> (argmax [N] int64, logsumexp [N] float32), one pass per row."""
+    return torch.ops.sluice_cpu.argmax_logsumexp(logits)

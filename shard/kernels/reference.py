@@ -107,3 +107,8 @@ def attention_extend(
             mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         out[starts[i] : starts[i + 1]] = _attend(q.transpose(0, 1)[None], k, v, mask, scale)[0].transpose(0, 1)
     return out
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, vocab] float32 -> (argmax [N] int64, logsumexp [N] float32)."""
+    return logits.argmax(-1), logits.logsumexp(-1)

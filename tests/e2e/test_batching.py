@@ -57,8 +57,8 @@ def test_a_shared_system_prompt_is_computed_once(server, bundled_model_dir):
 def tight_server(bundled_model_dir):
     """A small prefill budget and a KV pool of 40 blocks (640 tokens); float32, as `server`, whose
     outputs the preempted ones are compared with."""
-    args = ["--dtype", "float32", "--max-batch-prefill-tokens", "64", "--max-batch-total-tokens", "640", "--max-total-tokens", "512",
-            "--max-input-tokens", "400", "--prefix-caching", "false"]  # fmt: skip
+    args = ["--dtype", "float32", "--max-batch-prefill-tokens", "64", "--max-batch-total-tokens", "640",
+            "--max-total-tokens", "512", "--max-input-tokens", "400", "--prefix-caching", "false"]  # fmt: skip
     with LauncherProcess(bundled_model_dir, *args) as launcher:
         yield launcher
 

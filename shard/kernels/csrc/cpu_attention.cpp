@@ -6,16 +6,25 @@
 //   query        [num_reqs, num_heads, head_dim], last dim contiguous
 //   k/v cache    [num_blocks, block_size, num_kv_heads, head_dim], contiguous
 //   block_tables [num_reqs, max_blocks] int32; context_lens [num_reqs] int32 (>= 1)
-// One work item is a (request, kv head) pair: it loads the group of query heads sharing that
-// kv head once, streams the request's K rows through the block table to get every score,
-// takes the softmax in fp32, then streams the V rows into fp32 accumulators.
+//
+// A work item is one request, or one span of its positions when there are fewer requests than
+// threads can share (split-KV, merged afterwards by log-sum-exp). An item walks its positions
+// through the block table once for K and once for V, each time reading whole cache rows (every
+// kv head of a position is contiguous), so the memory access is sequential within a block:
+//   1. scores[h][t] = q_h . k_t for every query head h (fp32), the query kept in registers/L1;
+//   2. per head, the softmax's max and sum over the item's positions;
+//   3. acc[h] = sum_t p[h][t] * v_t, in fp32.
+// Items are handed out dynamically: rows come sorted by length, so static chunks would give one
+// thread all the long ones.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <omp.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -23,7 +32,8 @@ namespace {
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int kLanes = fVec::size();
-constexpr int kMaxGroup = 16;  // query heads per kv head handled by the vector path
+constexpr int64_t kMinSplit = 256;  // positions per split-KV span, at least
+constexpr int kPrefetchRows = 16;    // how far ahead the K/V rows are prefetched
 
 template <typename T>
 inline fVec load_as_float(const T* p) {
@@ -40,10 +50,59 @@ inline float hsum(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
 }
 
-// Softmax of each of the `group` rows of `scores` ([group, len], in place); returns 1 / sum per row.
-inline void softmax_rows(float* scores, int64_t group, int64_t len, float* inv_sum) {
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * len;
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+struct Problem {
+  int64_t num_reqs, num_heads, num_kv_heads, group, head_dim, block_size, max_blocks;
+  int64_t q_stride_req, q_stride_head;
+  const int32_t* tables;
+  const int32_t* lens;
+  float scale;
+};
+
+// What one item leaves for the merge: per query head, the max score, the sum of exp(score -
+// max) and the unnormalized output.
+struct Partial {
+  float* acc;  // [num_heads, head_dim]
+  float* max;  // [num_heads]
+  float* sum;  // [num_heads]
+};
+
+// head_dim == ND * kLanes: a K/V row of one head is ND vectors.
+template <typename T, int ND>
+void attend_span(const Problem& P, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t req, int64_t begin,
+                 int64_t end, std::vector<float>& scores, std::vector<fVec>& q, std::vector<fVec>& acc,
+                 Partial out) {
+  constexpr int64_t D = ND * kLanes;
+  const int64_t H = P.num_heads, G = P.group, len = end - begin, row = P.num_kv_heads * D;
+  const int32_t* table = P.tables + req * P.max_blocks;
+  auto row_of = [&](int64_t t) { return (int64_t(table[t / P.block_size]) * P.block_size + t % P.block_size) * row; };
+  scores.resize(H * len);
+  q.resize(H * ND);
+  acc.resize(H * ND);
+  for (int64_t h = 0; h < H; ++h) {
+    const T* src = q_ptr + req * P.q_stride_req + h * P.q_stride_head;
+    for (int i = 0; i < ND; ++i) q[h * ND + i] = load_as_float<T>(src + i * kLanes) * fVec(P.scale);
+  }
+  for (int64_t t = begin; t < end; ++t) {
+    if (t + kPrefetchRows < end) prefetch_row(k_ptr + row_of(t + kPrefetchRows), row * sizeof(T));
+    const T* k_row = k_ptr + row_of(t);
+    for (int64_t kv = 0; kv < P.num_kv_heads; ++kv) {
+      fVec k[ND];
+      for (int i = 0; i < ND; ++i) k[i] = load_as_float<T>(k_row + kv * D + i * kLanes);
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        const fVec* qh = q.data() + h * ND;
+        fVec s = qh[0] * k[0];
+        for (int i = 1; i < ND; ++i) s = at::vec::fmadd(qh[i], k[i], s);
+        scores[h * len + (t - begin)] = hsum(s);
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = scores.data() + h * len;
     float max = -INFINITY;
     for (int64_t t = 0; t < len; ++t) max = std::max(max, s[t]);
     const fVec vmax(max);
@@ -59,125 +118,132 @@ inline void softmax_rows(float* scores, int64_t group, int64_t len, float* inv_s
       s[t] = std::exp(s[t] - max);
       sum += s[t];
     }
-    inv_sum[g] = 1.f / sum;
+    out.max[h] = max;
+    out.sum[h] = sum;
+  }
+  std::fill(acc.begin(), acc.end(), fVec(0.f));
+  for (int64_t t = begin; t < end; ++t) {
+    if (t + kPrefetchRows < end) prefetch_row(v_ptr + row_of(t + kPrefetchRows), row * sizeof(T));
+    const T* v_row = v_ptr + row_of(t);
+    for (int64_t kv = 0; kv < P.num_kv_heads; ++kv) {
+      fVec v[ND];
+      for (int i = 0; i < ND; ++i) v[i] = load_as_float<T>(v_row + kv * D + i * kLanes);
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        const fVec p(scores[h * len + (t - begin)]);
+        fVec* a = acc.data() + h * ND;
+        for (int i = 0; i < ND; ++i) a[i] = at::vec::fmadd(p, v[i], a[i]);
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int i = 0; i < ND; ++i) acc[h * ND + i].store(out.acc + h * D + i * kLanes);
+}
+
+// Any head_dim: plain loops (the tiny test models' odd shapes), same partial results.
+template <typename T>
+void attend_span_scalar(const Problem& P, const T* q_ptr, const T* k_ptr, const T* v_ptr, int64_t req,
+                        int64_t begin, int64_t end, std::vector<float>& scores, Partial out) {
+  const int64_t H = P.num_heads, G = P.group, D = P.head_dim, len = end - begin, row = P.num_kv_heads * D;
+  const int32_t* table = P.tables + req * P.max_blocks;
+  auto row_of = [&](int64_t t) { return (int64_t(table[t / P.block_size]) * P.block_size + t % P.block_size) * row; };
+  scores.resize(H * len);
+  for (int64_t h = 0; h < H; ++h) {
+    const T* q = q_ptr + req * P.q_stride_req + h * P.q_stride_head;
+    float max = -INFINITY, sum = 0.f;
+    for (int64_t t = begin; t < end; ++t) {
+      const T* k = k_ptr + row_of(t) + (h / G) * D;
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += static_cast<float>(q[d]) * static_cast<float>(k[d]);
+      scores[h * len + t - begin] = s * P.scale;
+      max = std::max(max, s * P.scale);
+    }
+    float* acc = out.acc + h * D;
+    std::fill(acc, acc + D, 0.f);
+    for (int64_t t = begin; t < end; ++t) {
+      const float p = std::exp(scores[h * len + t - begin] - max);
+      sum += p;
+      const T* v = v_ptr + row_of(t) + (h / G) * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+    }
+    out.max[h] = max;
+    out.sum[h] = sum;
   }
 }
 
-// head_dim == ND * kLanes: the query group and one K/V row at a time live in registers.
 template <typename T, int ND>
-void decode_vectorized(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& block_tables, const at::Tensor& context_lens, float scale) {
-  constexpr int64_t D = ND * kLanes;
-  const int64_t num_reqs = query.size(0), num_heads = query.size(1);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  const int64_t q_stride_req = query.stride(0), q_stride_head = query.stride(1), row = num_kv_heads * D;
+void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const Problem& P) {
+  const int64_t H = P.num_heads, D = P.head_dim;
+  const int threads = at::get_num_threads();
+  // Split each request's positions into spans when requests alone cannot keep the threads busy.
+  const int64_t longest = *std::max_element(P.lens, P.lens + P.num_reqs);
+  const int64_t want = (2 * threads + P.num_reqs - 1) / P.num_reqs;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, longest / kMinSplit));
+  const int64_t num_items = P.num_reqs * splits;
+  std::vector<float> acc(num_items * H * D), max(num_items * H), sum(num_items * H);
   const T* q_ptr = query.const_data_ptr<T>();
   const T* k_ptr = k_cache.const_data_ptr<T>();
   const T* v_ptr = v_cache.const_data_ptr<T>();
-  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
-  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
-  T* out_ptr = out.data_ptr<T>();
 
-  at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+#pragma omp parallel num_threads(threads)
+  {
     std::vector<float> scores;
-    fVec q[kMaxGroup][ND], acc[kMaxGroup][ND];
-    float inv_sum[kMaxGroup], tail[D];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t req = item / num_kv_heads, kv_head = item % num_kv_heads, len = lens[req];
-      const int32_t* table = tables + req * max_blocks;
-      scores.resize(group * len);
-      for (int64_t g = 0; g < group; ++g) {
-        const T* src = q_ptr + req * q_stride_req + (kv_head * group + g) * q_stride_head;
-        for (int i = 0; i < ND; ++i) q[g][i] = load_as_float<T>(src + i * kLanes) * fVec(scale);
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k_row = k_ptr + (int64_t(table[t / block_size]) * block_size + t % block_size) * row + kv_head * D;
-        fVec k[ND];
-        for (int i = 0; i < ND; ++i) k[i] = load_as_float<T>(k_row + i * kLanes);
-        for (int64_t g = 0; g < group; ++g) {
-          fVec s = q[g][0] * k[0];
-          for (int i = 1; i < ND; ++i) s = at::vec::fmadd(q[g][i], k[i], s);
-          scores[g * len + t] = hsum(s);
-        }
-      }
-      softmax_rows(scores.data(), group, len, inv_sum);
-      for (int64_t g = 0; g < group; ++g)
-        for (int i = 0; i < ND; ++i) acc[g][i] = fVec(0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v_row = v_ptr + (int64_t(table[t / block_size]) * block_size + t % block_size) * row + kv_head * D;
-        fVec v[ND];
-        for (int i = 0; i < ND; ++i) v[i] = load_as_float<T>(v_row + i * kLanes);
-        for (int64_t g = 0; g < group; ++g) {
-          const fVec p(scores[g * len + t]);
-          for (int i = 0; i < ND; ++i) acc[g][i] = at::vec::fmadd(p, v[i], acc[g][i]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        T* dst = out_ptr + (req * num_heads + kv_head * group + g) * D;
-        for (int i = 0; i < ND; ++i) (acc[g][i] * fVec(inv_sum[g])).store(tail + i * kLanes);
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(tail[d]);
+    std::vector<fVec> q, a;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; ++item) {
+      const int64_t req = item / splits, part = item % splits, len = P.lens[req];
+      const int64_t span = (len + splits - 1) / splits;
+      const int64_t begin = std::min(len, part * span), end = std::min(len, begin + span);
+      Partial partial{acc.data() + item * H * D, max.data() + item * H, sum.data() + item * H};
+      if (begin == end) {
+        std::fill(partial.max, partial.max + H, -INFINITY);
+        std::fill(partial.sum, partial.sum + H, 0.f);
+        std::fill(partial.acc, partial.acc + H * D, 0.f);
+      } else if constexpr (ND > 0) {
+        attend_span<T, ND>(P, q_ptr, k_ptr, v_ptr, req, begin, end, scores, q, a, partial);
+      } else {
+        attend_span_scalar<T>(P, q_ptr, k_ptr, v_ptr, req, begin, end, scores, partial);
       }
     }
-  });
-}
-
-// Any head_dim and group size: plain loops (the tiny test models' odd shapes).
-template <typename T>
-void decode_scalar(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& block_tables, const at::Tensor& context_lens, float scale) {
-  const int64_t num_reqs = query.size(0), num_heads = query.size(1), D = query.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1), row = num_kv_heads * D;
-  const T* q_ptr = query.const_data_ptr<T>();
-  const T* k_ptr = k_cache.const_data_ptr<T>();
-  const T* v_ptr = v_cache.const_data_ptr<T>();
-  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
-  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  }
   T* out_ptr = out.data_ptr<T>();
-
-  at::parallel_for(0, num_reqs * num_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(D);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t req = item / num_heads, head = item % num_heads, kv_head = head / group, len = lens[req];
-      const int32_t* table = tables + req * max_blocks;
-      const T* q = q_ptr + req * query.stride(0) + head * query.stride(1);
-      scores.resize(len);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k = k_ptr + (int64_t(table[t / block_size]) * block_size + t % block_size) * row + kv_head * D;
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += static_cast<float>(q[d]) * static_cast<float>(k[d]);
-        scores[t] = s * scale;
+  at::parallel_for(0, P.num_reqs * H, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> o(D);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t req = i / H, h = i % H;
+      float m = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, max[(req * splits + s) * H + h]);
+      float total = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t item = req * splits + s;
+        if (sum[item * H + h] == 0.f) continue;
+        const float w = std::exp(max[item * H + h] - m);
+        total += w * sum[item * H + h];
+        const float* a = acc.data() + (item * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
       }
-      float inv_sum;
-      softmax_rows(scores.data(), 1, len, &inv_sum);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = v_ptr + (int64_t(table[t / block_size]) * block_size + t % block_size) * row + kv_head * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += scores[t] * static_cast<float>(v[d]);
-      }
-      T* dst = out_ptr + (req * num_heads + head) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] * inv_sum);
+      T* dst = out_ptr + (req * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] / total);
     }
   });
 }
 
 template <typename T>
 void decode_dispatch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& tables, const at::Tensor& lens, float scale) {
-  const int64_t D = q.size(2), group = q.size(1) / k.size(2);
-  if (group <= kMaxGroup && D % kLanes == 0) {
-    switch (D / kLanes) {
-      case 1: return decode_vectorized<T, 1>(out, q, k, v, tables, lens, scale);
-      case 2: return decode_vectorized<T, 2>(out, q, k, v, tables, lens, scale);
-      case 4: return decode_vectorized<T, 4>(out, q, k, v, tables, lens, scale);
-      case 6: return decode_vectorized<T, 6>(out, q, k, v, tables, lens, scale);
-      case 8: return decode_vectorized<T, 8>(out, q, k, v, tables, lens, scale);
-      case 16: return decode_vectorized<T, 16>(out, q, k, v, tables, lens, scale);
+                     const Problem& P) {
+  if (P.head_dim % kLanes == 0) {
+    switch (P.head_dim / kLanes) {
+      case 1: return decode<T, 1>(out, q, k, v, P);
+      case 2: return decode<T, 2>(out, q, k, v, P);
+      case 4: return decode<T, 4>(out, q, k, v, P);
+      case 6: return decode<T, 6>(out, q, k, v, P);
+      case 8: return decode<T, 8>(out, q, k, v, P);
+      case 16: return decode<T, 16>(out, q, k, v, P);
       default: break;
     }
   }
-  decode_scalar<T>(out, q, k, v, tables, lens, scale);
+  decode<T, 0>(out, q, k, v, P);
 }
 
 at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -189,14 +255,19 @@ at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_c
   TORCH_CHECK(k_cache.size(3) == query.size(2) && query.size(1) % k_cache.size(2) == 0, "head shapes do not match");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
+  auto out = at::empty(query.sizes(), query.options());
+  if (query.size(0) == 0) return out;
   const auto tables = block_tables.contiguous();
   const auto lens = context_lens.contiguous();
-  auto out = at::empty(query.sizes(), query.options());
-  const float s = static_cast<float>(scale);
+  const Problem P{query.size(0),  query.size(1),   k_cache.size(2),
+                  query.size(1) / k_cache.size(2), query.size(2),
+                  k_cache.size(1), tables.size(1), query.stride(0),
+                  query.stride(1), tables.const_data_ptr<int32_t>(),
+                  lens.const_data_ptr<int32_t>(),  static_cast<float>(scale)};
   switch (query.scalar_type()) {
-    case at::kFloat: decode_dispatch<float>(out, query, k_cache, v_cache, tables, lens, s); break;
-    case at::kBFloat16: decode_dispatch<c10::BFloat16>(out, query, k_cache, v_cache, tables, lens, s); break;
-    case at::kHalf: decode_dispatch<c10::Half>(out, query, k_cache, v_cache, tables, lens, s); break;
+    case at::kFloat: decode_dispatch<float>(out, query, k_cache, v_cache, P); break;
+    case at::kBFloat16: decode_dispatch<c10::BFloat16>(out, query, k_cache, v_cache, P); break;
+    case at::kHalf: decode_dispatch<c10::Half>(out, query, k_cache, v_cache, P); break;
     default: TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
   }
   return out;

@@ -1,4 +1,5 @@
-"""The C++ CPU decode attention reads the paged cache in place and gives the torch reference's rows."""
+"""The C++ CPU kernels: decode attention reads the paged cache in place and gives the torch
+reference's rows; the greedy argmax and log-sum-exp give torch's."""
 
 import pytest
 import torch
@@ -42,6 +43,18 @@ def test_decode_matches_the_reference(heads, kv_heads, head_dim, block, dtype):
     torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("num_reqs", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_split_over_threads_merge_to_the_reference(num_reqs, dtype):
+    """Fewer requests than threads can share: each row's positions are split and merged back."""
+    query, k_cache, v_cache, lens, tables = _case(num_reqs, 9, 3, 64, 16, dtype, max_len=1500, seed=3)
+    lens[-1] = 1499
+    ours = cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, 0.125, 1499)
+    expected = reference.attention_decode(query.float(), k_cache.float(), v_cache.float(), lens, tables, 0.125, 1499)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
+
+
 def test_decode_reads_only_each_rows_own_positions():
     """Positions past a row's length and blocks outside its table may hold anything, NaN included."""
     query, k_cache, v_cache, lens, tables = _case(5, 6, 2, 64, 16, torch.float32)
@@ -68,3 +81,16 @@ def test_decode_takes_a_strided_query():
         rtol=0,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 1000])
+def test_argmax_logsumexp_matches_torch(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(7, vocab, generator=g) * 5
+    logits[1] = logits[1].clamp(max=0.5)  # ties at the maximum: the first one wins, as torch.argmax
+    if vocab > 3:
+        logits[2, :-2] = float("-inf")  # masked by a filter: only two tokens left
+        logits[3, torch.randperm(vocab, generator=g)[: vocab // 2]] = float("-inf")
+    ids, lse = cpu_native.argmax_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(-1).tolist()
+    torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
