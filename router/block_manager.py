@@ -49,8 +49,9 @@ class BlockManager:
         sequence's hash chain, extended as needed."""
         if not self.enable_prefix_caching:
             return []
-        matched = []
-        for h in extend_block_hashes(hashes, token_ids, self.block_size, (len(token_ids) - 1) // self.block_size):
+        matched, limit = [], (len(token_ids) - 1) // self.block_size
+        # `hashes` may already cover more blocks (a preempted request's whole sequence): stop at the limit.
+        for h in extend_block_hashes(hashes, token_ids, self.block_size, limit)[:limit]:
             block_id = self._block_of.get(h)
             if block_id is None:
                 break

@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--max-batch-total-tokens", type=int, help="cap on the KV cache in tokens (default: what fits)")
     p.add_argument("--waiting-served-ratio", type=float, default=0.0, help="see SchedulerConfig")
     p.add_argument("--max-waiting-tokens", type=int, default=20, help="see SchedulerConfig")
+    p.add_argument(
+        "--max-prefill-slowdown",
+        type=float,
+        default=2.0,
+        help="while requests decode, prompt chunks may make a step at most this many times as long (0: no limit)",
+    )
     p.add_argument("--payload-limit", type=int, default=2_000_000)
     p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds a step may take (0: no limit)")
@@ -103,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         max_batch_total_tokens=a.max_batch_total_tokens,
         waiting_served_ratio=a.waiting_served_ratio,
         max_waiting_tokens=a.max_waiting_tokens,
+        max_prefill_slowdown=a.max_prefill_slowdown,
         prefix_caching=a.prefix_caching,
         overlap_steps=a.overlap_steps,
         payload_limit=a.payload_limit,
@@ -149,7 +156,13 @@ async def _serve(config: RouterConfig) -> None:
     )
 
     scheduler = Scheduler(
-        SchedulerConfig(config.max_batch_size, prefill_budget, config.waiting_served_ratio, config.max_waiting_tokens),
+        SchedulerConfig(
+            config.max_batch_size,
+            prefill_budget,
+            config.waiting_served_ratio,
+            config.max_waiting_tokens,
+            config.max_prefill_slowdown,
+        ),
         BlockManager(num_blocks, info.block_size, config.prefix_caching),
     )
     metrics = Metrics(max_input, max_total)

@@ -25,6 +25,7 @@ class RouterConfig:
     max_batch_total_tokens: int | None = None  # cap on the KV pool in tokens; None: what warmup finds
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
+    max_prefill_slowdown: float = 2.0  # see SchedulerConfig
     payload_limit: int = 2_000_000
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on generation routes
     cors_allow_origins: tuple[str, ...] = ()  # empty: any origin
@@ -39,6 +40,8 @@ class RouterConfig:
             raise ValueError("at least one shard address is required")
         if self.waiting_served_ratio < 0 or self.max_waiting_tokens < 1:
             raise ValueError("--waiting-served-ratio must be >= 0 and --max-waiting-tokens >= 1")
+        if self.max_prefill_slowdown != 0 and self.max_prefill_slowdown <= 1:
+            raise ValueError(f"--max-prefill-slowdown must be 0 (off) or above 1, got {self.max_prefill_slowdown}")
         if self.max_concurrent_requests < 1 or self.max_batch_size < 1:
             raise ValueError("--max-concurrent-requests and --max-batch-size must be at least 1")
         if (

@@ -239,6 +239,7 @@ class Engine:
         received = time.monotonic()
         self.last_step = result
         self._store_prompt_logprobs(result)
+        self.scheduler.step_costs.observe(step.plan.work, result.forward_ns / 1e9)
         token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}
         for request in self.scheduler.update(step.plan, token_ids):
             self._emit(request, result)

@@ -13,6 +13,11 @@ Rules:
   prompt in chunks when it was admitted with a prompt longer than the prefill budget.
 - Waiting requests are admitted first-come-first-served while the batch size, the prefill
   token budget and free blocks allow; the head of the queue is never skipped.
+- While requests decode, a step's prompt chunks are also limited in time: with
+  `max_prefill_slowdown` K, the chunks may make the step at most K times as long as its decodes
+  alone would take, as predicted by a model of step costs learned from the shards' forward
+  times (step_cost.py). Long prompts then advance a chunk per step without stalling the streams;
+  each chunk is at least `min_chunk_tokens`, so every prompt progresses.
 - A request admitted from the queue reuses the cached blocks of its longest cached prefix
   and computes only the rest; blocks join the cache in the step that fills them, so
   requests arriving together share a common prefix's computation too.
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 from router.block_manager import BlockManager
 from router.request import Request, RequestStatus
+from router.step_cost import StepCostModel, StepWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,10 @@ class SchedulerConfig:
     # 0 admits at every step, which suits chunked prefill (prompts ride along with decodes).
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
+    # While requests decode, prompt chunks may make a step at most this many times as long as its
+    # decodes alone (predicted); 0 lifts the limit (only max_batch_prefill_tokens applies).
+    max_prefill_slowdown: float = 2.0
+    min_chunk_tokens: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,14 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def work(self) -> StepWork:
+        """What the step computes, for the step cost model."""
+        total = StepWork()
+        for s in self.scheduled:
+            total += StepWork.of(s.start_position, s.num_scheduled_tokens)
+        return total
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
@@ -72,6 +90,7 @@ class Scheduler:
         self.num_preemptions = 0  # since start, for metrics
         self.num_prefix_hit_tokens = 0  # prompt tokens read from the prefix cache, since start
         self._steps_without_admission = 0
+        self.step_costs = StepCostModel()  # the engine feeds it each step's measured forward time
 
     @property
     def has_work(self) -> bool:
@@ -91,17 +110,20 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Choose the next step's work; allocates the blocks it needs."""
-        budget = self.config.max_batch_prefill_tokens
+        budget = full_budget = self.config.max_batch_prefill_tokens
+        allowance = self._prefill_allowance()
         running: list[ScheduledRequest] = []
         num_preemptions = self.num_preemptions
         for request in list(self.running):
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if len(request.output_ids) + request.num_pending_outputs >= request.max_new_tokens:
+            if self._is_done_but_in_flight(request):
                 continue  # its last token is in flight: it will finish by length
             num_tokens = request.num_tokens + request.num_pending_outputs - request.num_computed_tokens
             if num_tokens > 1:  # prompt chunk
-                num_tokens = min(num_tokens, budget)
+                num_tokens = self._chunk(
+                    request.num_computed_tokens, num_tokens, budget, allowance, budget == full_budget
+                )
                 if num_tokens == 0:
                     continue
             new_block_ids = self._allocate_or_preempt(request, num_tokens)
@@ -109,6 +131,7 @@ class Scheduler:
                 continue
             if num_tokens > 1:
                 budget -= num_tokens
+                allowance -= self._chunk_seconds(request.num_computed_tokens, num_tokens)
             running.append(self._commit(request, num_tokens, False, new_block_ids))
         new: list[ScheduledRequest] = []
         may_admit = self._may_admit()  # decided on the batch as it was before this step
@@ -124,7 +147,11 @@ class Scheduler:
             bm = self.block_manager
             cached = [] if request.needs_prompt_logprobs else bm.match_prefix(request.token_ids, request.block_hashes)
             num_cached = len(cached) * bm.block_size
-            num_tokens = min(request.num_tokens - num_cached, budget)
+            num_tokens = self._chunk(
+                num_cached, request.num_tokens - num_cached, budget, allowance, budget == full_budget
+            )
+            if num_tokens == 0:
+                break
             needed = bm.blocks_needed(num_cached + num_tokens, len(cached))
             if not bm.can_allocate(needed, cached):
                 break
@@ -136,6 +163,7 @@ class Scheduler:
             self.running.append(request)
             self.num_prefix_hit_tokens += num_cached
             budget -= num_tokens
+            allowance -= self._chunk_seconds(num_cached, num_tokens)
             new.append(self._commit(request, num_tokens, True, list(request.block_ids)))
         self._steps_without_admission = 0 if new else self._steps_without_admission + 1
         scheduled = new + running
@@ -174,6 +202,39 @@ class Scheduler:
             ):
                 self.finish(request, RequestStatus.FINISHED_EOS)
         return produced
+
+    def _is_done_but_in_flight(self, request: Request) -> bool:
+        return len(request.output_ids) + request.num_pending_outputs >= request.max_new_tokens
+
+    def _prefill_allowance(self) -> float:
+        """Seconds of prompt chunks the next step may carry: (K - 1) times the predicted time of
+        its decodes alone, or unlimited when nothing decodes or the cost model is not trained."""
+        k = self.config.max_prefill_slowdown
+        if k <= 0 or not self.step_costs.ready:
+            return float("inf")
+        decodes = StepWork()
+        for r in self.running:
+            computed, known = r.num_computed_tokens, r.num_tokens + r.num_pending_outputs
+            if r.status == RequestStatus.RUNNING and known - computed == 1 and not self._is_done_but_in_flight(r):
+                decodes += StepWork.of(computed, 1)
+        if not decodes.tokens:
+            return float("inf")
+        return (k - 1) * self.step_costs.predict(decodes)
+
+    def _chunk(self, num_cached: int, num_left: int, budget: int, allowance: float, first: bool) -> int:
+        """Tokens of a prompt to compute now: within the token budget and the time allowance; the
+        step's first chunk has at least min_chunk_tokens (budget permitting), so prompts advance."""
+        n = min(num_left, budget)
+        if allowance != float("inf"):
+            fits = self.step_costs.max_chunk(num_cached, max(allowance, 0.0))
+            n = min(n, max(fits, self.config.min_chunk_tokens) if first else fits)
+        return max(n, 0)
+
+    def _chunk_seconds(self, num_cached: int, num_tokens: int) -> float:
+        if not self.step_costs.ready:
+            return 0.0
+        work = StepWork.of(num_cached, num_tokens)
+        return self.step_costs.predict(work) - self.step_costs.predict(StepWork())
 
     def _may_admit(self) -> bool:
         c = self.config

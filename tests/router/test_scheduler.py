@@ -9,10 +9,11 @@ from router.scheduler import Scheduler, SchedulerConfig
 EOS = 2
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32, prefix_caching=True) -> Scheduler:
-    return Scheduler(
-        SchedulerConfig(max_batch_size, prefill_budget), BlockManager(num_blocks, block_size, prefix_caching)
-    )
+def make_scheduler(
+    num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32, prefix_caching=True, slowdown=2.0
+) -> Scheduler:
+    config = SchedulerConfig(max_batch_size, prefill_budget, max_prefill_slowdown=slowdown)
+    return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
 
 
 def make_request(req_id, prompt_len, max_new_tokens=4) -> Request:
@@ -324,3 +325,62 @@ def test_a_step_can_be_scheduled_before_the_previous_result():
         s.update(plan, {0: token})
     assert r.output_ids == [11, EOS] and r.status == RequestStatus.FINISHED_EOS  # 13 came after EOS: dropped
     assert s.block_manager.num_free_blocks == 64
+
+
+def test_a_preempted_request_whose_hashes_cover_its_whole_sequence_still_computes_a_token():
+    """Found by the property test: a request hashed all its blocks, then was preempted while its
+    token was in flight (a 12-token prompt in blocks of 4). Matching its prefix again must still
+    leave a token to compute: it used to be sent with none, which the shard refuses."""
+    s = make_scheduler(block_size=4)
+    r = make_request(0, 12, max_new_tokens=2)
+    s.add(r)
+    plan = s.schedule()  # computes the 12 prompt tokens, registering the 3 full blocks
+    assert len(r.block_hashes) == 3
+    s._preempt(r)
+    assert s.update(plan, {0: 7}) == []  # the token of the preempted incarnation is dropped
+    (again,) = s.schedule().scheduled
+    assert again.is_new and again.start_position == 8 and again.num_scheduled_tokens == 4
+
+
+def _trained(s: Scheduler, fixed=0.010, per_token=0.001, per_attention=0.0) -> Scheduler:
+    """Feed the step cost model exact step times of a known model (seconds)."""
+    from router.step_cost import StepWork
+
+    for tokens, attention in [(1, 10), (32, 3000), (8, 400), (200, 20000), (64, 900), (3, 50)] * 4:
+        s.step_costs.observe(StepWork(tokens, attention), fixed + per_token * tokens + per_attention * attention)
+    return s
+
+
+def test_while_requests_decode_prompt_chunks_fit_the_slowdown_allowance():
+    # 10 ms per step plus 1 ms per token: 4 decodes take 14 ms; with slowdown 3 a chunk may add
+    # 2 x 14 = 28 ms, i.e. 28 tokens. Without decodes the whole budget is used.
+    s = _trained(make_scheduler(num_blocks=200, prefill_budget=512, max_batch_size=16, slowdown=3))
+    for i in range(4):
+        s.add(make_request(i, 8, max_new_tokens=50))
+    run_step(s)
+    s.add(make_request(9, 400))
+    plan, _ = run_step(s)
+    assert sorted(x.num_scheduled_tokens for x in plan.scheduled) == [1, 1, 1, 1, 28]
+    plan, _ = run_step(s)
+    assert sorted(x.num_scheduled_tokens for x in plan.scheduled) == [1, 1, 1, 1, 28]
+    alone = _trained(make_scheduler(num_blocks=200, prefill_budget=512))
+    alone.add(make_request(0, 400))
+    plan, _ = run_step(alone)
+    assert [x.num_scheduled_tokens for x in plan.scheduled] == [400]
+
+
+def test_a_prompt_advances_by_at_least_a_minimum_chunk_and_the_limit_can_be_lifted():
+    slow = _trained(make_scheduler(num_blocks=200, prefill_budget=512), per_token=1.0)  # 1 s per token
+    for i in range(2):
+        slow.add(make_request(i, 8, max_new_tokens=50))
+    run_step(slow)
+    slow.add(make_request(8, 300))
+    slow.add(make_request(9, 300))
+    plan, _ = run_step(slow)
+    assert sorted(x.num_scheduled_tokens for x in plan.scheduled) == [1, 1, 16]  # only the first chunk
+    free = _trained(make_scheduler(num_blocks=200, prefill_budget=512, prefix_caching=False, slowdown=0), per_token=1.0)
+    free.add(make_request(0, 8, max_new_tokens=50))
+    run_step(free)
+    free.add(make_request(9, 300))
+    plan, _ = run_step(free)
+    assert sorted(x.num_scheduled_tokens for x in plan.scheduled) == [1, 300]
