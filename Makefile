@@ -48,9 +48,12 @@ lint: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) router/pb shard/pb
 
-# Benchmarks (benchmarks/RESULTS.md): Sluice against transformers' pipeline, static batching and
-# continuous batching on the same prompts; JSON and plots land in benchmarks/out/.
+# Benchmarks (benchmarks/RESULTS.md): Sluice against vLLM's CPU build (its own venv, .venv-vllm/, created on
+# first use) and transformers' pipeline and static batching, on the same prompts in one command. Each server
+# starts fresh per dtype (`auto`: its own default; float32), prefix caching off on both; the baselines run
+# once, in float32. BENCH_PEERS= (empty) skips vLLM. JSON, plots and server logs land in benchmarks/out/.
 .PHONY: bench bench-gpu
+BENCH_PEERS ?= vllm
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[bench]'
 	touch $@
@@ -58,7 +61,8 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --num-requests 64 --prompt-len 32 256 --output-len 128 128 \
 		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 \
-		--profile 32 --profile-requests 32
+		--baselines pipeline static --peers $(BENCH_PEERS) --dtypes auto float32 \
+		--long-prompt-tokens 2000 --profile 32 --profile-requests 32
 
 bench-gpu: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --workload nano-vllm --num-requests 256 --concurrency 256 \

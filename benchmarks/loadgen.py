@@ -61,10 +61,22 @@ def _apply_event(api: str, event: dict, record: RequestRecord, now: float) -> No
         record.token_s.append(now)
 
 
-async def send_one(session: aiohttp.ClientSession, url: str, api: str, spec: RequestSpec, t0: float) -> RequestRecord:
-    """Send `spec` now and stream its answer into a record (times relative to `t0`)."""
+async def send_one(
+    session: aiohttp.ClientSession,
+    url: str,
+    api: str,
+    spec: RequestSpec,
+    t0: float,
+    record: RequestRecord | None = None,
+) -> RequestRecord:
+    """Send `spec` now and stream its answer into a record (times relative to `t0`).
+
+    Pass `record` to watch the tokens arrive while the request streams (its `send_s` is set here).
+    """
     path, body = request_body(api, spec)
-    record = RequestRecord(spec.index, spec.prompt_len, time.perf_counter() - t0)
+    if record is None:
+        record = RequestRecord(spec.index, spec.prompt_len, 0.0)
+    record.send_s = time.perf_counter() - t0
     try:
         async with session.post(url + path, json=body) as resp:
             if resp.status != 200:

@@ -1,0 +1,129 @@
+"""The comparisons a benchmark reports, from its run entries (see `run.py` for an entry's keys).
+
+A run entry names its `system` ("sluice", a peer such as "vllm", or a `transformers` baseline),
+the `dtype` the system used, its `concurrency` (None for an open-loop run at `rate`) and, for a
+server's largest concurrency, its `phase`: "first" (the first measured run after the warm-up
+request) or "repeat" (the same load again). The tables and every ratio use the repeat; the first
+run is only compared with it ("cold start").
+
+Every ratio is arranged so that above 1 is better for Sluice: throughput is Sluice ÷ the other,
+latencies (TPOT, TTFT) are the other ÷ Sluice.
+"""
+
+from __future__ import annotations
+
+import math
+
+SLUICE = "sluice"
+FIRST, REPEAT = "first", "repeat"
+
+
+def label(run: dict) -> str:
+    """A run's name in tables: system and dtype, e.g. "vllm bfloat16" (the system alone without a dtype)."""
+    return f"{run['system']} {run['dtype']}" if run.get("dtype") else run["system"]
+
+
+def div(a: float, b: float) -> float:
+    """a / b, NaN where b is zero or NaN."""
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def compared_runs(runs: list[dict]) -> list[dict]:
+    """The closed-loop runs that tables and ratios use: every run but the "first" ones."""
+    return [r for r in runs if r.get("rate") is None and r.get("phase") != FIRST]
+
+
+def _against(ref: dict, other: dict) -> dict:
+    a, b = ref["summary"], other["summary"]
+    return {
+        "throughput": div(a["output_throughput"], b["output_throughput"]),
+        "tpot": div(b["tpot_s"]["mean"], a["tpot_s"]["mean"]),
+        "ttft": div(b["ttft_s"]["mean"], a["ttft_s"]["mean"]),
+    }
+
+
+def _key(run: dict) -> tuple[int, int]:
+    return run["concurrency"], run["num_requests"]
+
+
+def baseline_ratios(runs: list[dict], baselines: tuple[str, ...]) -> list[dict]:
+    """Each Sluice run against each baseline run on the same requests at the same concurrency.
+
+    Where the pipeline baseline was not run at some concurrency, a row "pipeline (est.)" uses its
+    measured throughput and TPOT from the largest concurrency it ran at: a sequential server's
+    throughput and per-token time do not depend on how many clients wait (its TTFT does: n/a).
+    """
+    closed = compared_runs(runs)
+    sluice = [r for r in closed if r["system"] == SLUICE]
+    others = [r for r in closed if r["system"] in baselines]
+    out = []
+    for ref in sluice:
+        for other in (o for o in others if _key(o) == _key(ref)):
+            row = {"concurrency": ref["concurrency"], "requests": ref["num_requests"]}
+            out.append(row | {"sluice": label(ref), "baseline": label(other)} | _against(ref, other))
+    pipe = sorted((r for r in others if r["system"] == "pipeline"), key=lambda r: r["concurrency"])
+    if pipe:
+        done = {r["concurrency"] for r in pipe}
+        for ref in (r for r in sluice if r["concurrency"] not in done):
+            est = _against(ref, pipe[-1]) | {"ttft": math.nan}
+            row = {"concurrency": ref["concurrency"], "requests": ref["num_requests"], "sluice": label(ref)}
+            out.append(row | {"baseline": f"{label(pipe[-1])} (est.)"} | est)
+    return out
+
+
+def peer_ratios(runs: list[dict], pairings: list[dict], peer: str) -> list[dict]:
+    """Sluice against `peer` per pairing (see pairing.py) and concurrency, on the same requests.
+
+    Each row also carries both output throughputs and mean TPOTs, so the table reads alone.
+    """
+    closed = compared_runs(runs)
+    out = []
+    for pair in pairings:
+        mine, theirs = pair["dtypes"].get(SLUICE), pair["dtypes"].get(peer)
+        if mine is None or theirs is None:
+            continue
+        refs = {_key(r): r for r in closed if r["system"] == SLUICE and r["dtype"] == mine}
+        for other in (r for r in closed if r["system"] == peer and r["dtype"] == theirs):
+            ref = refs.get(_key(other))
+            if ref is None:
+                continue
+            out.append(
+                {
+                    "pairing": pair["name"],
+                    "concurrency": other["concurrency"],
+                    "requests": other["num_requests"],
+                    "sluice": label(ref),
+                    "peer": label(other),
+                    "sluice_tok_s": ref["summary"]["output_throughput"],
+                    "peer_tok_s": other["summary"]["output_throughput"],
+                    "sluice_tpot_s": ref["summary"]["tpot_s"]["mean"],
+                    "peer_tpot_s": other["summary"]["tpot_s"]["mean"],
+                }
+                | _against(ref, other)
+            )
+    return sorted(out, key=lambda r: (r["pairing"] != "default", r["pairing"], r["concurrency"]))
+
+
+def cold_starts(runs: list[dict]) -> list[dict]:
+    """Per server start: first ÷ repeat output throughput at the same concurrency (1.0: no warm-up cost).
+
+    `rerun` is true where the first run was run again after contention: then it was not cold.
+    """
+    out = []
+    for first in (r for r in runs if r.get("phase") == FIRST):
+        same = (r for r in runs if r.get("phase") == REPEAT and label(r) == label(first) and _key(r) == _key(first))
+        repeat = next(same, None)
+        if repeat is None:
+            continue
+        a, b = first["summary"]["output_throughput"], repeat["summary"]["output_throughput"]
+        out.append(
+            {
+                "label": label(first),
+                "concurrency": first["concurrency"],
+                "first_tok_s": a,
+                "repeat_tok_s": b,
+                "ratio": div(a, b),
+                "rerun": first.get("cpu", {}).get("attempts", 1) > 1,
+            }
+        )
+    return out
