@@ -33,11 +33,8 @@ ROUTER_FLAGS = [
     ("--max-batch-total-tokens", int, "cap on the KV cache in tokens (default: what memory allows)"),
     ("--waiting-served-ratio", float, "while requests run, admit new ones once this fraction of them wait"),
     ("--max-waiting-tokens", int, "...or after this many steps without admission"),
-    (
-        "--max-prefill-slowdown",
-        float,
-        "while requests decode, prompt chunks may make a step at most this many times as long (0: off)",
-    ),
+    ("--max-prefill-slowdown", float, "while requests decode, long prompts may slow a step at most this much (0: off)"),
+    ("--long-prompt-tokens", int, "prompts longer than this are chunked under --max-prefill-slowdown"),
     ("--prefix-caching", str, "reuse the KV blocks of shared prompt prefixes (true/false)"),
     ("--overlap-steps", str, "prepare the next step while the shards compute the current one (true/false)"),
     ("--payload-limit", int, "largest request body in bytes"),

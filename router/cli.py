@@ -65,7 +65,13 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         "--max-prefill-slowdown",
         type=float,
         default=2.0,
-        help="while requests decode, prompt chunks may make a step at most this many times as long (0: no limit)",
+        help="while requests decode, a long prompt's chunks may make a step at most this many times as long (0: off)",
+    )
+    p.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=512,
+        help="prompts longer than this are chunked under --max-prefill-slowdown; shorter ones go in whole",
     )
     p.add_argument("--payload-limit", type=int, default=2_000_000)
     p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
@@ -110,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         waiting_served_ratio=a.waiting_served_ratio,
         max_waiting_tokens=a.max_waiting_tokens,
         max_prefill_slowdown=a.max_prefill_slowdown,
+        long_prompt_tokens=a.long_prompt_tokens,
         prefix_caching=a.prefix_caching,
         overlap_steps=a.overlap_steps,
         payload_limit=a.payload_limit,
@@ -162,6 +169,7 @@ async def _serve(config: RouterConfig) -> None:
             config.waiting_served_ratio,
             config.max_waiting_tokens,
             config.max_prefill_slowdown,
+            config.long_prompt_tokens,
         ),
         BlockManager(num_blocks, info.block_size, config.prefix_caching),
     )

@@ -26,6 +26,7 @@ class RouterConfig:
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
     max_prefill_slowdown: float = 2.0  # see SchedulerConfig
+    long_prompt_tokens: int = 512  # see SchedulerConfig
     payload_limit: int = 2_000_000
     api_key: str | None = None  # required as `Authorization: Bearer <key>` on generation routes
     cors_allow_origins: tuple[str, ...] = ()  # empty: any origin

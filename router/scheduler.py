@@ -13,11 +13,14 @@ Rules:
   prompt in chunks when it was admitted with a prompt longer than the prefill budget.
 - Waiting requests are admitted first-come-first-served while the batch size, the prefill
   token budget and free blocks allow; the head of the queue is never skipped.
-- While requests decode, a step's prompt chunks are also limited in time: with
-  `max_prefill_slowdown` K, the chunks may make the step at most K times as long as its decodes
-  alone would take, as predicted by a model of step costs learned from the shards' forward
-  times (step_cost.py). Long prompts then advance a chunk per step without stalling the streams;
-  each chunk is at least `min_chunk_tokens`, so every prompt progresses.
+- While requests decode, the chunks of long prompts (over `long_prompt_tokens`, as vLLM's
+  long_prefill_token_threshold) are also limited in time: with `max_prefill_slowdown` K, they
+  may make the step at most K times as long as its decodes alone would take, as predicted by a
+  model of step costs learned from the shards' forward times (step_cost.py), times the number of
+  requests with prompt tokens to compute per decoding request when that is above 1. A long
+  prompt then advances a chunk per step without stalling the streams; each step's first chunk
+  is at least `min_chunk_tokens`, so every prompt progresses. Short prompts go in whole, within
+  the token budget: on a CPU, prefill in small pieces costs ~30% more per token.
 - A request admitted from the queue reuses the cached blocks of its longest cached prefix
   and computes only the rest; blocks join the cache in the step that fills them, so
   requests arriving together share a common prefix's computation too.
@@ -43,9 +46,10 @@ class SchedulerConfig:
     # 0 admits at every step, which suits chunked prefill (prompts ride along with decodes).
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
-    # While requests decode, prompt chunks may make a step at most this many times as long as its
-    # decodes alone (predicted); 0 lifts the limit (only max_batch_prefill_tokens applies).
+    # While requests decode, the chunks of long prompts may make a step at most this many times as
+    # long as its decodes alone (predicted); 0 lifts the limit (only max_batch_prefill_tokens applies).
     max_prefill_slowdown: float = 2.0
+    long_prompt_tokens: int = 512  # prompts (or recomputed sequences) longer than this are "long"
     min_chunk_tokens: int = 16
 
 
@@ -122,7 +126,7 @@ class Scheduler:
             num_tokens = request.num_tokens + request.num_pending_outputs - request.num_computed_tokens
             if num_tokens > 1:  # prompt chunk
                 num_tokens = self._chunk(
-                    request.num_computed_tokens, num_tokens, budget, allowance, budget == full_budget
+                    request, request.num_computed_tokens, num_tokens, budget, allowance, full_budget
                 )
                 if num_tokens == 0:
                     continue
@@ -148,7 +152,7 @@ class Scheduler:
             cached = [] if request.needs_prompt_logprobs else bm.match_prefix(request.token_ids, request.block_hashes)
             num_cached = len(cached) * bm.block_size
             num_tokens = self._chunk(
-                num_cached, request.num_tokens - num_cached, budget, allowance, budget == full_budget
+                request, num_cached, request.num_tokens - num_cached, budget, allowance, full_budget
             )
             if num_tokens == 0:
                 break
@@ -208,26 +212,36 @@ class Scheduler:
 
     def _prefill_allowance(self) -> float:
         """Seconds of prompt chunks the next step may carry: (K - 1) times the predicted time of
-        its decodes alone, or unlimited when nothing decodes or the cost model is not trained."""
+        its decodes alone, shared by request count, i.e. scaled up by the number of requests
+        with prompt tokens to compute per decoding one (a single long prompt gets K - 1; a burst
+        of arrivals is not starved by the few requests still decoding). Unlimited when nothing
+        decodes or the cost model is not trained yet."""
         k = self.config.max_prefill_slowdown
         if k <= 0 or not self.step_costs.ready:
             return float("inf")
-        decodes = StepWork()
+        decodes, num_prefilling = StepWork(), len(self.waiting)
         for r in self.running:
+            if r.status != RequestStatus.RUNNING or self._is_done_but_in_flight(r):
+                continue
             computed, known = r.num_computed_tokens, r.num_tokens + r.num_pending_outputs
-            if r.status == RequestStatus.RUNNING and known - computed == 1 and not self._is_done_but_in_flight(r):
+            if known - computed == 1:
                 decodes += StepWork.of(computed, 1)
+            else:
+                num_prefilling += 1
         if not decodes.tokens:
             return float("inf")
-        return (k - 1) * self.step_costs.predict(decodes)
+        return (k - 1) * self.step_costs.predict(decodes) * max(1.0, num_prefilling / decodes.tokens)
 
-    def _chunk(self, num_cached: int, num_left: int, budget: int, allowance: float, first: bool) -> int:
-        """Tokens of a prompt to compute now: within the token budget and the time allowance; the
-        step's first chunk has at least min_chunk_tokens (budget permitting), so prompts advance."""
+    def _chunk(
+        self, request: Request, num_cached: int, num_left: int, budget: int, allowance: float, full_budget: int
+    ) -> int:
+        """Tokens of a prompt to compute now: within the token budget and, for a long prompt, the
+        time allowance; the step's first chunk has at least min_chunk_tokens (budget permitting),
+        so every prompt advances."""
         n = min(num_left, budget)
-        if allowance != float("inf"):
+        if allowance != float("inf") and request.num_tokens > self.config.long_prompt_tokens:
             fits = self.step_costs.max_chunk(num_cached, max(allowance, 0.0))
-            n = min(n, max(fits, self.config.min_chunk_tokens) if first else fits)
+            n = min(n, max(fits, self.config.min_chunk_tokens) if budget == full_budget else fits)
         return max(n, 0)
 
     def _chunk_seconds(self, num_cached: int, num_tokens: int) -> float:

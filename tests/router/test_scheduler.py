@@ -10,9 +10,11 @@ EOS = 2
 
 
 def make_scheduler(
-    num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32, prefix_caching=True, slowdown=2.0
+    num_blocks=64, block_size=4, max_batch_size=8, prefill_budget=32, prefix_caching=True, slowdown=2.0, long_prompt=0
 ) -> Scheduler:
-    config = SchedulerConfig(max_batch_size, prefill_budget, max_prefill_slowdown=slowdown)
+    config = SchedulerConfig(
+        max_batch_size, prefill_budget, max_prefill_slowdown=slowdown, long_prompt_tokens=long_prompt
+    )
     return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
 
 
@@ -369,6 +371,21 @@ def test_while_requests_decode_prompt_chunks_fit_the_slowdown_allowance():
     assert [x.num_scheduled_tokens for x in plan.scheduled] == [400]
 
 
+def test_short_prompts_go_in_whole_while_requests_decode():
+    s = _trained(
+        make_scheduler(
+            num_blocks=200, prefill_budget=512, max_batch_size=16, prefix_caching=False, slowdown=3, long_prompt=100
+        )
+    )
+    for i in range(4):
+        s.add(make_request(i, 8, max_new_tokens=50))
+    run_step(s)
+    s.add(make_request(8, 100))  # not over the threshold: whole
+    s.add(make_request(9, 400))  # long: what the allowance leaves (28 - 100 < 0: nothing)
+    plan, _ = run_step(s)
+    assert sorted(x.num_scheduled_tokens for x in plan.scheduled) == [1, 1, 1, 1, 100]
+
+
 def test_a_prompt_advances_by_at_least_a_minimum_chunk_and_the_limit_can_be_lifted():
     slow = _trained(make_scheduler(num_blocks=200, prefill_budget=512), per_token=1.0)  # 1 s per token
     for i in range(2):
@@ -384,3 +401,16 @@ def test_a_prompt_advances_by_at_least_a_minimum_chunk_and_the_limit_can_be_lift
     free.add(make_request(9, 300))
     plan, _ = run_step(free)
     assert sorted(x.num_scheduled_tokens for x in plan.scheduled) == [1, 300]
+
+
+def test_a_burst_of_arrivals_shares_the_allowance_by_request_count():
+    # 2 requests decode (12 ms predicted); 8 prompts wait: their chunks may add 4 x (2 - 1) x 12 ms.
+    s = _trained(make_scheduler(num_blocks=400, prefill_budget=2048, max_batch_size=16, prefix_caching=False))
+    for i in range(2):
+        s.add(make_request(i, 8, max_new_tokens=50))
+    run_step(s)
+    for i in range(8):
+        s.add(make_request(10 + i, 40))
+    plan, _ = run_step(s)
+    chunks = [x.num_scheduled_tokens for x in plan.scheduled if x.num_scheduled_tokens > 1]
+    assert sum(chunks) == 48  # 48 ms at 1 ms a token: all of the first prompt, 8 of the second
