@@ -3,8 +3,8 @@
 `select_backend(device)` is called once by the runner; afterwards `store_kv`,
 `attention_extend` and `attention_decode` dispatch, with identical signatures, to:
 - "triton" on CUDA: the Triton kernels;
-- "cpu" on a CPU: the C++ decode attention (cpu_native, reads the paged cache in place) and
-  greedy reductions, and the torch reference for the KV store and prompt chunks;
+- "cpu" on a CPU: the C++ kernels (cpu_native): KV store, prompt (extend) and decode attention
+  reading the paged cache in place, and the greedy reductions;
 - "reference" elsewhere, or on a CPU where the C++ kernels cannot be built (no compiler).
 """
 
@@ -44,7 +44,8 @@ def select_backend(device: torch.device, cache_dir: Path) -> str:
         except RuntimeError as e:
             log.warning("%s; decoding with the slower torch reference attention", e)
             return "reference"
-        _decode, _argmax_logsumexp = cpu_native.attention_decode, cpu_native.argmax_logsumexp
+        _store_kv, _extend, _decode = cpu_native.store_kv, cpu_native.attention_extend, cpu_native.attention_decode
+        _argmax_logsumexp = cpu_native.argmax_logsumexp
         return "cpu"
     return "reference"
 

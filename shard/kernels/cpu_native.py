@@ -13,7 +13,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / f"cpu_{name}.cpp" for name in ("attention", "sampling", "linear")]
+_SOURCES = [Path(__file__).parent / "csrc" / f"cpu_{n}.cpp" for n in ("attention", "extend", "sampling", "linear")]
 _ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -75,6 +75,26 @@ def attention_decode(
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """reference.attention_decode, reading each row's K/V in place through its block table."""
     return torch.ops.sluice_cpu.paged_attention_decode(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def attention_extend(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,  # [num_reqs + 1] int32
+    context_lens: torch.Tensor,  # [num_reqs] int32, cached prefix + new tokens
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """reference.attention_extend, reading the cached prefix and the new tokens in place."""
+    return torch.ops.sluice_cpu.paged_attention_extend(
+        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale
+    )
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """reference.store_kv: each token's K and V rows into its slot."""
+    torch.ops.sluice_cpu.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

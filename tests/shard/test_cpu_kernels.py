@@ -94,3 +94,39 @@ def test_argmax_logsumexp_matches_torch(vocab):
     ids, lse = cpu_native.argmax_logsumexp(logits)
     assert ids.tolist() == logits.argmax(-1).tolist()
     torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 2, 10), (16, 1, 16)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extend_matches_the_reference(heads, kv_heads, head_dim, dtype):
+    """Prompt chunks with and without a cached prefix, one token to a few blocks' worth, in one call."""
+    g = torch.Generator().manual_seed(heads * head_dim)
+    block = 16
+    q_lens, cached = [37, 1, 130, 16, 70], [0, 5, 0, 33, 200]
+    context_lens = [q + c for q, c in zip(q_lens, cached)]
+    max_blocks = -(-max(context_lens) // block)
+    num_blocks = len(q_lens) * max_blocks + 2
+    k_cache, v_cache = (torch.randn(num_blocks, block, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks, generator=g)[: len(q_lens) * max_blocks].view(len(q_lens), max_blocks).int()
+    query = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    scale = head_dim**-0.5
+    ours = cpu_native.attention_extend(query, k_cache, v_cache, cu, lens, tables, scale)
+    expected = reference.attention_extend(query.float(), k_cache.float(), v_cache.float(), cu, lens, tables, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
+
+
+def test_store_kv_writes_each_row_to_its_slot_and_skips_padding():
+    g = torch.Generator().manual_seed(1)
+    k_cache, v_cache = torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)
+    key = torch.randn(5, 3, 8, generator=g)[:, 1:]  # a slice of the heads, as the model passes it
+    value = torch.randn(5, 2, 8, generator=g)
+    slots = torch.tensor([3, 22, -1, 0, 9])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(key[[0, 1, 3, 4]], value[[0, 1, 3, 4]], expected_k, expected_v, slots[[0, 1, 3, 4]])
+    cpu_native.store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
