@@ -160,6 +160,7 @@ class ModelRunner:
         """(logits [S, vocab] of the sampling rows or None off rank 0, hidden states [T, hidden])."""
         sample_rows = inputs.sample_rows if sample_rows_override is None else sample_rows_override.to(self.device)
         with torch.inference_mode(), forward_context(inputs.context):
+            kernels.begin_step(inputs.context)
             hidden = self._model_forward(inputs.input_ids, inputs.positions)  # [T, hidden]
             return self.model.compute_logits(hidden[sample_rows]), hidden
 

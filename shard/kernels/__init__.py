@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from shard.context import ForwardContext, get_context
 from shard.kernels import reference
 
 log = logging.getLogger(__name__)
@@ -21,13 +22,14 @@ _store_kv = reference.store_kv
 _extend = reference.attention_extend
 _decode = reference.attention_decode
 _argmax_logsumexp = reference.argmax_logsumexp
+_native_step = False  # the CPU kernels hold the step's metadata and run a layer's attention in one C++ op
 
 
 def select_backend(device: torch.device, cache_dir: Path) -> str:
     """Choose the kernels for `device`; `cache_dir` holds built C++ kernels. Returns the name."""
-    global _store_kv, _extend, _decode, _argmax_logsumexp
+    global _store_kv, _extend, _decode, _argmax_logsumexp, _native_step
     _store_kv, _extend, _decode = reference.store_kv, reference.attention_extend, reference.attention_decode
-    _argmax_logsumexp = reference.argmax_logsumexp
+    _argmax_logsumexp, _native_step = reference.argmax_logsumexp, False
     if device.type == "cuda":
         try:
             from shard.kernels import triton_attention as t
@@ -45,7 +47,7 @@ def select_backend(device: torch.device, cache_dir: Path) -> str:
             log.warning("%s; decoding with the slower torch reference attention", e)
             return "reference"
         _store_kv, _extend, _decode = cpu_native.store_kv, cpu_native.attention_extend, cpu_native.attention_decode
-        _argmax_logsumexp = cpu_native.argmax_logsumexp
+        _argmax_logsumexp, _native_step = cpu_native.argmax_logsumexp, True
         return "cpu"
     return "reference"
 
@@ -64,3 +66,48 @@ def attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale,
 
 def argmax_logsumexp(logits):
     return _argmax_logsumexp(logits)
+
+
+def begin_step(ctx: ForwardContext) -> None:
+    """Hand the step's metadata to the kernels that keep it themselves (the C++ CPU kernels)."""
+    if _native_step:
+        from shard.kernels import cpu_native
+
+        cpu_native.set_step(ctx)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_index: int, scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]: store the step's K/V in the layer's cache,
+    then attend. One opaque op, so a compiled forward calls it as a unit."""
+    if _native_step:
+        return torch.ops.sluice_cpu.attention(q, k, v, layer_index, scale)
+    return _context_attention(q, k, v, layer_index, scale)
+
+
+@torch.library.custom_op("sluice::attention", mutates_args=())
+def _context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_index: int, scale: float
+) -> torch.Tensor:
+    """paged_attention for the backends without a step of their own: reads the forward context."""
+    ctx = get_context()
+    k_cache, v_cache = ctx.kv_caches[layer_index]
+    store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    e, d = ctx.extend, ctx.decode
+    if e is None:
+        return attention_decode(q, k_cache, v_cache, d.context_lens, d.block_tables, scale, d.max_context_len)
+    extend = attention_extend(
+        q[: e.num_tokens], k_cache, v_cache, e.cu_seqlens_q, e.context_lens, e.block_tables, scale
+    )
+    if d is None:
+        return extend
+    out = torch.empty_like(q)  # mixed step: prompt chunks first, then single tokens
+    out[: e.num_tokens] = extend
+    out[e.num_tokens :] = attention_decode(
+        q[e.num_tokens :], k_cache, v_cache, d.context_lens, d.block_tables, scale, d.max_context_len
+    )
+    return out
+
+
+@_context_attention.register_fake
+def _(q, k, v, layer_index, scale):
+    return torch.empty_like(q)

@@ -6,6 +6,7 @@ under `torch.ops.sluice_cpu`. The ISA comes from `torch.backends.cpu.get_cpu_cap
 a cache shared by different machines keeps one build per ISA.
 """
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / f"cpu_{n}.cpp" for n in ("attention", "extend", "sampling", "linear")]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / f"cpu_{name}.cpp" for name in ("attention", "extend", "step", "sampling", "linear")]
 _ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -31,7 +33,9 @@ def load(cache_dir: Path) -> str:
 
     isa = torch.backends.cpu.get_cpu_capability()
     isa = isa if isa in _ISA_FLAGS else "DEFAULT"
-    name = f"sluice_cpu_{isa.lower()}"
+    # The sources' digest names the build, headers included (torch only tracks the .cpp files).
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))).hexdigest()[:12]
+    name = f"sluice_cpu_{isa.lower()}_{digest}"
     build_dir = cache_dir / "extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *_ISA_FLAGS.get(isa, [])]
@@ -62,6 +66,26 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sluice_cpu::packed_linear")
     def _(x, handle, out_features, bias):
         return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("sluice_cpu::attention")
+    def _(q, k, v, layer, scale):
+        return torch.empty_like(q)
+
+
+def set_step(ctx) -> None:
+    """The step's metadata and caches (a shard.context.ForwardContext) for sluice_cpu::attention."""
+    e, d = ctx.extend, ctx.decode
+    torch.ops.sluice_cpu.set_step(
+        [k for k, _ in ctx.kv_caches],
+        [v for _, v in ctx.kv_caches],
+        ctx.slot_mapping,
+        e.num_tokens if e is not None else 0,
+        e.cu_seqlens_q if e is not None else None,
+        e.context_lens if e is not None else None,
+        e.block_tables if e is not None else None,
+        d.context_lens if d is not None else None,
+        d.block_tables if d is not None else None,
+    )
 
 
 def attention_decode(

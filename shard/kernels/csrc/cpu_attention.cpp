@@ -24,6 +24,8 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include "cpu_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -246,6 +248,10 @@ void decode_dispatch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
   decode<T, 0>(out, q, k, v, P);
 }
 
+}  // namespace
+
+namespace sluice {
+
 at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [num_reqs, num_heads, head_dim]");
@@ -273,7 +279,7 @@ at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_c
   return out;
 }
 
-}  // namespace
+}  // namespace sluice
 
 TORCH_LIBRARY(sluice_cpu, m) {
   m.def(
@@ -281,4 +287,4 @@ TORCH_LIBRARY(sluice_cpu, m) {
       "Tensor context_lens, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("paged_attention_decode", &paged_attention_decode); }
+TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("paged_attention_decode", &sluice::paged_attention_decode); }

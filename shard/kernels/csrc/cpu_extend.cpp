@@ -23,6 +23,8 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include "cpu_kernels.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -227,6 +229,10 @@ void extend(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   }
 }
 
+}  // namespace
+
+namespace sluice {
+
 at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
                                   const at::Tensor& block_tables, double scale) {
@@ -297,7 +303,7 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
   });
 }
 
-}  // namespace
+}  // namespace sluice
 
 TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
   m.def(
@@ -307,6 +313,6 @@ TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) {
-  m.impl("paged_attention_extend", &paged_attention_extend);
-  m.impl("store_kv", &store_kv);
+  m.impl("paged_attention_extend", &sluice::paged_attention_extend);
+  m.impl("store_kv", &sluice::store_kv);
 }
