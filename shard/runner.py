@@ -17,7 +17,7 @@ from shard.layers.attention import Attention
 from shard.loader import load_weights
 from shard.models import build_model
 from shard.sampler import Sampler, SamplerConfig
-from shard.step import Batch, PromptLogprobs, StepInput, StepOutput, TokenOutput
+from shard.step import Batch, PromptLogprobs, RequestState, StepInput, StepOutput, TokenOutput
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +111,27 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def warmup(self, max_prefill_tokens: int, max_batch_size: int, max_num_blocks: int) -> int:
-        """Run the largest prefill once (compiling the forward where it is compiled), then size
-        and allocate the KV cache; returns its blocks."""
+        """Run the largest prefill once, then size and allocate the KV cache; returns its blocks.
+
+        On a CPU the forward is first compiled on a small prompt, then the largest prefill and
+        decode batches of 1, 2, 4 ... max_batch_size rows run once, so that the first requests
+        find oneDNN's kernels for those shapes made and the allocator's memory faulted in."""
         num_tokens = max(2, min(max_prefill_tokens, self.max_positions))
-        if self.device.type != "cuda":  # nothing to profile: a small forward only proves the model runs
-            num_tokens = min(num_tokens, 64)
         bs = self.config.block_size
         self._allocate_kv_cache(-(-num_tokens // bs))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        rows = max(1, min(max_batch_size, num_tokens))
         start = time.perf_counter()
+        if self.compiled:
+            self.forward(Batch.single(list(range(min(num_tokens, 64))), list(range(self.num_blocks))))
+            log.info("compiled the forward in %.1f s", time.perf_counter() - start)
+        rows = max(1, min(max_batch_size, num_tokens))
         state = Batch.single(list(range(num_tokens)), list(range(self.num_blocks)))
         self.forward(state, sample_rows_override=torch.arange(num_tokens - rows, num_tokens))
-        if self.compiled:
-            log.info("compiled the forward in %.1f s", time.perf_counter() - start)
+        if self.device.type == "cpu":
+            self._warm_decode_batches(max_batch_size)
+            log.info("warmed the shapes in %.1f s", time.perf_counter() - start)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -145,6 +150,15 @@ class ModelRunner:
         self._allocate_kv_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, num_blocks * self.block_bytes / 2**30)
         return num_blocks
+
+    def _warm_decode_batches(self, max_batch_size: int) -> None:
+        """One decode step at each power-of-two batch size up to `max_batch_size` (and at it),
+        every row a short sequence in the warmup cache's first block."""
+        sizes = sorted({min(1 << i, max_batch_size) for i in range(max(max_batch_size, 1).bit_length() + 1)})
+        length = min(self.config.block_size, self.max_positions)
+        for size in sizes:
+            states = [RequestState(-1, [0] * length, length, length - 1, [0]) for _ in range(size)]
+            self.forward(Batch(states, [1] * size))
 
     def clear(self) -> None:
         self.batch.clear()
