@@ -49,9 +49,12 @@ clean:
 	rm -rf $(VENV) router/pb shard/pb
 
 # Benchmarks (benchmarks/RESULTS.md): Sluice against vLLM's CPU build (its own venv, .venv-vllm/, created on
-# first use) and transformers' pipeline and static batching, on the same prompts in one command. Each server
-# starts fresh per dtype (`auto`: its own default; float32), prefix caching off on both; the baselines run
-# once, in float32. BENCH_PEERS= (empty) skips vLLM. JSON, plots and server logs land in benchmarks/out/.
+# first use) and transformers' pipeline and static batching, on the same prompts in one command. Per dtype
+# pairing (`auto`: each server's own default; float32) Sluice and vLLM start fresh one after the other, stay
+# resident, and take turns on each load (C=32: S V S V; C=8 and C=1: S V V S, the table showing the mean of
+# each server's two runs), with the memory bandwidth before and after as a drift check; prefix caching off on
+# both; the baselines run once, in float32. About 12 minutes. BENCH_PEERS= (empty) skips vLLM. JSON (every
+# run), plots and server logs land in benchmarks/out/.
 .PHONY: bench bench-gpu
 BENCH_PEERS ?= vllm
 $(VENV)/.bench-installed: $(VENV)/.installed

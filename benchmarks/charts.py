@@ -1,6 +1,7 @@
 """The plots (matplotlib, PNG): one colour per system, one line style and marker per dtype.
 
-Runs are the closed-loop runs the tables use (ratios.compared_runs: a server's "first" run is left out).
+Runs are the closed-loop figures the tables use (ratios.compared_runs: a server's "first" run is left out and
+its repeated runs of a load make one figure; the CDFs pool those runs' requests).
 """
 
 from __future__ import annotations

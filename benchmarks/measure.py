@@ -14,19 +14,30 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def measure(args: argparse.Namespace, label: str, fn, pids: dict[str, int] | None = None):
+def measure(
+    args: argparse.Namespace,
+    label: str,
+    fn,
+    pids: dict[str, int] | None = None,
+    resident: dict[str, int] | None = None,
+):
     """(fn(), CPU use) for a run in which other processes used at most `--max-other-load` % of the CPU.
 
     A shared machine's other work skews every figure, so a run that competed for the cores is
     run again (at most `--retries` times) once the machine is quiet; the last attempt is kept.
-    `pids` are the server's processes: their CPU time is the server's, not "other".
+    `pids` are the server's processes: their CPU time is the server's, not "other". `resident` are
+    the processes of other servers kept running meanwhile: "other" load, also reported on their own;
+    before each attempt they are given time to go idle (`probes.settle`, recorded as `settle_s`).
     """
     for attempt in range(args.retries + 1):
-        with probes.CpuMonitor(pids) as cpu:
+        settled = probes.settle(resident or {})
+        if settled > 1.0:
+            log(f"{label}: waited {settled:.1f} s for the other servers to go idle")
+        with probes.CpuMonitor(pids, resident) as cpu:
             out = fn()
         other = cpu.result["other_pct"]
         if other <= args.max_other_load or attempt == args.retries:
-            return out, cpu.result | {"attempts": attempt + 1}
+            return out, cpu.result | {"attempts": attempt + 1, "settle_s": settled}
         log(f"{label}: other processes used {other:.0f}% of the CPU; waiting for a quiet machine to run it again")
         waited = probes.wait_quiet(args.max_other_load, args.quiet_timeout)
         args.waited_s += waited

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         nargs="+",
         default=None,
         choices=DTYPES,
-        help="a fresh start of every server per dtype; `auto`: each server's own default (see pairing.py)",
+        help="a pairing per dtype: every server started fresh, all resident, runs interleaved; `auto`: each "
+        "server's own default (see pairing.py, pair_runs.py)",
     )
     p.add_argument(
         "--peers",
@@ -85,7 +86,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         type=int,
         default=None,
         metavar="C",
-        help="after the measured runs of Sluice's first start, py-spy one extra run at concurrency C",
+        help="after the first pairing's runs and long-prompt probes, py-spy one extra Sluice run at concurrency C",
     )
     p.add_argument(
         "--max-other-load",

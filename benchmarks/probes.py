@@ -10,7 +10,8 @@
   time / wall time; the rest is sampling, gRPC, router bubbles and client gaps) and the router's
   CPU time per step (from the OS, whether or not it hides behind the forward).
 - `CpuMonitor`: CPU seconds used by the machine, by this process tree and by the server's
-  processes, to show when something else was competing for the cores.
+  processes, to show when something else was competing for the cores (the other, idle servers
+  of a pairing included, and also shown on their own); `settle` waits for those to go idle.
 - `Profiler`: `py-spy record` of a process for the duration of a `with` block (speedscope JSON),
   and `top_functions` to summarise such a file.
 """
@@ -100,10 +101,12 @@ def _cpu_seconds(pids: list[int], children: bool = False) -> float:
 
 
 class CpuMonitor:
-    """CPU use during a `with` block: the whole machine, this process, and the server's processes."""
+    """CPU use during a `with` block: the whole machine, this process, the server's processes, and the
+    processes of other servers kept resident meanwhile (`resident_pids`: counted as other load too)."""
 
-    def __init__(self, server_pids: dict[str, int] | None = None):
+    def __init__(self, server_pids: dict[str, int] | None = None, resident_pids: dict[str, int] | None = None):
         self.server_pids = server_pids or {}
+        self.resident_pids = resident_pids or {}
         self.result: dict = {}
 
     def __enter__(self) -> CpuMonitor:
@@ -111,6 +114,7 @@ class CpuMonitor:
         self._machine = _busy_seconds()
         self._own = _cpu_seconds([os.getpid()], children=True)
         self._server = {name: _cpu_seconds([pid]) for name, pid in self.server_pids.items()}
+        self._resident = _cpu_seconds(list(self.resident_pids.values()))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,6 +123,7 @@ class CpuMonitor:
         own = _cpu_seconds([os.getpid()], children=True) - self._own
         per_process = {name: _cpu_seconds([pid]) - self._server[name] for name, pid in self.server_pids.items()}
         server = sum(per_process.values())
+        resident = max(0.0, _cpu_seconds(list(self.resident_pids.values())) - self._resident)
         cores = psutil.cpu_count() or 1
         self.result = {
             "wall_s": wall,
@@ -129,6 +134,8 @@ class CpuMonitor:
             "loadavg_1m_end": os.getloadavg()[0],
             "server_cpu_s": per_process,
         }
+        if self.resident_pids:
+            self.result["resident_pct"] = 100 * resident / (wall * cores)
 
 
 def _busy_seconds() -> float:
@@ -142,6 +149,29 @@ def wait_quiet(max_busy_pct: float, timeout_s: float, interval_s: float = 3.0, i
     start, quiet = time.monotonic(), 0
     while quiet < intervals and time.monotonic() - start < timeout_s:
         quiet = quiet + 1 if psutil.cpu_percent(interval=interval_s) < max_busy_pct else 0
+    return time.monotonic() - start
+
+
+def settle(
+    pids: dict[str, int],
+    max_pct: float = 5.0,
+    interval_s: float = 0.25,
+    intervals: int = 2,
+    timeout_s: float = 30.0,
+) -> float:
+    """Wait (at most `timeout_s`) until the processes `pids` (servers meant to be idle) used under `max_pct` %
+    of the machine's CPU for `intervals` consecutive intervals; returns the seconds waited. A server can keep
+    its cores busy for seconds after its last request (vLLM's CPU build does, about 1 CPU-second), which
+    would otherwise land on the next server's run."""
+    start, quiet, cores = time.monotonic(), 0, psutil.cpu_count() or 1
+    if not pids:
+        return 0.0
+    last_t, last = time.monotonic(), _cpu_seconds(list(pids.values()))
+    while quiet < intervals and time.monotonic() - start < timeout_s:
+        time.sleep(interval_s)
+        now_t, now = time.monotonic(), _cpu_seconds(list(pids.values()))
+        quiet = quiet + 1 if 100 * (now - last) / ((now_t - last_t) * cores) < max_pct else 0
+        last_t, last = now_t, now
     return time.monotonic() - start
 
 

@@ -4,7 +4,9 @@ A run entry names its `system` ("sluice", a peer such as "vllm", or a `transform
 the `dtype` the system used, its `concurrency` (None for an open-loop run at `rate`) and, for a
 server's largest concurrency, its `phase`: "first" (the first measured run after the warm-up
 request) or "repeat" (the same load again). The tables and every ratio use the repeat; the first
-run is only compared with it ("cold start").
+run is only compared with it ("cold start"). A server runs its other concurrencies twice
+(schedule.py, `round` 1 and 2); the tables and ratios use one figure per server and load, the
+mean of the two (combine.py).
 
 Every ratio is arranged so that above 1 is better for Sluice: throughput is Sluice ÷ the other,
 latencies (TPOT, TTFT) are the other ÷ Sluice.
@@ -13,6 +15,8 @@ latencies (TPOT, TTFT) are the other ÷ Sluice.
 from __future__ import annotations
 
 import math
+
+from benchmarks.combine import table_figures
 
 SLUICE = "sluice"
 FIRST, REPEAT = "first", "repeat"
@@ -29,8 +33,9 @@ def div(a: float, b: float) -> float:
 
 
 def compared_runs(runs: list[dict]) -> list[dict]:
-    """The closed-loop runs that tables and ratios use: every run but the "first" ones."""
-    return [r for r in runs if r.get("rate") is None and r.get("phase") != FIRST]
+    """The closed-loop figures that tables and ratios use: every run but the "first" ones, a server's
+    runs of the same load combined into one figure (combine.py)."""
+    return table_figures([r for r in runs if r.get("rate") is None and r.get("phase") != FIRST])
 
 
 def _against(ref: dict, other: dict) -> dict:

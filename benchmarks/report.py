@@ -1,11 +1,14 @@
-"""The printed summary: Markdown tables ready for RESULTS.md (runs, ratios, cold start, long prompt,
-server starts, Sluice's step time, the profile and the time each phase took)."""
+"""The printed summary: Markdown tables ready for RESULTS.md (the machine's drift, runs, ratios, cold start,
+long prompt, server starts, Sluice's step time, the profile and the time each phase took)."""
 
 from __future__ import annotations
 
 import math
 
+from benchmarks import drift
+from benchmarks.pairing import pairing_name
 from benchmarks.ratios import compared_runs, label
+from benchmarks.schedule import run_name
 
 SYSTEMS = ("sluice", "vllm", "pipeline", "static", "continuous")
 DTYPE_ORDER = ("bfloat16", "float16", "float32")
@@ -36,7 +39,8 @@ def order_key(run: dict) -> tuple:
 
 
 def table(runs: list[dict]) -> str:
-    """A Markdown table: one row per (concurrency, system, dtype) run; a server's "first" runs are left out."""
+    """A Markdown table: one row per (concurrency, system, dtype) figure (ratios.compared_runs: a server's "first"
+    runs are left out, its repeated runs of a load make one figure, each run's tok/s in brackets)."""
     head = (
         "| C | system | requests | out tok/s | req/s | TTFT mean / p50 / p90 / p99 (ms) "
         "| TPOT mean / p50 / p90 / p99 (ms) | ITL p50 / p99 (ms) | E2E mean / p50 / p90 / p99 (s) | other load |"
@@ -48,9 +52,13 @@ def table(runs: list[dict]) -> str:
         ttft, tpot, itl, e2e = s["ttft_s"], s["tpot_s"], s["itl_s"], s["e2e_s"]
         load = run.get("cpu", {}).get("other_pct")
         c = run["concurrency"] if run.get("rate") is None else f"{run['concurrency'] or '∞'} @ {run['rate']}/s"
+        requests = f"{s['completed']}/{s['completed'] + s['failed']}"
+        requests += f" in {run['runs']} runs" if run.get("runs", 1) > 1 else ""
+        tok_s = f"{s['output_throughput']:.1f}"
+        tok_s += f" ({' / '.join(f'{x:.1f}' for x in run['run_tok_s'])})" if run.get("run_tok_s") else ""
         lines.append(
-            f"| {c} | {label(run)} | {s['completed']}/{s['completed'] + s['failed']} "
-            f"| {s['output_throughput']:.1f} | {s['request_throughput']:.3f} "
+            f"| {c} | {label(run)} | {requests} "
+            f"| {tok_s} | {s['request_throughput']:.3f} "
             f"| {' / '.join(_ms(ttft[k]) for k in ('mean', 'p50', 'p90', 'p99'))} "
             f"| {' / '.join(_ms(tpot[k]) for k in ('mean', 'p50', 'p90', 'p99'))} "
             f"| {_ms(itl['p50'])} / {_ms(itl['p99'])} "
@@ -149,8 +157,8 @@ def overhead_table(runs: list[dict]) -> str:
         a, d, p = steps.get("all"), steps.get("decode"), steps.get("prefill")
         if not a:
             continue
-        c = run["concurrency"] or f"rate {run['rate']}/s"
-        c = f"{c} ({run['phase']})" if run.get("phase") else c
+        c = run_name(run["concurrency"], run.get("phase"), run.get("round")).removeprefix("C=")
+        c = c if run.get("rate") is None else f"rate {run['rate']}/s"
         fwd = f"{p['forward_ms'] if p else math.nan:.0f} / {d['forward_ms'] if d else math.nan:.1f}"
         dec = f"{d['round_trip_ms']:.1f}, {d['apply_ms']:.2f}, {d['metric_overhead_pct']:.0f}%" if d else "-"
         lines.append(
@@ -187,6 +195,41 @@ def profile_text(profile: dict) -> str:
     return "\n".join(lines)
 
 
+def drift_lines(result: dict) -> list[str]:
+    """Per pairing: the memory bandwidth before and after its runs (drift.py), the most CPU the idle resident
+    servers took during another server's run, and the time spent waiting for them to go idle first."""
+    lines = []
+    for entry in result.get("drift", []):
+        cpus = [
+            r["cpu"]
+            for r in result.get("runs", [])
+            if "resident_pct" in r.get("cpu", {}) and pairing_name(r.get("pairing") or "") == entry["pairing"]
+        ]
+        resident = max((c["resident_pct"] for c in cpus), default=None)
+        lines.append(drift.note(entry, resident, sum(c.get("settle_s", 0.0) for c in cpus)))
+    return lines
+
+
+def runs_caption(runs: list[dict], largest: int | None) -> str:
+    """What the runs table's rows are: which run at the largest C, and how repeated runs were combined."""
+    text = f"Runs (servers at C={largest}: the repeat run, see cold start"
+    figures = [r for r in compared_runs(runs) if r.get("combined")]
+    if figures:
+        systems = list(dict.fromkeys(r["system"] for r in runs if r.get("round")))
+        turns = (
+            f"taking turns in the order {', '.join(systems + systems[::-1])}"
+            if len(systems) > 1
+            else "one run after the other"
+        )
+        text += (
+            f"; at the other concurrencies each server ran twice, {turns}, and its row is the "
+            + " or ".join(sorted({r["combined"] for r in figures}))
+            + " (throughput and the TTFT, TPOT, ITL and E2E statistics averaged, requests counted over the runs), "
+            "each run's out tok/s in brackets"
+        )
+    return text + "):"
+
+
 def _section(title: str, body: str, empty: str = "") -> list[str]:
     return ["", title, body] if body.count("\n") > 1 else ([] if not empty else ["", title, empty])
 
@@ -202,11 +245,16 @@ def summary_text(result: dict) -> str:
         f"workload {result['args']['workload']}, {full} requests; {'; '.join(subsets) or 'all requests at every C'}"
         + (" (subsets for the time budget; every system runs the same subset)" if subsets else ""),
         *result.get("notes", []),
-        "",
-        f"Runs (servers at C={largest}: the repeat run, see cold start):",
-        table(runs),
     ]
-    parts += _section("Sluice against its peers, per dtype pairing:", peer_table(result.get("peer_ratios", [])))
+    drifts = drift_lines(result)
+    if drifts:
+        parts += ["", "Machine drift (memory bandwidth: torch sum over 256 MiB, best of 3):", *drifts]
+    parts += ["", runs_caption(runs, largest), table(runs)]
+    parts += _section(
+        "Sluice against its peers, per dtype pairing (both servers resident, their runs interleaved; the figures "
+        "of the runs table):",
+        peer_table(result.get("peer_ratios", [])),
+    )
     parts += _section("Sluice against the transformers baselines:", ratio_table(result["ratios"]))
     parts += _section(
         f"Cold start: each server's first run at C={largest} right after one warm-up request, against the "

@@ -1,9 +1,12 @@
-"""Everything measured on one server start, in a fixed order.
+"""What is measured on a started server (see servers.py), one piece at a time; pair_runs.py orders them.
 
-After the start: one small warm-up request (not measured); the largest concurrency twice, "first"
-(right after the warm-up: what a cold server does) and "repeat" (the figure the tables use); the
-other concurrencies from large to small; Poisson runs if asked; then, if asked, the long-prompt
-probe and (Sluice only) a py-spy profile. Every run goes through `measure` (rerun after contention).
+- `warm`: one small request, not measured (first-call costs);
+- `load_run`: one measured closed-loop (or Poisson) run, through `measure` (run again after contention);
+- `probe_run`: the long-prompt probe (long_prompt.py);
+- `profile_run`: one extra Sluice run under py-spy, not in the tables.
+
+`resident` in each is the other servers' processes, kept running (idle) meanwhile: their CPU time
+counts as other load (see probes.CpuMonitor).
 """
 
 from __future__ import annotations
@@ -15,16 +18,8 @@ from benchmarks import long_prompt, probes
 from benchmarks.loadgen import run_load, warm_up
 from benchmarks.measure import log, measure
 from benchmarks.metrics import summarize
-from benchmarks.ratios import FIRST, REPEAT
+from benchmarks.schedule import run_name
 from benchmarks.workload import RequestSpec
-
-
-def load_sequence(levels: list[int]) -> list[tuple[int, str | None]]:
-    """[(concurrency, phase)]: the largest twice ("first", "repeat"), then the others from large to small."""
-    order = sorted(set(levels), reverse=True)
-    if not order:
-        return []
-    return [(order[0], FIRST), (order[0], REPEAT), *((c, None) for c in order[1:])]
 
 
 def run_entry(system: str, dtype: str | None, c, specs, records, duration, cpu, rate=None, phase=None, **extra) -> dict:
@@ -32,7 +27,7 @@ def run_entry(system: str, dtype: str | None, c, specs, records, duration, cpu, 
     summary = summarize(records, duration)
     name = f"{system} {dtype}" if dtype else system
     log(
-        f"{name} C={c}{f' ({phase})' if phase else ''} rate={rate} n={len(specs)}: "
+        f"{name} {run_name(c, phase, extra.get('round'))} rate={rate} n={len(specs)}: "
         f"{summary['output_throughput']:.1f} out tok/s, TPOT {1e3 * summary['tpot_s']['mean']:.0f} ms, "
         f"TTFT {1e3 * summary['ttft_s']['mean']:.0f} ms, {duration:.1f} s, "
         f"other load {cpu.get('other_pct', float('nan')):.0f}%"
@@ -51,51 +46,59 @@ def run_entry(system: str, dtype: str | None, c, specs, records, duration, cpu, 
     }
 
 
-def server_runs(
+def warm(args: argparse.Namespace, server, specs: list[RequestSpec]) -> None:
+    """One short request to a freshly started server, not measured."""
+    asyncio.run(warm_up(server.url, args.api, specs[0]))
+
+
+def load_run(
     args: argparse.Namespace,
     server,
+    c: int | None,
     specs: list[RequestSpec],
-    plan: dict[int, int],
-    probe: long_prompt.ProbeConfig | None = None,
-    profile: bool = False,
+    rate: float | None = None,
+    phase: str | None = None,
+    resident: dict[str, int] | None = None,
+    **tags,
 ) -> dict:
-    """{"runs": [...], "long_prompt": {...} | None, "profile": {...}} for a started server (see servers.py)."""
+    """One measured run of `specs` on `server` (closed loop of `c` clients, or Poisson at `rate`).
+
+    `tags` (round, order, pairing) go into the entry as they are; a Sluice entry also has `server_steps`.
+    """
     url, system, dtype, pids = server.url, server.system, server.dtype, server.pids
     scrape = system == "sluice"
-    asyncio.run(warm_up(url, args.api, specs[0]))
-    loads = [(c, None, phase, specs[: plan[c]]) for c, phase in load_sequence(levels(args, system))]
-    loads += [(None, rate, None, specs) for rate in args.rates]
-    runs = []
-    for c, rate, phase, subset in loads:
 
-        def one(c=c, rate=rate, subset=subset):
-            before = probes.scrape(url) if scrape else {}
-            records, duration = asyncio.run(run_load(url, subset, args.api, c, rate or float("inf"), args.seed))
-            return before, probes.scrape(url) if scrape else {}, records, duration
+    def one():
+        before = probes.scrape(url) if scrape else {}
+        records, duration = asyncio.run(run_load(url, specs, args.api, c, rate or float("inf"), args.seed))
+        return before, probes.scrape(url) if scrape else {}, records, duration
 
-        label = f"{system} {dtype} C={c}{f' ({phase})' if phase else ''}"
-        (before, after, records, duration), cpu = measure(args, label, one, pids)
-        extra = {}
-        if scrape:
-            extra["server_steps"] = probes.step_breakdown(before, after, duration, cpu["server_cpu_s"].get("router"))
-        runs.append(run_entry(system, dtype, c, subset, records, duration, cpu, rate, phase, **extra))
-    out = {"runs": runs, "long_prompt": None, "profile": {}}
-    if probe is not None:
-        log(f"{system} {dtype}: long-prompt probe ({probe.long_tokens} tokens into {probe.streams} decoding streams)")
-        result, cpu = measure(
-            args,
-            f"{system} {dtype} long prompt",
-            lambda: asyncio.run(long_prompt.run_probe(url, args.model_dir, probe, args.seed)),
-            pids,
-        )
-        out["long_prompt"] = {"system": system, "dtype": dtype, **result, "cpu": cpu}
-        log(
-            f"{system} {dtype} long prompt: median ITL {1e3 * result['median_itl_s']:.0f} ms, worst during the "
-            f"arrival {1e3 * result['worst_window_itl_s']:.0f} ms ({result['window_worst_over_median']:.1f}x)"
-        )
-    if profile and "shard-0" in pids:
-        out["profile"] = profile_run(args, url, pids, specs[: args.profile_requests])
-    return out
+    label = f"{system} {dtype} {run_name(c, phase, tags.get('round'))}"
+    (before, after, records, duration), cpu = measure(args, label, one, pids, resident)
+    extra = dict(tags)
+    if scrape:
+        extra["server_steps"] = probes.step_breakdown(before, after, duration, cpu["server_cpu_s"].get("router"))
+    return run_entry(system, dtype, c, specs, records, duration, cpu, rate, phase, **extra)
+
+
+def probe_run(
+    args: argparse.Namespace, server, probe: long_prompt.ProbeConfig, resident: dict[str, int] | None = None
+) -> dict:
+    """The long-prompt probe on `server`: its summary, raw token times and CPU use."""
+    system, dtype = server.system, server.dtype
+    log(f"{system} {dtype}: long-prompt probe ({probe.long_tokens} tokens into {probe.streams} decoding streams)")
+    result, cpu = measure(
+        args,
+        f"{system} {dtype} long prompt",
+        lambda: asyncio.run(long_prompt.run_probe(server.url, args.model_dir, probe, args.seed)),
+        server.pids,
+        resident,
+    )
+    log(
+        f"{system} {dtype} long prompt: median ITL {1e3 * result['median_itl_s']:.0f} ms, worst during the "
+        f"arrival {1e3 * result['worst_window_itl_s']:.0f} ms ({result['window_worst_over_median']:.1f}x)"
+    )
+    return {"system": system, "dtype": dtype, **result, "cpu": cpu}
 
 
 def levels(args: argparse.Namespace, system: str) -> list[int]:
@@ -103,7 +106,13 @@ def levels(args: argparse.Namespace, system: str) -> list[int]:
     return [c for c in args.concurrency if f"{system}:{c}" not in args.skip]
 
 
-def profile_run(args: argparse.Namespace, url: str, pids: dict[str, int], specs: list[RequestSpec]) -> dict:
+def profile_run(
+    args: argparse.Namespace,
+    url: str,
+    pids: dict[str, int],
+    specs: list[RequestSpec],
+    resident: dict[str, int] | None = None,
+) -> dict:
     """One extra Sluice run at `--profile` concurrency under py-spy (shard 0 and router); not in the table."""
     args.out.mkdir(parents=True, exist_ok=True)
     files = {name: args.out / f"{name}.speedscope.json" for name in ("shard", "router")}
@@ -113,7 +122,7 @@ def profile_run(args: argparse.Namespace, url: str, pids: dict[str, int], specs:
         with probes.Profiler(pids["shard-0"], files["shard"]), probes.Profiler(pids["router"], files["router"]):
             return asyncio.run(run_load(url, specs, args.api, args.profile, float("inf"), args.seed))
 
-    (records, duration), cpu = measure(args, "profile", one, pids)
+    (records, duration), cpu = measure(args, "profile", one, pids, resident)
     out = {
         "concurrency": args.profile,
         "num_requests": len(specs),

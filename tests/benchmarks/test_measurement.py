@@ -1,11 +1,16 @@
-"""The benchmark's arithmetic and workloads: what RESULTS.md's figures rest on."""
+"""The benchmark's arithmetic, workloads and CPU accounting: what RESULTS.md's figures rest on."""
 
 import math
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from benchmarks.metrics import RequestRecord, percentile, summarize
+from benchmarks.probes import CpuMonitor, settle
 from benchmarks.workload import make_requests, poisson_arrivals
 
 
@@ -44,3 +49,33 @@ def test_workloads_are_seeded_prefix_stable_and_in_range(bundled_model_dir):
     times = poisson_arrivals(2000, rate=4.0, seed=1)
     assert times == sorted(times) and 2000 / times[-1] == pytest.approx(4.0, rel=0.1)
     assert poisson_arrivals(3, float("inf")) == [0.0, 0.0, 0.0]
+
+
+def test_an_idle_resident_servers_cpu_is_other_load_and_shown_on_its_own():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        with CpuMonitor({}, {"vllm:busy": busy.pid}) as cpu:
+            time.sleep(0.6)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert cpu.result["resident_pct"] > 100 / (psutil.cpu_count() or 1) / 3  # most of one core
+    assert cpu.result["other_pct"] >= cpu.result["resident_pct"] - 10
+    with CpuMonitor({}) as quiet:
+        pass
+    assert "resident_pct" not in quiet.result
+
+
+def test_settle_waits_until_a_resident_server_stops_using_the_cpu():
+    assert settle({}) == 0.0
+    script = "import time\nt = time.time()\nwhile time.time() - t < 0.8: pass\ntime.sleep(60)"
+    tail = subprocess.Popen([sys.executable, "-c", script])  # busy 0.8 s after it starts, like vLLM after a load
+    try:
+        time.sleep(0.1)
+        waited = settle({"vllm": tail.pid}, interval_s=0.1)
+        assert 0.6 < waited < 3.0
+        assert settle({"vllm": tail.pid}, interval_s=0.1) < 0.5  # idle now: two quiet intervals
+    finally:
+        tail.kill()
+        tail.wait()

@@ -1,13 +1,17 @@
-"""run.system_runs with fake servers: which starts happen per dtype request, that every start is
-stopped, and that one server's failure is reported without losing the others."""
+"""pair_runs.pairing_runs with fake servers: the order of starts, interleaved runs, probes and stops per dtype
+pairing, that every server is stopped whatever happens, and that one server's failure leaves the others' figures."""
+
+import contextlib
 
 import pytest
 
-from benchmarks import run
+from benchmarks import drift, pair_runs, pair_servers, pairing, probes
 from benchmarks.measure import Phases
 from benchmarks.options import parse_args
+from benchmarks.pair_servers import Collected
 
 DEFAULTS = {"sluice": "float32", "vllm": "bfloat16"}  # what each resolves `auto` to here
+PIDS = {"sluice": {"router": 11, "shard-0": 12}, "vllm": {"vllm:serve": 21}}
 
 
 class FakeServer:
@@ -20,6 +24,7 @@ class FakeServer:
         if self.fail:
             raise RuntimeError("vllm serve exited with 1 before it was healthy")
         self.dtype = DEFAULTS[self.system] if self.request == "auto" else self.request
+        self.pids = PIDS[self.system]
 
     def stop(self):
         self.log.append(("stop", self.system, self.request))
@@ -28,49 +33,161 @@ class FakeServer:
         return {"system": self.system, "request": self.request, "dtype": self.dtype}
 
 
+class Fake:
+    """The log of what happened, which (system, request) starts fail, and which (system, C, round) runs raise what."""
+
+    def __init__(self):
+        self.log, self.failing_starts, self.failing_runs, self.resident = [], set(), {}, {}
+
+
 @pytest.fixture
 def fake(monkeypatch):
-    """(log of starts, runs and stops; set of (system, request) whose start fails)."""
-    log, failing = [], set()
+    f = Fake()
+    bandwidth = iter([38.2, 41.0, 40.0, 36.0])
 
     def make_server(args, system, request):
-        return FakeServer(system, request, log, fail=(system, request) in failing)
+        return FakeServer(system, request, f.log, fail=(system, request) in f.failing_starts)
 
-    def server_runs(args, server, specs, plan, probe=None, profile=False):
-        log.append(("runs", server.system, server.dtype, probe is not None, profile))
-        return {"runs": [{"system": server.system, "dtype": server.dtype}], "long_prompt": None, "profile": {}}
+    def load_run(args, server, c, specs, rate=None, phase=None, resident=None, **tags):
+        f.log.append(("run", server.system, server.dtype, c, phase, tags.get("round")))
+        f.resident[server.system] = resident
+        error = f.failing_runs.get((server.system, c, tags.get("round")))
+        if error is not None:
+            raise error
+        return {"system": server.system, "dtype": server.dtype, "concurrency": c, "phase": phase, **tags}
 
-    monkeypatch.setattr(run, "make_server", make_server)
-    monkeypatch.setattr(run, "server_runs", server_runs)
-    return log, failing
+    monkeypatch.setattr(pair_servers, "make_server", make_server)
+    monkeypatch.setattr(pair_runs, "load_run", load_run)
+    monkeypatch.setattr(pair_runs, "warm", lambda args, server, specs: f.log.append(("warm", server.system)))
+    monkeypatch.setattr(drift, "memory_bandwidth_gbs", lambda: f.log.append(("bandwidth",)) or next(bandwidth))
+    monkeypatch.setattr(probes, "settle", lambda pids: f.log.append(("settle", len(pids))) or 0.0)
+    monkeypatch.setattr(
+        pair_runs,
+        "probe_run",
+        lambda args, server, probe, resident: f.log.append(("probe", server.system)) or {"system": server.system},
+    )
+    monkeypatch.setattr(
+        pair_runs,
+        "profile_run",
+        lambda args, url, pids, specs, resident: f.log.append(("profile", resident)) or {"concurrency": 32},
+    )
+    return f
 
 
-def test_auto_that_resolves_to_float32_serves_both_pairings_with_one_start(fake):
-    log, _ = fake
-    args = parse_args(["--peers", "vllm", "--dtypes", "float32", "auto", "--profile", "32"])
-    out = run.system_runs(args, "sluice", [], {}, Phases())
-    assert log == [("start", "sluice", "auto"), ("runs", "sluice", "float32", True, True), ("stop", "sluice", "auto")]
-    assert out["resolved"] == {"auto": "float32", "float32": "float32"}
-    assert out["servers"][0]["serves"] == ["auto", "float32"] and not out["errors"]
+def run_all(argv: list[str]) -> Collected:
+    """Every pairing of `argv`'s --dtypes, as run.main runs them."""
+    args, out = parse_args(argv), Collected()
+    order = pairing.start_order(args.dtypes)
+    for request in order:
+        pair_runs.pairing_runs(args, request, request == order[0], [], {1: 4, 8: 16, 32: 64}, Phases(), out)
+    return out
 
 
-def test_a_peer_whose_default_differs_starts_twice_and_probes_only_its_default(fake):
-    log, _ = fake
-    args = parse_args(["--peers", "vllm", "--dtypes", "auto", "float32"])
-    out = run.system_runs(args, "vllm", [], {}, Phases())
-    assert [e for e in log if e[0] == "runs"] == [
-        ("runs", "vllm", "bfloat16", True, False),
-        ("runs", "vllm", "float32", False, False),
+def runs(log: list, system: str | None = None) -> list:
+    return [e[1:] for e in log if e[0] == "run" and (system is None or e[1] == system)]
+
+
+def test_a_pairing_starts_one_server_after_the_other_then_runs_them_in_turn_abab_then_abba(fake):
+    out = run_all(["--peers", "vllm", "--dtypes", "auto", "--profile", "32"])
+    s, v = ("sluice", "float32"), ("vllm", "bfloat16")
+    assert fake.log[:6] == [
+        ("start", "sluice", "auto"),
+        ("start", "vllm", "auto"),
+        ("warm", "sluice"),
+        ("warm", "vllm"),
+        ("settle", 3),  # both servers idle before the bandwidth is measured
+        ("bandwidth",),
     ]
-    assert [e for e in log if e[0] == "stop"] == [("stop", "vllm", "auto"), ("stop", "vllm", "float32")]
-    assert out["resolved"] == {"auto": "bfloat16", "float32": "float32"}
+    assert runs(fake.log) == [
+        (*s, 32, "first", 1),
+        (*v, 32, "first", 1),
+        (*s, 32, "repeat", 2),
+        (*v, 32, "repeat", 2),
+        (*s, 8, None, 1),
+        (*v, 8, None, 1),
+        (*v, 8, None, 2),
+        (*s, 8, None, 2),
+        (*s, 1, None, 1),
+        (*v, 1, None, 1),
+        (*v, 1, None, 2),
+        (*s, 1, None, 2),
+    ]
+    resident = {"vllm:vllm:serve": 21}
+    assert fake.log[-7:] == [
+        ("settle", 3),
+        ("bandwidth",),
+        ("probe", "sluice"),
+        ("probe", "vllm"),
+        ("profile", resident),
+        ("stop", "vllm", "auto"),
+        ("stop", "sluice", "auto"),
+    ]
+    assert fake.resident == {"sluice": resident, "vllm": {"sluice:router": 11, "sluice:shard-0": 12}}
+    assert [r["order"] for r in out.runs] == list(range(1, 13)) and {r["pairing"] for r in out.runs} == {"auto"}
+    assert out.drift == [drift.check("default", 38.2, 41.0)] and not out.errors
+    assert out.resolved == {"sluice": {"auto": "float32"}, "vllm": {"auto": "bfloat16"}}
 
 
-def test_a_failed_start_is_stopped_reported_and_the_next_dtype_still_runs(fake):
-    log, failing = fake
-    failing.add(("vllm", "auto"))
-    args = parse_args(["--peers", "vllm", "--dtypes", "auto", "float32"])
-    out = run.system_runs(args, "vllm", [], {}, Phases())
-    assert ("stop", "vllm", "auto") in log and ("runs", "vllm", "float32", False, False) in log
-    assert out["resolved"] == {"float32": "float32"}
-    assert len(out["errors"]) == 1 and "exited with 1" in out["errors"][0]
+def test_a_start_that_serves_a_later_pairing_stands_for_it_and_the_other_server_runs_alone(fake):
+    out = run_all(["--peers", "vllm", "--dtypes", "float32", "auto", "--profile", "32"])
+    starts = [e for e in fake.log if e[0] in ("start", "stop")]
+    assert starts == [
+        ("start", "sluice", "auto"),
+        ("start", "vllm", "auto"),
+        ("stop", "vllm", "auto"),
+        ("stop", "sluice", "auto"),
+        ("start", "vllm", "float32"),
+        ("stop", "vllm", "float32"),
+    ]
+    second = fake.log[fake.log.index(("start", "vllm", "float32")) :]
+    assert runs(second) == [("vllm", "float32", c, p, r) for c, p, r in [(32, "first", 1), (32, "repeat", 2)]] + [
+        ("vllm", "float32", c, None, r) for c in (8, 1) for r in (1, 2)
+    ]
+    assert ("probe", "vllm") not in second and fake.resident["vllm"] == {}  # probes: the first pairing only
+    assert out.resolved["sluice"] == {"auto": "float32", "float32": "float32"}
+    assert out.servers[0]["serves"] == ["auto", "float32"]
+    assert any("not interleaved" in n for n in out.notes) and [d["pairing"] for d in out.drift] == [
+        "default",
+        "float32",
+    ]
+
+
+def test_a_failed_start_is_stopped_at_once_reported_and_the_rest_still_runs(fake):
+    fake.failing_starts.add(("vllm", "auto"))
+    out = run_all(["--peers", "vllm", "--dtypes", "auto", "float32"])
+    assert fake.log.index(("stop", "vllm", "auto")) < fake.log.index(("warm", "sluice"))
+    first = runs(fake.log[: fake.log.index(("stop", "sluice", "auto"))])
+    assert {e[0] for e in first} == {"sluice"} and len(first) == 6  # Sluice alone: two runs per concurrency
+    assert ("run", "vllm", "float32", 32, "first", 1) in fake.log
+    assert out.resolved["vllm"] == {"float32": "float32"}
+    assert len(out.errors) == 1 and "(start)" in out.errors[0] and "exited with 1" in out.errors[0]
+
+
+def test_a_failed_run_stops_its_server_at_once_and_the_other_carries_on(fake):
+    fake.failing_runs[("vllm", 8, 1)] = ConnectionError("server went away")
+    out = run_all(["--peers", "vllm", "--dtypes", "auto"])
+    after = fake.log[fake.log.index(("run", "vllm", "bfloat16", 8, None, 1)) :]
+    assert after[1] == ("stop", "vllm", "auto")
+    assert runs(after[2:]) == [("sluice", "float32", 8, None, 2), *(("sluice", "float32", 1, None, r) for r in (1, 2))]
+    assert ("probe", "vllm") not in after and ("probe", "sluice") in after
+    assert fake.log.count(("stop", "vllm", "auto")) == 1 and fake.log[-1] == ("stop", "sluice", "auto")
+    assert len(out.errors) == 1 and "vllm --dtype auto (C=8 (run 1)): ConnectionError" in out.errors[0]
+    assert [r["system"] for r in out.runs].count("vllm") == 2  # what vLLM measured before it failed stays
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(143)])
+def test_ctrl_c_or_sigterm_during_a_run_stops_every_server(fake, interrupt):
+    fake.failing_runs[("vllm", 32, 1)] = interrupt
+    with pytest.raises(type(interrupt)):
+        run_all(["--peers", "vllm", "--dtypes", "auto", "float32"])
+    assert fake.log[-2:] == [("stop", "vllm", "auto"), ("stop", "sluice", "auto")]
+
+
+def test_a_stop_runs_once_even_when_asked_twice():
+    log = []
+    server = FakeServer("vllm", "auto", log)
+    stop = pair_servers.Stop(server, "auto", Phases())
+    with contextlib.ExitStack() as stack:
+        stack.callback(stop)
+        stop()
+    assert log == [("stop", "vllm", "auto")]

@@ -1,16 +1,17 @@
-"""Pairing servers by dtype, the peer, baseline and cold-start ratios, the run order and the tables:
-the logic behind `make bench`'s Sluice-against-vLLM figures, on hand-made run entries."""
+"""Pairing servers by dtype, the peer, baseline and cold-start ratios, the interleaved run order, how
+repeated runs make one figure, the drift note and the tables: the logic behind `make bench`'s
+Sluice-against-vLLM figures, on hand-made run entries."""
 
 import math
 
 import pytest
 
-from benchmarks import pairing, ratios, report
+from benchmarks import combine, drift, pairing, ratios, report
 from benchmarks.options import parse_args, requests_plan
-from benchmarks.server_runs import load_sequence
+from benchmarks.schedule import Slot, interleave, run_name
 
 
-def entry(system, dtype, c, tok_s, tpot, ttft, phase=None, n=None, attempts=1):
+def entry(system, dtype, c, tok_s, tpot, ttft, phase=None, n=None, attempts=1, round_=None, other=1.0):
     """A run entry as run.py writes it (the fields the ratios and tables read)."""
     stats = lambda x: {"mean": x, "p50": x, "p90": x, "p99": x}  # noqa: E731
     summary = {
@@ -31,8 +32,9 @@ def entry(system, dtype, c, tok_s, tpot, ttft, phase=None, n=None, attempts=1):
         "rate": None,
         "num_requests": n or 2 * c,
         "summary": summary,
-        "records": [],
-        "cpu": {"other_pct": 1.0, "attempts": attempts},
+        "records": [{"index": i} for i in range(n or 2 * c)],
+        "cpu": {"other_pct": other, "attempts": attempts},
+        "round": round_,
     }
 
 
@@ -111,10 +113,110 @@ def test_division_by_nothing_is_nan():
     assert math.isnan(ratios.div(1.0, 0.0)) and math.isnan(ratios.div(1.0, math.nan))
 
 
-def test_a_server_runs_its_largest_concurrency_twice_then_the_others_downwards():
-    assert load_sequence([1, 8, 32]) == [(32, "first"), (32, "repeat"), (8, None), (1, None)]
-    assert load_sequence([4]) == [(4, "first"), (4, "repeat")]
-    assert load_sequence([]) == []
+def slots(schedule: list[Slot]) -> list[tuple]:
+    return [(x.system[0].upper(), x.concurrency, x.phase or x.round) for x in schedule]
+
+
+def test_servers_take_turns_abab_at_the_largest_concurrency_then_abba_at_each_smaller_one():
+    both = interleave({"sluice": [1, 8, 32], "vllm": [32, 8, 1]})
+    assert slots(both) == [
+        ("S", 32, "first"),
+        ("V", 32, "first"),
+        ("S", 32, "repeat"),
+        ("V", 32, "repeat"),
+        ("S", 8, 1),
+        ("V", 8, 1),
+        ("V", 8, 2),
+        ("S", 8, 2),
+        ("S", 1, 1),
+        ("V", 1, 1),
+        ("V", 1, 2),
+        ("S", 1, 2),
+    ]
+    assert all(x.round == (1 if x.phase == "first" else 2) for x in both if x.phase)
+
+
+def test_a_lone_server_or_skipped_levels_still_run_each_load_twice():
+    assert slots(interleave({"sluice": [4]})) == [("S", 4, "first"), ("S", 4, "repeat")]
+    alone = [("S", 8, "first"), ("S", 8, "repeat"), ("S", 1, 1), ("S", 1, 2)]
+    assert slots(interleave({"sluice": [1, 8], "vllm": []})) == alone
+    skipped = interleave({"sluice": [1, 8, 32], "vllm": [1, 8]})  # vllm's largest is 8: its cold start is there
+    cold_at_8 = [
+        ("S", 32, "first"),
+        ("S", 32, "repeat"),
+        ("S", 8, 1),
+        ("V", 8, "first"),
+        ("S", 8, 2),
+        ("V", 8, "repeat"),
+    ]
+    assert slots(skipped)[:6] == cold_at_8
+    assert interleave({}) == []
+    assert (run_name(32, "first"), run_name(8, None, 2), run_name(1)) == ("C=32 (first)", "C=8 (run 2)", "C=1")
+
+
+def test_two_runs_of_a_load_make_one_figure_their_mean_and_three_their_median():
+    a = entry("sluice", "float32", 8, 300.0, 0.030, 0.8, round_=1, other=2.0)
+    b = entry("sluice", "float32", 8, 280.0, 0.034, 1.0, round_=2)
+    (mean,) = combine.table_figures([a, b])
+    assert mean["summary"]["output_throughput"] == pytest.approx(290.0)  # not the better of the two (300)
+    assert mean["summary"]["tpot_s"]["mean"] == pytest.approx(0.032)
+    assert mean["summary"]["ttft_s"]["p99"] == pytest.approx(0.9)
+    assert (mean["summary"]["completed"], mean["runs"], len(mean["records"])) == (32, 2, 32)
+    assert mean["run_tok_s"] == [300.0, 280.0] and mean["combined"] == "mean of 2 runs"
+    assert mean["cpu"]["other_pct"] == 2.0 and mean["round"] is None  # the worse run's contention
+    assert a["summary"]["output_throughput"] == 300.0  # the runs themselves are left as they were
+    c = entry("sluice", "float32", 8, 250.0, 0.040, 1.2, round_=3)
+    (median,) = combine.table_figures([a, b, c])
+    assert median["summary"] is b["summary"] and median["combined"] == "median of 3 runs"
+    lone = entry("vllm", "float32", 8, 260.0, 0.035, 0.9)
+    assert combine.table_figures([a, lone, b])[1] is lone
+
+
+def test_ratios_and_tables_use_the_mean_of_each_servers_two_runs():
+    paired = [
+        entry("sluice", "float32", 8, 300.0, 0.030, 0.8, round_=1),
+        entry("vllm", "bfloat16", 8, 200.0, 0.040, 0.5, round_=1),
+        entry("vllm", "bfloat16", 8, 240.0, 0.036, 0.7, round_=2),
+        entry("sluice", "float32", 8, 280.0, 0.034, 1.0, round_=2),
+    ]
+    (row,) = ratios.peer_ratios(paired, PAIRS, "vllm")
+    assert (row["sluice_tok_s"], row["peer_tok_s"]) == (290.0, 220.0)
+    assert row["throughput"] == pytest.approx(290 / 220) and row["ttft"] == pytest.approx(0.6 / 0.9)
+    text = report.table(paired)
+    assert "| 8 | sluice float32 | 32/32 in 2 runs | 290.0 (300.0 / 280.0) |" in text
+    assert text.count("| 8 | vllm bfloat16 |") == 1
+    caption = report.runs_caption(paired, 32)
+    assert "sluice, vllm, vllm, sluice" in caption and "mean of 2 runs" in caption
+    assert report.runs_caption(RUNS, 32) == "Runs (servers at C=32: the repeat run, see cold start):"
+
+
+def test_the_drift_note_gives_bandwidth_before_and_after_and_the_idle_servers_cpu():
+    check = drift.check("default", 38.2, 41.0)
+    assert check["change_pct"] == pytest.approx(100 * (41.0 / 38.2 - 1))
+    assert drift.note(check).startswith("default pairing: memory bandwidth 38.2 -> 41.0 GB/s (+7%)")
+    run = entry("sluice", "float32", 8, 300.0, 0.03, 0.8) | {"pairing": "auto"}
+    run["cpu"] |= {"resident_pct": 1.4, "settle_s": 2.6}
+    lines = report.drift_lines({"drift": [check], "runs": [run, RUNS[0]]})
+    assert lines == [drift.note(check, 1.4, 2.6)]
+    assert lines[0].endswith(
+        "used at most 1.4% of the CPU during the other's runs, after 3 s in all waiting for it to go idle before them"
+    )
+    text = report.summary_text(
+        {
+            "meta": {"date": "d", "git_commit": "c", "git_dirty": False, "elapsed_s": 1.0},
+            "args": {"num_requests": 64, "workload": "random"},
+            "requests_per_concurrency": {8: 16, 32: 64},
+            "drift": [check],
+            "runs": RUNS,
+            "ratios": [],
+        }
+    )
+    assert "Machine drift (memory bandwidth: torch sum over 256 MiB, best of 3):\ndefault pairing: memory" in text
+
+
+def test_memory_bandwidth_is_measured_quickly():
+    gbs = drift.memory_bandwidth_gbs(mib=8, repeats=2)
+    assert 0.1 < gbs < 10_000
 
 
 def test_tables_show_every_system_and_dtype_once_per_concurrency():
