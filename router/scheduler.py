@@ -77,10 +77,7 @@ class StepPlan:
     @property
     def work(self) -> StepWork:
         """What the step computes, for the step cost model."""
-        total = StepWork()
-        for s in self.scheduled:
-            total += StepWork.of(s.start_position, s.num_scheduled_tokens)
-        return total
+        return StepWork.total((s.start_position, s.num_scheduled_tokens) for s in self.scheduled)
 
 
 class Scheduler:
@@ -219,15 +216,15 @@ class Scheduler:
         k = self.config.max_prefill_slowdown
         if k <= 0 or not self.step_costs.ready:
             return float("inf")
-        decodes, num_prefilling = StepWork(), len(self.waiting)
+        decoding, num_prefilling = [], len(self.waiting)
         for r in self.running:
             if r.status != RequestStatus.RUNNING or self._is_done_but_in_flight(r):
                 continue
-            computed, known = r.num_computed_tokens, r.num_tokens + r.num_pending_outputs
-            if known - computed == 1:
-                decodes += StepWork.of(computed, 1)
+            if r.num_tokens + r.num_pending_outputs - r.num_computed_tokens == 1:
+                decoding.append((r.num_computed_tokens, 1))
             else:
                 num_prefilling += 1
+        decodes = StepWork.total(decoding)
         if not decodes.tokens:
             return float("inf")
         return (k - 1) * self.step_costs.predict(decodes) * max(1.0, num_prefilling / decodes.tokens)

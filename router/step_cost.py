@@ -24,7 +24,16 @@ class StepWork:
     @staticmethod
     def of(num_cached: int, num_tokens: int) -> "StepWork":
         """A request computing `num_tokens` tokens after `num_cached` ones already in the cache."""
-        return StepWork(num_tokens, num_tokens * (num_cached + (num_tokens + 1) / 2))
+        return StepWork.total([(num_cached, num_tokens)])
+
+    @staticmethod
+    def total(requests) -> "StepWork":
+        """The work of several requests, given as (num_cached, num_tokens) pairs."""
+        tokens = attention = 0.0
+        for num_cached, num_tokens in requests:
+            tokens += num_tokens
+            attention += num_tokens * (num_cached + (num_tokens + 1) / 2)
+        return StepWork(tokens, attention)
 
 
 class StepCostModel:
