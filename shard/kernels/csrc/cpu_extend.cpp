@@ -10,10 +10,12 @@
 // to positions 0 .. that position (causal over the new tokens, full over the cached prefix).
 //
 // Flash-attention style, in fp32: a work item is (request, kv head, block of kQBlock query
-// tokens), i.e. M = kQBlock * group rows sharing one kv head. It walks the keys in blocks of
-// kKBlock positions up to its last row's position: converts the K rows to fp32 transposed
-// (K^T [D, kKBlock]) so that scores are broadcast-FMAs with no horizontal sums, keeps a running
-// max and sum per row (online softmax), and accumulates P V into fp32 rows. Items are handed out
+// tokens), i.e. M = kQBlock * group rows sharing one kv head, padded to whole vectors. It walks
+// the keys in blocks of kKBlock positions up to its last row's position, with online softmax.
+// Everything is laid out transposed, rows in vector lanes: Q^T [D, M], scores S^T [keys, M] and
+// the output O^T [D, M]. Then Q K^T and P V are broadcast-FMAs of one K or V element against
+// row vectors (K and V rows are only converted to fp32, never transposed), and the running max,
+// sum and rescale of every row are vector ops down the key axis. Items are handed out
 // dynamically: causal items differ in cost.
 
 #include <ATen/ATen.h>
@@ -26,33 +28,18 @@
 #include "cpu_kernels.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int kLanes = fVec::size();
-constexpr int kQBlock = 16;               // query tokens per work item
-constexpr int kKBlock = 4 * kLanes;       // key positions per inner block (64 on AVX-512)
-constexpr int kKVecs = kKBlock / kLanes;  // vectors per row of a score block
-
-// 0, 1, ..., kLanes - 1, for masking lanes by position
-const float* lane_index_data() {
-  static const auto data = [] {
-    std::array<float, kLanes> a{};
-    for (int i = 0; i < kLanes; ++i) a[i] = float(i);
-    return a;
-  }();
-  return data.data();
-}
-
-template <typename T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
-}
+constexpr int kQBlock = 16;  // query tokens per work item
+constexpr int kKBlock = 64;  // key positions per inner block
+constexpr int kTile = 4;     // keys (Q K^T) or head dims (P V) per register tile, times up to 4 row vectors
 
 struct ExtendProblem {
   int64_t num_heads, num_kv_heads, group, head_dim, block_size, max_blocks;
@@ -63,139 +50,147 @@ struct ExtendProblem {
   float scale;
 };
 
+// S^T[t0 + i, rows] = sum_d K[t0 + i, d] * Q^T[d, rows] for kTile keys and W row vectors from rv0.
+template <int W>
+inline void scores_tile(const float* K, int64_t Dp, int64_t D, const float* QT, int64_t Mp, float* ST, int64_t t0,
+                        int64_t rv0) {
+  fVec acc[kTile][W];
+  for (int i = 0; i < kTile; ++i)
+    for (int j = 0; j < W; ++j) acc[i][j] = fVec(0.f);
+  for (int64_t d = 0; d < D; ++d) {
+    fVec q[W];
+    for (int j = 0; j < W; ++j) q[j] = fVec::loadu(QT + d * Mp + (rv0 + j) * kLanes);
+    for (int i = 0; i < kTile; ++i) {
+      const fVec k(K[(t0 + i) * Dp + d]);
+      for (int j = 0; j < W; ++j) acc[i][j] = at::vec::fmadd(k, q[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kTile; ++i)
+    for (int j = 0; j < W; ++j) acc[i][j].store(ST + (t0 + i) * Mp + (rv0 + j) * kLanes);
+}
+
+// O^T[d0 + i, rows] = O^T[d0 + i, rows] * rescale[rows] + sum_t V[t, d0 + i] * P^T[t, rows].
+template <int W>
+inline void values_tile(const float* V, int64_t Dp, const float* PT, int64_t Mp, int64_t nk, const float* rescale,
+                        float* OT, int64_t d0, int64_t rv0) {
+  fVec acc[kTile][W];
+  for (int j = 0; j < W; ++j) {
+    const fVec r = fVec::loadu(rescale + (rv0 + j) * kLanes);
+    for (int i = 0; i < kTile; ++i) acc[i][j] = fVec::loadu(OT + (d0 + i) * Mp + (rv0 + j) * kLanes) * r;
+  }
+  for (int64_t t = 0; t < nk; ++t) {
+    fVec p[W];
+    for (int j = 0; j < W; ++j) p[j] = fVec::loadu(PT + t * Mp + (rv0 + j) * kLanes);
+    for (int i = 0; i < kTile; ++i) {
+      const fVec v(V[t * Dp + d0 + i]);
+      for (int j = 0; j < W; ++j) acc[i][j] = at::vec::fmadd(v, p[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kTile; ++i)
+    for (int j = 0; j < W; ++j) acc[i][j].store(OT + (d0 + i) * Mp + (rv0 + j) * kLanes);
+}
+
+// Convert `n` elements to fp32.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
 template <typename T>
 void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T* v_ptr, T* out_ptr, int64_t req,
                  int64_t kv_head, int64_t q_begin, int64_t q_end, std::vector<float>& buf) {
   const int64_t D = P.head_dim, G = P.group, row = P.num_kv_heads * D;
+  const int64_t Dp = (D + kTile - 1) / kTile * kTile;  // head dims padded to whole tiles
   const int64_t q_len_req = P.cu[req + 1] - P.cu[req], ctx = P.lens[req];
   const int64_t first_pos = ctx - q_len_req;  // position of the request's first query row
-  const int64_t nq = q_end - q_begin, M = nq * G;
+  const int64_t M = (q_end - q_begin) * G;
+  const int64_t MV = (M + kLanes - 1) / kLanes, Mp = MV * kLanes;  // rows padded to whole vectors
   const int32_t* table = P.tables + req * P.max_blocks;
-  // scratch: Q [M, D], O [M, D], KT [D, kKBlock], V [kKBlock, D], S [M, kKBlock], m [M], l [M]
-  buf.resize(2 * M * D + 2 * D * kKBlock + M * kKBlock + 2 * M);
-  float* Q = buf.data();
-  float* O = Q + M * D;
-  float* KT = O + M * D;
-  float* V = KT + D * kKBlock;
-  float* S = V + kKBlock * D;
-  float* m = S + M * kKBlock;
-  float* l = m + M;
-  // Row r = token (r / G), head kv_head * G + r % G.
+  // scratch: QT [Dp, Mp], OT [Dp, Mp], ST [kKBlock, Mp], K and V [kKBlock, Dp], pos, m, l, rescale [Mp]
+  buf.assign(2 * Dp * Mp + kKBlock * Mp + 2 * kKBlock * Dp + 4 * Mp, 0.f);
+  float* QT = buf.data();
+  float* OT = QT + Dp * Mp;
+  float* ST = OT + Dp * Mp;
+  float* K = ST + kKBlock * Mp;
+  float* V = K + kKBlock * Dp;
+  float* pos = V + kKBlock * Dp;
+  float* m = pos + Mp;
+  float* l = m + Mp;
+  float* rescale = l + Mp;
+  // Row r = token (r / G), head kv_head * G + r % G. Padding rows have zero queries and the last
+  // row's position, so they stay finite; they are never written out.
+  for (int64_t r = 0; r < Mp; ++r) {
+    pos[r] = float(first_pos + q_begin + std::min(r, M - 1) / G);
+    m[r] = -INFINITY;
+  }
   for (int64_t r = 0; r < M; ++r) {
     const T* src = q_ptr + (P.cu[req] + q_begin + r / G) * P.q_stride_tok + (kv_head * G + r % G) * P.q_stride_head;
-    for (int64_t d = 0; d < D; ++d) Q[r * D + d] = to_float(src[d]) * P.scale;
-    m[r] = -INFINITY;
-    l[r] = 0.f;
+    for (int64_t d = 0; d < D; ++d) QT[d * Mp + r] = static_cast<float>(src[d]) * P.scale;
   }
-  std::fill(O, O + M * D, 0.f);
   const int64_t last_pos = first_pos + q_end - 1;  // the item's keys end here
   for (int64_t k0 = 0; k0 <= last_pos; k0 += kKBlock) {
     const int64_t nk = std::min<int64_t>(kKBlock, last_pos + 1 - k0);
-    // K^T and V of positions k0 .. k0 + nk, padded with zeros to kKBlock
-    for (int64_t t = 0; t < kKBlock; ++t) {
-      if (t < nk) {
-        const int64_t p = k0 + t;
-        const int64_t slot = (int64_t(table[p / P.block_size]) * P.block_size + p % P.block_size) * row + kv_head * D;
-        const T* kr = k_ptr + slot;
-        const T* vr = v_ptr + slot;
-        for (int64_t d = 0; d < D; ++d) {
-          KT[d * kKBlock + t] = to_float(kr[d]);
-          V[t * D + d] = to_float(vr[d]);
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          KT[d * kKBlock + t] = 0.f;
-          V[t * D + d] = 0.f;
+    const int64_t nk_tiles = (nk + kTile - 1) / kTile * kTile;
+    for (int64_t t = 0; t < nk; ++t) {  // K and V rows of positions k0 .. k0 + nk in fp32
+      const int64_t p = k0 + t;
+      const int64_t slot = (int64_t(table[p / P.block_size]) * P.block_size + p % P.block_size) * row + kv_head * D;
+      to_float(k_ptr + slot, K + t * Dp, D);
+      to_float(v_ptr + slot, V + t * Dp, D);
+    }
+    std::fill(K + nk * Dp, K + nk_tiles * Dp, 0.f);
+    for (int64_t t0 = 0; t0 < nk_tiles; t0 += kTile) {
+      for (int64_t rv0 = 0; rv0 < MV; rv0 += 4) {
+        switch (std::min<int64_t>(4, MV - rv0)) {
+          case 1: scores_tile<1>(K, Dp, D, QT, Mp, ST, t0, rv0); break;
+          case 2: scores_tile<2>(K, Dp, D, QT, Mp, ST, t0, rv0); break;
+          case 3: scores_tile<3>(K, Dp, D, QT, Mp, ST, t0, rv0); break;
+          default: scores_tile<4>(K, Dp, D, QT, Mp, ST, t0, rv0); break;
         }
       }
     }
-    // S = Q K^T, four rows at a time
-    int64_t r = 0;
-    for (; r + 4 <= M; r += 4) {
-      fVec acc[4][kKVecs];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < kKVecs; ++j) acc[i][j] = fVec(0.f);
-      for (int64_t d = 0; d < D; ++d) {
-        fVec kt[kKVecs];
-        for (int j = 0; j < kKVecs; ++j) kt[j] = fVec::loadu(KT + d * kKBlock + j * kLanes);
-        for (int i = 0; i < 4; ++i) {
-          const fVec qv(Q[(r + i) * D + d]);
-          for (int j = 0; j < kKVecs; ++j) acc[i][j] = at::vec::fmadd(qv, kt[j], acc[i][j]);
+    // mask keys past each row's position, online softmax down the key axis
+    for (int64_t rv = 0; rv < MV; ++rv) {
+      const fVec row_pos = fVec::loadu(pos + rv * kLanes);
+      fVec block_max(-INFINITY);
+      for (int64_t t = 0; t < nk; ++t) {
+        const auto keep = fVec(float(k0 + t)) <= row_pos;
+        block_max = at::vec::maximum(block_max, fVec::blendv(fVec(-INFINITY), fVec::loadu(ST + t * Mp + rv * kLanes), keep));
+      }
+      // The first block (k0 = 0) shows every row its position 0, so new_max is finite.
+      const fVec old_max = fVec::loadu(m + rv * kLanes);
+      const fVec new_max = at::vec::maximum(old_max, block_max);
+      const fVec factor = (old_max - new_max).exp();  // 0 on the first block (old max -inf)
+      fVec sum(0.f);
+      for (int64_t t = 0; t < nk; ++t) {
+        const auto keep = fVec(float(k0 + t)) <= row_pos;
+        float* s = ST + t * Mp + rv * kLanes;
+        const fVec p = fVec::blendv(fVec(0.f), (fVec::loadu(s) - new_max).exp_u20(), keep);
+        p.store(s);
+        sum = sum + p;
+      }
+      (fVec::loadu(l + rv * kLanes) * factor + sum).store(l + rv * kLanes);
+      new_max.store(m + rv * kLanes);
+      factor.store(rescale + rv * kLanes);
+    }
+    for (int64_t d0 = 0; d0 < Dp; d0 += kTile) {
+      for (int64_t rv0 = 0; rv0 < MV; rv0 += 4) {
+        switch (std::min<int64_t>(4, MV - rv0)) {
+          case 1: values_tile<1>(V, Dp, ST, Mp, nk, rescale, OT, d0, rv0); break;
+          case 2: values_tile<2>(V, Dp, ST, Mp, nk, rescale, OT, d0, rv0); break;
+          case 3: values_tile<3>(V, Dp, ST, Mp, nk, rescale, OT, d0, rv0); break;
+          default: values_tile<4>(V, Dp, ST, Mp, nk, rescale, OT, d0, rv0); break;
         }
       }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < kKVecs; ++j) acc[i][j].store(S + (r + i) * kKBlock + j * kLanes);
-    }
-    for (; r < M; ++r) {
-      fVec acc[kKVecs];
-      for (int j = 0; j < kKVecs; ++j) acc[j] = fVec(0.f);
-      for (int64_t d = 0; d < D; ++d) {
-        const fVec qv(Q[r * D + d]);
-        for (int j = 0; j < kKVecs; ++j) acc[j] = at::vec::fmadd(qv, fVec::loadu(KT + d * kKBlock + j * kLanes), acc[j]);
-      }
-      for (int j = 0; j < kKVecs; ++j) acc[j].store(S + r * kKBlock + j * kLanes);
-    }
-    // mask (past each row's position, and the padding), online softmax; vectorized, 4 x 16 keys a row
-    for (r = 0; r < M; ++r) {
-      float* s = S + r * kKBlock;
-      const int64_t pos = first_pos + q_begin + r / G;
-      const int64_t visible = std::min<int64_t>(nk, pos - k0 + 1);
-      if (visible <= 0) {  // an earlier row of the item: this block is past it
-        std::fill(s, s + kKBlock, 0.f);
-        continue;
-      }
-      fVec sv[kKVecs];
-      fVec vmax(-INFINITY);
-      for (int j = 0; j < kKVecs; ++j) {
-        const auto keep = fVec::loadu(lane_index_data()) + fVec(float(j * kLanes)) < fVec(float(visible));
-        sv[j] = fVec::blendv(fVec(-INFINITY), fVec::loadu(s + j * kLanes), keep);
-        vmax = at::vec::maximum(vmax, sv[j]);
-      }
-      const float block_max = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax);
-      const float new_max = std::max(m[r], block_max);
-      const float rescale = std::exp(m[r] - new_max);  // 0 on the first block (m = -inf)
-      fVec vsum(0.f);
-      for (int j = 0; j < kKVecs; ++j) {
-        const auto keep = fVec::loadu(lane_index_data()) + fVec(float(j * kLanes)) < fVec(float(visible));
-        const fVec p = fVec::blendv(fVec(0.f), (sv[j] - fVec(new_max)).exp_u20(), keep);
-        p.store(s + j * kLanes);
-        vsum = vsum + p;
-      }
-      l[r] = l[r] * rescale + at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
-      m[r] = new_max;
-      if (rescale != 1.f) {
-        for (int64_t d = 0; d < D; ++d) O[r * D + d] *= rescale;
-      }
-    }
-    // O += P V, four rows at a time over D in vectors (D a multiple of kLanes) or scalars
-    if (D % kLanes == 0) {
-      const int64_t nd = D / kLanes;
-      for (r = 0; r < M; ++r) {
-        float* o = O + r * D;
-        const float* p = S + r * kKBlock;
-        for (int64_t dv = 0; dv < nd; dv += 4) {
-          const int64_t w = std::min<int64_t>(4, nd - dv);
-          fVec acc[4];
-          for (int j = 0; j < w; ++j) acc[j] = fVec::loadu(o + (dv + j) * kLanes);
-          for (int64_t t = 0; t < nk; ++t) {
-            const fVec pv(p[t]);
-            for (int j = 0; j < w; ++j) acc[j] = at::vec::fmadd(pv, fVec::loadu(V + t * D + (dv + j) * kLanes), acc[j]);
-          }
-          for (int j = 0; j < w; ++j) acc[j].store(o + (dv + j) * kLanes);
-        }
-      }
-    } else {
-      for (r = 0; r < M; ++r)
-        for (int64_t t = 0; t < nk; ++t) {
-          const float p = S[r * kKBlock + t];
-          for (int64_t d = 0; d < D; ++d) O[r * D + d] += p * V[t * D + d];
-        }
     }
   }
   for (int64_t r = 0; r < M; ++r) {
     T* dst = out_ptr + (P.cu[req] + q_begin + r / G) * P.num_heads * D + (kv_head * G + r % G) * D;
     const float inv = 1.f / l[r];
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(O[r * D + d] * inv);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(OT[d * Mp + r] * inv);
   }
 }
 
