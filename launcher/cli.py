@@ -48,7 +48,8 @@ SHARD_FLAGS = [
     ("--block-size", int, "tokens per KV block"),
     ("--watermark-gamma", float, "watermark green-list fraction"),
     ("--watermark-delta", float, "watermark logit bias"),
-    ("--enforce-eager", bool, "run the model eagerly instead of compiling its forward (CPU)"),
+    ("--enforce-eager", bool, "run the model eagerly: no compiled forward (CPU), no CUDA graphs"),
+    ("--cuda-graphs", str, "decode batch sizes captured as CUDA graphs, comma-separated (0: none)"),
 ]
 
 

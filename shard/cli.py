@@ -10,7 +10,20 @@ from pathlib import Path
 from pythonjsonlogger.json import JsonFormatter
 
 from shard import dist
-from shard.config import ShardConfig, default_cache_dir
+from shard.config import CUDA_GRAPH_SIZES, ShardConfig, default_cache_dir
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """ "1,2,4" -> (1, 2, 4); "0" -> ()."""
+    try:
+        sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if sizes == (0,):
+        return ()
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive (or 0 alone), got {text!r}")
+    return sizes
 
 
 def parse_args(argv: list[str] | None = None) -> ShardConfig:
@@ -34,7 +47,15 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         choices=["onednn", "aten"],
         help="CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)",
     )
-    p.add_argument("--enforce-eager", action="store_true", help="run the model eagerly (no torch.compile on CPU)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="run the model eagerly (no torch.compile on CPU, no CUDA graphs)"
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        type=_batch_sizes,
+        default=CUDA_GRAPH_SIZES,
+        help="decode batch sizes captured as CUDA graphs, comma-separated (0: none)",
+    )
     p.add_argument(
         "--compile-cache-dir",
         type=Path,
@@ -74,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
         cpu_gemm=a.cpu_gemm,
         enforce_eager=a.enforce_eager,
+        cuda_graphs=() if a.enforce_eager else a.cuda_graphs,
         compile_cache_dir=a.compile_cache_dir,
         otlp_endpoint=a.otlp_endpoint,
         otlp_service_name=a.otlp_service_name,

@@ -8,6 +8,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sluice"
 
 
+CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 @dataclass(frozen=True, slots=True)
 class ShardConfig:
     """Everything one shard process needs; built only by shard/cli.py."""
@@ -28,6 +31,7 @@ class ShardConfig:
     cpu_kv_cache_bytes: int = 4 << 30
     cpu_gemm: str = "onednn"  # CPU linear layers: "onednn" (weights packed at load) or "aten" (F.linear, MKL)
     enforce_eager: bool = False  # run the model eagerly; otherwise its forward is compiled on CPU
+    cuda_graphs: tuple[int, ...] = CUDA_GRAPH_SIZES  # decode batch sizes captured on CUDA
     compile_cache_dir: Path = field(default_factory=default_cache_dir)  # compiled kernels and graphs
     otlp_endpoint: str | None = None
     otlp_service_name: str = "sluice"

@@ -12,6 +12,7 @@ from shard import dist, kernels
 from shard.compile import compile_forward
 from shard.config import ShardConfig
 from shard.context import forward_context
+from shard.cuda_graphs import DecodeGraphs
 from shard.input_batch import InputBatch, ModelInputs, prepare_inputs
 from shard.layers.attention import Attention
 from shard.loader import load_weights
@@ -85,6 +86,7 @@ class ModelRunner:
         self.batch = InputBatch(self.max_positions + 1, config.block_size, self.device)  # + the token sampled last
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None
 
     @property
     def max_positions(self) -> int:
@@ -146,9 +148,15 @@ class ModelRunner:
             raise RuntimeError(
                 f"not enough memory for the KV cache ({budget} bytes left for blocks of {self.block_bytes})"
             )
+        self.decode_graphs = None  # they hold the old cache's addresses
         self._allocate_kv_cache(0)  # release the warmup cache first
         self._allocate_kv_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, num_blocks * self.block_bytes / 2**30)
+        buckets = [b for b in self.config.cuda_graphs if b <= max_batch_size]
+        if self.kernel_backend == "triton" and buckets:  # after the cache: the graphs hold its addresses
+            self.decode_graphs = DecodeGraphs(
+                self.model, buckets, self.batch.max_blocks, self.max_positions, self.kv_caches, self.device
+            )
         return num_blocks
 
     def _warm_decode_batches(self, max_batch_size: int) -> None:
@@ -173,9 +181,14 @@ class ModelRunner:
     def _forward(self, inputs: ModelInputs, sample_rows_override=None):
         """(logits [S, vocab] of the sampling rows or None off rank 0, hidden states [T, hidden])."""
         sample_rows = inputs.sample_rows if sample_rows_override is None else sample_rows_override.to(self.device)
-        with torch.inference_mode(), forward_context(inputs.context):
-            kernels.begin_step(inputs.context)
-            hidden = self._model_forward(inputs.input_ids, inputs.positions)  # [T, hidden]
+        graphs, ctx = self.decode_graphs, inputs.context
+        bucket = graphs.bucket(inputs.num_tokens) if graphs is not None and ctx.extend is None else None
+        with torch.inference_mode(), forward_context(ctx):
+            if bucket is not None:
+                hidden = graphs.run(bucket, inputs.input_ids, inputs.positions, ctx)  # [T, hidden]
+            else:
+                kernels.begin_step(ctx)
+                hidden = self._model_forward(inputs.input_ids, inputs.positions)  # [T, hidden]
             return self.model.compute_logits(hidden[sample_rows]), hidden
 
     @torch.inference_mode()

@@ -47,3 +47,17 @@ def test_a_missing_model_directory_is_reported(tmp_path):
         [sys.executable, "-m", "launcher", "--model-id", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0 and "is not a model directory" in done.stderr
+
+
+def test_cuda_graph_sizes_reach_the_shards_and_parse_there(monkeypatch):
+    from shard.cli import parse_args as shard_args
+
+    monkeypatch.setenv("CUDA_GRAPHS", "1,2,8")
+    forwarded = parse_args([]).shard_args
+    assert forwarded[forwarded.index("--cuda-graphs") + 1] == "1,2,8"
+    assert shard_args(["--model-id", "m", "--cuda-graphs", "8,1,2"]).cuda_graphs == (1, 2, 8)
+    assert shard_args(["--model-id", "m", "--cuda-graphs", "0"]).cuda_graphs == ()
+    assert shard_args(["--model-id", "m", "--enforce-eager"]).cuda_graphs == ()
+    assert shard_args(["--model-id", "m"]).cuda_graphs == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    with pytest.raises(SystemExit):
+        shard_args(["--model-id", "m", "--cuda-graphs", "4,-1"])
