@@ -25,9 +25,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:  # the attack suite: reduced in `make test`, full with `make soak`
         if "tests/reliability/" in item.nodeid:
             item.add_marker(pytest.mark.reliability)
+        if ("gpu" in item.keywords) != item.nodeid.startswith("tests/gpu/"):
+            raise pytest.UsageError(
+                f"{item.nodeid}: gpu tests are marked `gpu` and live in tests/gpu/ (make gpu-check)"
+            )
     if _has_cuda():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = pytest.mark.skip(reason="needs a CUDA device: runs on the GPU machine through `make gpu-check`")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -37,13 +37,19 @@ def _ours(url: str, prompt: str) -> tuple[list[int], list[set[int]]]:
 
 
 def test_bfloat16_greedy_tokens_match_transformers_up_to_near_ties(bf16_server, bundled_model_dir):
-    assert requests.get(bf16_server.url + "/info", timeout=10).json()["model_dtype"] == "bfloat16"
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.bfloat16).eval()
+    check_parity_with_transformers(bf16_server.url, bundled_model_dir, "cpu")
+
+
+def check_parity_with_transformers(url: str, model_dir, device: str, max_diverged: float = 0.5) -> None:
+    """Greedy tokens from `url` equal transformers' in bf16 on `device`, up to near ties; at most
+    `max_diverged` of the prompts may reach one (random weights have many more near ties)."""
+    assert requests.get(url + "/info", timeout=10).json()["model_dtype"] == "bfloat16"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     diverged = 0
     for prompt in _prompts(tokenizer):
-        ids, our_tops = _ours(bf16_server.url, prompt)
-        inputs = tokenizer(prompt, return_tensors="pt")
+        ids, our_tops = _ours(url, prompt)
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -63,5 +69,6 @@ def test_bfloat16_greedy_tokens_match_transformers_up_to_near_ties(bf16_server, 
         their_top = set(out.scores[first][0].topk(TOP).indices.tolist())
         assert ids[first] in their_top, (prompt[:40], first, ids[first], their_top)
         assert theirs[first] in our_tops[first], (prompt[:40], first, theirs[first], our_tops[first])
-    # Near ties are rare: most prompts keep transformers' tokens all the way (2 of 8 diverged here).
-    assert diverged <= len(_prompts(tokenizer)) // 2, f"{diverged} prompts diverged"
+    # With the bundled model near ties are rare: most prompts keep transformers' tokens all the way
+    # (2 of 8 diverged here).
+    assert diverged <= len(_prompts(tokenizer)) * max_diverged, f"{diverged} prompts diverged"
