@@ -40,7 +40,7 @@ run: install model
 	$(VENV)/bin/sluice-launcher --model-id $(MODEL_DIR) --port $(PORT)
 
 test: install model
-	$(PY) -m pytest -q -m "not gpu" --durations=15
+	$(PY) -m pytest -q -rs --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check router shard launcher tests
@@ -66,6 +66,20 @@ bench: install model $(VENV)/.bench-installed
 		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 \
 		--baselines pipeline static --peers $(BENCH_PEERS) --dtypes auto float32 \
 		--long-prompt-tokens 2000 --profile 32 --profile-requests 32
+
+# The GPU check (benchmarks/gpu_check.py): `make gpu-kit` here gathers what the lent GPU machine lacks into
+# .gpukit/ (wheels, tokenizer) and generates the protobuf code; there, `make gpu-check` (carrying .gpukit,
+# router/pb and shard/pb) installs the wheels, builds random-weight models, runs `pytest -m gpu` and a bounded
+# benchmark, and writes summary.json and gpu-check.log under $$OUT, in under 9 minutes. DEVICE=cpu runs the
+# same stages at tiny sizes with this venv (CI does).
+.PHONY: gpu-kit gpu-check
+DEVICE ?= cuda
+GPU_PYTHON ?= $(if $(filter cpu,$(DEVICE)),$(PY),python3)
+gpu-kit: install model $(VENV)/.bench-installed
+	$(PY) -m benchmarks.gpu_kit
+
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check --device $(DEVICE)
 
 bench-gpu: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --workload nano-vllm --num-requests 256 --concurrency 256 \
