@@ -68,8 +68,8 @@ bench: install model $(VENV)/.bench-installed
 		--long-prompt-tokens 2000 --profile 32 --profile-requests 32
 
 # The GPU check (benchmarks/gpu_check.py): `make gpu-kit` here gathers what the lent GPU machine lacks into
-# .gpukit/ (wheels, tokenizer) and generates the protobuf code; there, `make gpu-check` (carrying .gpukit,
-# router/pb and shard/pb) installs the wheels, builds random-weight models, runs `pytest -m gpu` and a bounded
+# .whl/ (wheels) and .gpukit/ (tokenizer) and generates the protobuf code; there, `make gpu-check` (carrying
+# .whl, .gpukit, router/pb and shard/pb) installs the wheels, builds random-weight models, runs `pytest -m gpu` and a bounded
 # benchmark, and writes summary.json and gpu-check.log under $$OUT, in under 9 minutes. DEVICE=cpu runs the
 # same stages at tiny sizes with this venv (CI does).
 .PHONY: gpu-kit gpu-check

@@ -2,7 +2,7 @@
 
 Stages, each in its own process under its own timeout, all within one deadline (9 minutes):
 1. packages: `pip show` of what the machine is expected to have;
-2. install: the kit's wheels (`make gpu-kit`) that suit this interpreter, into a temporary site
+2. install: the kit's wheels (`make gpu-kit`, in .whl/) that suit this interpreter, into a temporary site
    directory put first on PYTHONPATH;
 3. models: random-weight SmolLM2-135M- and Qwen3-0.6B-shaped models (benchmarks/gpu_stages.py);
 4. tests: `pytest -m gpu`, with SLUICE_GPU_MODELS naming the models;
@@ -81,9 +81,9 @@ class Check:
         self.summary["stages"]["packages"]["ok"] = True  # pip show exits 1 when one is missing: recorded, not fatal
         self.summary["packages_missing"] = sorted({e.lower() for e in EXPECTED} - {v.lower() for v in versions})
 
-    def install(self, kit: Path) -> bool:
+    def install(self, wheel_dir: Path) -> bool:
         tags = set(sys_tags())
-        wheels = [w for w in sorted((kit / "wheels").glob("*.whl")) if parse_wheel_filename(w.name)[3] & tags]
+        wheels = [w for w in sorted(wheel_dir.glob("*.whl")) if parse_wheel_filename(w.name)[3] & tags]
         site = self.work / "site"
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
         done = self.run("install", [*cmd, "--target", str(site), *map(str, wheels)], TIMEOUTS["install"])
@@ -104,7 +104,7 @@ class Check:
 
     def tests(self) -> None:
         report = self.out / "gpu-tests.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests"]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu"]
         done = self.run("tests", [*cmd, f"--junitxml={report}"], TIMEOUTS["tests"])
         if not report.exists():
             return
@@ -161,14 +161,15 @@ def _text(data) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--kit", type=Path, default=ROOT / ".gpukit")
+    p.add_argument("--kit", type=Path, default=ROOT / ".gpukit", help="the tokenizer, from make gpu-kit")
+    p.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="the wheels, from make gpu-kit")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "out" / "gpu-check"))
     p.add_argument("--deadline", type=float, default=540, help="seconds for the whole check")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     check = Check(a.out, a.device, a.deadline)
     check.packages()
-    if check.install(a.kit) and check.models(a.kit):
+    if check.install(a.wheels) and check.models(a.kit):
         check.tests()
         for model in ("smollm2-135m", "qwen3-0.6b"):
             check.bench(model)

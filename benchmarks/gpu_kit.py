@@ -1,8 +1,8 @@
-"""`make gpu-kit`: what the GPU machine lacks, prepared here, into `.gpukit/` (ignored by git).
+"""`make gpu-kit`: what the GPU machine lacks, prepared here, into `.whl/` and `.gpukit/` (ignored).
 
 The lent GPU machine (Python 3.12, torch, Triton, transformers, aiohttp, grpcio...; no network)
 receives the working tree plus the paths a device call carries. This gathers:
-- `.gpukit/wheels/`: cp312 manylinux wheels of the packages its image lacks (opentelemetry,
+- `.whl/`: cp312 manylinux wheels of the packages its image lacks (opentelemetry,
   python-json-logger, pytest-asyncio) and of protobuf and grpcio at the versions our generated
   code was made with (its own may be older), at the versions this venv runs;
 - `.gpukit/tokenizer/`: the bundled model's tokenizer and config (no weights: the check builds
@@ -38,7 +38,7 @@ WHEELS = [
 # pip matches manylinux tags exactly: the ones these packages publish.
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34)] + ["manylinux2014_x86_64", "any"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"]
-CARRIED = [".gpukit", "router/pb", "shard/pb"]
+CARRIED = [".whl", ".gpukit", "router/pb", "shard/pb"]  # what a device call names in `carry`
 
 
 def download_wheels(dest: Path) -> list[Path]:
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     p.add_argument("--out", type=Path, default=ROOT / ".gpukit")
+    p.add_argument("--wheels", type=Path, default=ROOT / ".whl")
     a = p.parse_args(argv)
-    wheels = download_wheels(a.out / "wheels")
+    wheels = download_wheels(a.wheels)
     tokenizer = a.out / "tokenizer"
     tokenizer.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{pb} is missing: run `make proto` first")
     carried = sum(tree_bytes(ROOT / c) for c in CARRIED)
     total = carried + tracked_bytes()
-    print(f"gpu-kit: {len(wheels)} wheels in {a.out / 'wheels'}; tokenizer in {tokenizer}")
+    print(f"gpu-kit: {len(wheels)} wheels in {a.wheels}; tokenizer in {tokenizer}")
     print(f"carried {carried / 2**20:.1f} MiB + tracked tree = {total / 2**20:.1f} MiB of {CARRY_LIMIT >> 20} MiB")
     if total > CARRY_LIMIT:
         raise SystemExit("gpu-kit: over the device call's limit")
