@@ -189,36 +189,44 @@ class Engine:
         """
         in_flight: deque[_InFlight] = deque()
         while True:
-            if not in_flight and not self.scheduler.has_work:
-                self.metrics.queue_size.set(0)
-                self.metrics.batch_current_size.set(0)
-                self.metrics.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self._reset_pending and not in_flight and not await self._reset_shards():
-                self._fail_waiting("the shards could not be reset")
-                continue
-            if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work:
-                plan = self.scheduler.schedule()
-                if not plan.is_empty:
-                    step = self._start_step(plan)
-                    in_flight.append(step)
-                    try:
-                        await self.shards.send(plan, step.trace_context)
-                    except ShardError as e:
-                        self._fail_steps(in_flight, e)
-                    continue
-                if not in_flight:
-                    self._fail_unschedulable()
-                    await asyncio.sleep(0)
-                    continue
             try:
-                result = await self.shards.receive(self.step_timeout_s)
-            except ShardError as e:
-                self._fail_steps(in_flight, e)
-                continue
-            self._finish_step(in_flight.popleft(), result)
+                await self._advance(in_flight)
+            except Exception as e:  # a bug here must fail the requests in flight, never hang them
+                log.exception("the engine failed a step")
+                self._fail_steps(in_flight, ShardError(f"internal error: {e!r}"))
+
+    async def _advance(self, in_flight: deque[_InFlight]) -> None:
+        """One turn of the loop: wait for work, send a step, or apply the oldest step's result."""
+        if not in_flight and not self.scheduler.has_work:
+            self.metrics.queue_size.set(0)
+            self.metrics.batch_current_size.set(0)
+            self.metrics.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        if self._reset_pending and not in_flight and not await self._reset_shards():
+            self._fail_waiting("the shards could not be reset")
+            return
+        if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work:
+            plan = self.scheduler.schedule()
+            if not plan.is_empty:
+                step = self._start_step(plan)
+                in_flight.append(step)
+                try:
+                    await self.shards.send(plan, step.trace_context)
+                except ShardError as e:
+                    self._fail_steps(in_flight, e)
+                return
+            if not in_flight:
+                self._fail_unschedulable()
+                await asyncio.sleep(0)
+                return
+        try:
+            result = await self.shards.receive(self.step_timeout_s)
+        except ShardError as e:
+            self._fail_steps(in_flight, e)
+            return
+        self._finish_step(in_flight.popleft(), result)
 
     def _start_step(self, plan: StepPlan) -> _InFlight:
         now = time.monotonic()

@@ -69,3 +69,36 @@ def test_a_failed_step_resets_the_shards_and_a_failed_reset_is_retried(bundled_m
     assert outcomes[-1] == "2 tokens" and healthy
     assert resets == [7.0] * (failed_resets + 1)  # the step timeout bounds every reset
     assert free_blocks == 32
+
+
+class BrokenEncoding(FlakyShards):
+    """The first step cannot even be encoded (a router bug, e.g. a field the protobuf lacks)."""
+
+    def __init__(self):
+        super().__init__(failed_resets=0)
+        self.sends = 0
+
+    async def send(self, plan, trace_context=None):
+        self.sends += 1
+        if self.sends == 1:
+            raise ValueError("Protocol message NewRequest has no 'num_prompt_tokens' field")
+        await super().send(plan, trace_context)
+
+    async def receive(self, timeout_s=None):
+        await asyncio.sleep(0)
+        return self.queue.pop(0)
+
+
+def test_an_unexpected_error_in_a_step_fails_its_requests_instead_of_hanging_them(bundled_model_dir):
+    async def scenario():
+        shards = BrokenEncoding()
+        scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
+        engine = Engine(scheduler, shards, Tokenizer(bundled_model_dir), [2], Metrics(100, 200))
+        task = asyncio.create_task(engine.run())
+        outcomes = [await asyncio.wait_for(_outcome(engine), 5) for _ in range(2)]
+        task.cancel()
+        return outcomes, shards.resets, scheduler.block_manager.num_free_blocks
+
+    outcomes, resets, free_blocks = asyncio.run(scenario())
+    assert "internal error" in outcomes[0] and "num_prompt_tokens" in outcomes[0]
+    assert outcomes[1] == "2 tokens" and len(resets) == 1 and free_blocks == 32
