@@ -55,6 +55,7 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                 pb.NewRequest(
                     req_id=r.req_id,
                     token_ids=r.token_ids,
+                    num_prompt_tokens=len(r.prompt_ids),
                     num_cached_tokens=s.start_position,
                     num_scheduled_tokens=s.num_scheduled_tokens,
                     block_ids=r.block_ids,

@@ -99,9 +99,11 @@ class InputBatch:
         block_ids: list[int],
         sampling: SamplingParams,
         prompt_logprobs: bool = False,
+        num_prompt_tokens: int = 0,
     ) -> int:
         """Give a request a row; `token_ids` are all its known tokens (prompt, plus those generated
-        before a preemption), `num_computed` the leading ones already in the cache."""
+        before a preemption), `num_computed` the leading ones already in the cache, and the first
+        `num_prompt_tokens` (0: all) its prompt."""
         if not self._free:
             self._grow(2 * len(self.num_tokens))
         row = self._free.pop()
@@ -109,7 +111,8 @@ class InputBatch:
         self.req_ids[row] = req_id
         n = len(token_ids)
         self.token_ids[row, :n] = token_ids
-        self.num_tokens[row] = self.num_prompt_tokens[row] = n
+        self.num_tokens[row] = n
+        self.num_prompt_tokens[row] = num_prompt_tokens or n
         self.num_computed[row] = num_computed
         self.block_table[row, : len(block_ids)] = block_ids
         self.num_blocks[row] = len(block_ids)

@@ -240,6 +240,8 @@ class ModelRunner:
                 raise ValueError(f"request {req_id}: a block id outside the cache's {self.num_blocks} blocks")
 
         for r in step.new_requests:
+            if not 0 <= r.num_prompt_tokens <= len(r.token_ids):
+                raise ValueError(f"request {r.req_id}: {r.num_prompt_tokens} prompt tokens of {len(r.token_ids)}")
             num_blocks = len(r.block_ids)
             check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
         for r in step.running_requests:
@@ -258,7 +260,17 @@ class ModelRunner:
             b.remove(req_id)
         rows, num_scheduled = [], []
         for r in step.new_requests:
-            rows.append(b.add(r.req_id, r.token_ids, r.num_cached_tokens, r.block_ids, r.sampling, r.prompt_logprobs))
+            rows.append(
+                b.add(
+                    r.req_id,
+                    r.token_ids,
+                    r.num_cached_tokens,
+                    r.block_ids,
+                    r.sampling,
+                    r.prompt_logprobs,
+                    r.num_prompt_tokens,
+                )
+            )
             num_scheduled.append(r.num_scheduled_tokens)
         for r in step.running_requests:
             b.append_blocks(r.req_id, r.new_block_ids)

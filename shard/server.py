@@ -44,6 +44,7 @@ def step_from_pb(req: pb.StepRequest) -> StepInput:
                 list(r.block_ids),
                 sampling_from_pb(r.sampling),
                 r.prompt_logprobs,
+                r.num_prompt_tokens or len(r.token_ids),
             )
             for r in req.new_requests
         ],

@@ -16,6 +16,7 @@ class NewRequest:
     block_ids: list[int]
     sampling: SamplingParams
     prompt_logprobs: bool = False
+    num_prompt_tokens: int = 0  # leading token_ids that are the prompt (0: all); the rest were generated
 
 
 @dataclass(frozen=True, slots=True)

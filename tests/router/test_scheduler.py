@@ -5,6 +5,7 @@ import pytest
 from router.block_manager import BlockManager
 from router.request import Request, RequestStatus, SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
+from router.shard_client import plan_to_pb
 
 EOS = 2
 
@@ -134,8 +135,13 @@ def test_preemption_evicts_the_newest_and_readmits_it_first():
     assert plan.forget_req_ids == [1]  # the shards drop it before computing this very step
     while old.status == RequestStatus.RUNNING:
         run_step(s)
-    (again,) = s.schedule().scheduled  # readmitted in full: prompt plus the token it had generated
+    plan = s.schedule()
+    (again,) = plan.scheduled  # readmitted in full: prompt plus the token it had generated
     assert again.is_new and again.request is new and again.num_scheduled_tokens == new.num_tokens == 8 + 1
+    # The shards are told which of those tokens are the prompt: the penalties still count the
+    # generated one as generated (tests/shard/test_resume_after_preemption.py).
+    (sent,) = plan_to_pb(plan).new_requests
+    assert list(sent.token_ids) == new.token_ids and sent.num_prompt_tokens == 8
 
 
 def test_abort_frees_blocks_of_running_and_removes_waiting():
