@@ -119,7 +119,7 @@ def _generate_parameters() -> dict:
                 "integer", "Also return the n most likely tokens per step; at most `max_top_n_tokens`.", minimum=0
             ),
             "grammar": {"type": "null", "description": "Constrained generation is not supported: 422 unless null."},
-            "adapter_id": opt("string", "Accepted and ignored: no LoRA adapters are served."),
+            "adapter_id": {"type": "null", "description": "No LoRA adapters are served: 422 unless null."},
         },
         description="TGI's `parameters`; null values mean unset.",
     )

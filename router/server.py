@@ -17,6 +17,7 @@ from aiohttp import web
 from router.engine import Engine, GenerationError, Timings, TokenEvent
 from router.metrics import Metrics
 from router.middleware import (
+    Overloaded,
     add_cors,
     api_key_middleware,
     concurrency_middleware,
@@ -120,7 +121,10 @@ async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
     `details.best_of_sequences`.
     """
     valid, start = await _validated(request, stream=False)
-    engine = request.app[STATE].engine
+    state = request.app[STATE]
+    engine = state.engine
+    if valid.best_of > 1 and engine.num_requests + valid.best_of > state.max_concurrent_requests:
+        raise Overloaded()  # the middleware holds one slot; each sequence counts, as the OpenAI routes' choices
     candidates = [valid] + [
         dataclasses.replace(valid, sampling=dataclasses.replace(valid.sampling, seed=random.getrandbits(64)))
         for _ in range(valid.best_of - 1)

@@ -86,7 +86,7 @@ def _typed(params: dict) -> dict:
             )
         if expected is float and not math.isfinite(value):
             raise ValidationError(f"`{name}` must be a finite number")
-        if expected is int and value < 0:
+        if expected is int and value < 0 and name != "top_k":  # top_k is signed in TGI: its own message below
             raise ValidationError(f"`{name}` must be non-negative")
         out[name] = float(value) if expected is float else value
     return out
@@ -100,6 +100,14 @@ def check_input_length(inputs: str, limits: ValidationLimits) -> None:
     """Bound the tokenizer's work before running it: refuse a text too long to fit in any case."""
     if len(inputs) > MAX_CHARS_PER_TOKEN * limits.max_total_tokens:
         raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: more than that")
+
+
+def _truncation_window(inputs: str, truncate: int | None) -> str:
+    """The text whose tokens end like `inputs`' own for the last `truncate` of them: those span at
+    most MAX_CHARS_PER_TOKEN characters each, and tokens never depend on text two windows before
+    them, so a 1.9 MB body kept to its last 10 tokens is not tokenized in full."""
+    window = 2 * MAX_CHARS_PER_TOKEN * ((truncate or 0) + 1)
+    return inputs if truncate is None or len(inputs) <= window else inputs[-window:]
 
 
 def validate(
@@ -129,6 +137,8 @@ def validate(
     p = _typed(raw) if raw is not None else {"do_sample": True}
     if p.get("grammar") is not None:
         raise ValidationError("grammar is not supported")
+    if p.get("adapter_id"):
+        raise ValidationError(f"adapter `{p['adapter_id']}` is not loaded: this server serves no LoRA adapters")
 
     best_of = p.get("best_of", 1)
     is_sampling = p.get("do_sample", False) or any(k in p for k in ("temperature", "top_k", "top_p", "typical_p"))
@@ -187,7 +197,7 @@ def validate(
         check_input_length(inputs, limits)
 
     if input_ids is None:
-        input_ids = tokenizer.encode(inputs, add_special_tokens=add_special_tokens)
+        input_ids = tokenizer.encode(_truncation_window(inputs, truncate), add_special_tokens=add_special_tokens)
     elif any(not 0 <= i < tokenizer.vocab_size for i in input_ids):
         raise ValidationError(f"token ids must be in [0, {tokenizer.vocab_size})")
     if truncate is not None:

@@ -6,7 +6,7 @@ import concurrent.futures
 import pytest
 import requests
 from text_generation import AsyncClient, Client
-from text_generation.errors import OverloadedError, ValidationError
+from text_generation.errors import OverloadedError, ValidationError, parse_error
 
 from tests.e2e.server import LauncherProcess
 
@@ -45,9 +45,15 @@ def test_async_client_seeded_sampling_and_best_of(server):
     assert stream[-1].details.generated_tokens == 4
 
 
-def test_client_raises_validation_error(server):
-    with pytest.raises(ValidationError, match="`top_k` must be strictly positive"):
-        Client(server.url).generate("Hi", top_k=-1)
+def test_the_servers_validation_error_reaches_the_client_as_one(server):
+    """The client validates top_k itself before sending, so the body goes out raw; the server's
+    answer then goes through the client's own error mapping."""
+    r = requests.post(server.url + "/generate", json={"inputs": "Hi", "parameters": {"top_k": -1}}, timeout=30)
+    assert r.status_code == 422
+    error = parse_error(r.status_code, r.json())
+    assert (
+        isinstance(error, ValidationError) and str(error) == "Input validation error: `top_k` must be strictly positive"
+    )
 
 
 def test_tokenize_returns_byte_offsets(server):

@@ -213,7 +213,7 @@ CASES = [
             details=True,
             decoder_input_details=True,
             return_full_text=True,
-            adapter_id="ignored",
+            adapter_id=None,
         ),
         True,
     ),
@@ -243,6 +243,8 @@ CASES = [
     ("GenerateRequest", _params(stop="\n"), False),
     ("GenerateRequest", _params(stop=[1]), False),
     ("GenerateRequest", _params(grammar={"type": "regex", "value": "a+"}), False),
+    ("GenerateRequest", _params(adapter_id="my-lora"), False),
+    ("GenerateRequest", _params(top_k=-1), False),
     ("CompatGenerateRequest", {"inputs": "Hello", "stream": False}, True),
     # TGI's and OpenAI's docs
     ("ChatRequest", {"model": "tgi", "messages": CHAT, "stream": True, "max_tokens": 20}, True),
