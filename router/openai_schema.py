@@ -18,6 +18,9 @@ OpenAI and TGI disagree, or where TGI has a wart:
   streaming, text that may begin a stop sequence is held back until it cannot.
 - Finish reasons are "stop" (EOS or a stop sequence) or "length", streamed or not (TGI streams
   the raw "eos_token" on /v1/completions).
+- `logprobs` are under the model's own distribution (before penalties, temperature and
+  top-k/top-p), as OpenAI and vLLM report them; TGI's routes report the processed distribution
+  the token was drawn from, as TGI does (so with top_k=1 every TGI logprob is 0).
 - `logprobs` list the tokens that make up the text: special tokens (EOS) are left out, as
   OpenAI never shows its end token; non-finite logprobs are reported as -9999.0. `top_logprobs`
   / completions' `logprobs` are limited to `--max-top-n-tokens`. Completions' `echo` with
@@ -69,14 +72,15 @@ class Plan:
 
     def choices(self) -> list[ValidRequest]:
         """One request per choice; choice i is sample i % n of prompt i // n."""
-        return [_with_sample_seed(p, j) for p in self.prompts for j in range(self.n)]
+        return [_choice(p, j) for p in self.prompts for j in range(self.n)]
 
 
-def _with_sample_seed(valid: ValidRequest, j: int) -> ValidRequest:
-    if j == 0 or not valid.sampling.do_sample:
-        return valid
-    digest = hashlib.blake2b(f"{valid.sampling.seed}:{j}".encode(), digest_size=8).digest()
-    return replace(valid, sampling=replace(valid.sampling, seed=int.from_bytes(digest, "little")))
+def _choice(valid: ValidRequest, j: int) -> ValidRequest:
+    """Choice j of a prompt: its own sample seed, and logprobs of the model's own distribution."""
+    seed = valid.sampling.seed
+    if j and valid.sampling.do_sample:
+        seed = int.from_bytes(hashlib.blake2b(f"{seed}:{j}".encode(), digest_size=8).digest(), "little")
+    return replace(valid, sampling=replace(valid.sampling, seed=seed, raw_logprobs=True))
 
 
 _KINDS = {

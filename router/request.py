@@ -42,6 +42,7 @@ class SamplingParams:
     seed: int = 0
     watermark: bool = False
     top_n_tokens: int = 0
+    raw_logprobs: bool = False  # logprobs under the model's distribution (OpenAI) or the processed one (TGI)
 
 
 @dataclass(slots=True)

@@ -71,6 +71,7 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                         seed=p.seed,
                         watermark=p.watermark,
                         top_n_tokens=p.top_n_tokens,
+                        raw_logprobs=p.raw_logprobs,
                     ),
                 )
             )

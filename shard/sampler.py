@@ -26,6 +26,7 @@ class SamplingParams:
     seed: int = 0
     watermark: bool = False
     top_n_tokens: int = 0
+    raw_logprobs: bool = False  # logprobs under the model's distribution rather than the processed one
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class SamplingBatch:
     prev_tokens: torch.Tensor | None  # [N] int64, each sequence's last token (for the watermark)
     penalties: Penalties | None
     max_top_n: int = 0
+    raw_logprobs: torch.Tensor | None = None  # [N] bool: logprobs under the unprocessed logits
 
 
 def signed_seed(c: int) -> int:
@@ -148,8 +150,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, vocab] float32 -> the N tokens, with log-probabilities under the processed
-        distribution (after penalties, watermark, temperature and the top-k/p/typical filters)."""
-        vocab = logits.shape[-1]
+        distribution (after penalties, watermark, temperature and the top-k/p/typical filters),
+        or under `logits` themselves for the rows that ask for raw logprobs."""
+        vocab, raw = logits.shape[-1], logits
         if batch.penalties is not None:
             logits = _apply_penalties(logits, batch.penalties)
         if batch.watermark is not None:
@@ -172,4 +175,20 @@ class Sampler:
         if batch.max_top_n:
             top_logits, top_ids = logits.topk(batch.max_top_n, dim=-1)
             top_logprobs = top_logits - log_total
+        if batch.raw_logprobs is not None and logits is not raw:  # else both distributions are one
+            chosen, top_ids, top_logprobs = _raw_logprobs(
+                raw, batch.raw_logprobs, token_ids, chosen, top_ids, top_logprobs
+            )
         return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def _raw_logprobs(raw, wants, token_ids, chosen, top_ids, top_logprobs):
+    """The rows of `wants` [N] bool get the token's and the top tokens' log-probabilities under
+    `raw` [N, vocab], the logits before any processing."""
+    log_total = raw.logsumexp(-1, keepdim=True)
+    chosen = torch.where(wants, (raw.gather(-1, token_ids[:, None]) - log_total).squeeze(-1), chosen)
+    if top_ids is not None:
+        raw_top, raw_ids = raw.topk(top_ids.shape[-1], dim=-1)
+        top_ids = torch.where(wants[:, None], raw_ids, top_ids)
+        top_logprobs = torch.where(wants[:, None], raw_top - log_total, top_logprobs)
+    return chosen, top_ids, top_logprobs

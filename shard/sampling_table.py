@@ -12,17 +12,17 @@ from shard.sampler import Penalties, SamplingBatch, SamplingParams, signed_seed
 
 _FLOAT = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
 _INT = ("top_k", "seed")
-_BOOL = ("do_sample", "watermark")
+_BOOL = ("do_sample", "watermark", "raw_logprobs")
 _COLUMNS = ((_FLOAT, torch.float32), (_INT, torch.int64), (_BOOL, torch.bool))
 # Host flags per row, one column each: which code paths a batch containing the row must run.
-SAMPLE, TOP_K_P, TYPICAL, WATERMARK, REPETITION, FREQUENCY = range(6)
+SAMPLE, TOP_K_P, TYPICAL, WATERMARK, REPETITION, FREQUENCY, RAW = range(7)
 
 
 class SamplingTable:
     def __init__(self, capacity: int, device: torch.device):
         self.device = device
         self.columns = {n: torch.zeros(capacity, dtype=t, device=device) for names, t in _COLUMNS for n in names}
-        self.uses = np.zeros((capacity, 6), dtype=bool)
+        self.uses = np.zeros((capacity, 7), dtype=bool)
         self.top_n = np.zeros(capacity, dtype=np.int64)
 
     def grow(self, capacity: int) -> None:
@@ -45,6 +45,7 @@ class SamplingTable:
             "seed": signed_seed(p.seed % (1 << 64)),
             "do_sample": sample,
             "watermark": p.watermark,
+            "raw_logprobs": p.raw_logprobs,
         }
         for names, dtype in _COLUMNS:
             row_values = torch.tensor([values[n] for n in names], dtype=dtype).to(self.device, non_blocking=True)
@@ -57,6 +58,7 @@ class SamplingTable:
             p.watermark,
             values["repetition_penalty"] != 1.0,
             p.frequency_penalty != 0,
+            p.raw_logprobs,
         )
         self.top_n[row] = p.top_n_tokens
 
@@ -103,6 +105,7 @@ class SamplingTable:
             prev_tokens=self._to_device(token_ids[rows, lengths - 1]) if used[WATERMARK] else None,
             penalties=penalties,
             max_top_n=int(self.top_n[rows].max(initial=0)),
+            raw_logprobs=col("raw_logprobs", RAW),
         )
 
     def _to_device(self, values: np.ndarray) -> torch.Tensor:

@@ -29,6 +29,7 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         seed=p.seed,
         watermark=p.watermark,
         top_n_tokens=p.top_n_tokens,
+        raw_logprobs=p.raw_logprobs,
     )
 
 

@@ -80,6 +80,19 @@ def test_temperature_reshapes_the_distribution_as_softmax_of_logits_over_t():
         assert torch.allclose(freq[:4], expected[:4], atol=0.03), (temperature, freq[:4], expected[:4])
 
 
+def test_logprobs_are_under_the_processed_distribution_or_the_raw_one_as_asked():
+    """TGI's routes: under what the token was drawn from (top_k=1 leaves one token: logprob 0).
+    OpenAI's: under the model's own distribution, whatever the filters and penalties."""
+    shaped = dict(do_sample=True, top_k=1, temperature=0.5, frequency_penalty=2.0, top_n_tokens=2)
+    rows = [SamplingParams(**shaped), SamplingParams(**shaped, raw_logprobs=True)]
+    out = _sample(Sampler(), LOGITS.expand(2, -1).clone(), rows, [[0, 0], [0, 0]], [1, 1])
+    assert out.token_ids.tolist() == [1, 1]  # token 0 was generated: the penalty moves the pick to 1
+    processed, raw = out.logprobs.tolist()
+    assert math.isclose(processed, 0.0, abs_tol=1e-6) and math.isclose(raw, math.log(0.3), rel_tol=1e-5)
+    assert out.top_ids[1].tolist() == [0, 1]
+    assert torch.allclose(out.top_logprobs[1], PROBS[:2].log())
+
+
 def test_repetition_penalty_matches_transformers():
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
     history = [[1, 5, 5, 9], [2, 3]]
