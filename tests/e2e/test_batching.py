@@ -37,7 +37,9 @@ def chat(system: str, user: str) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_a_shared_system_prompt_is_computed_once(server, bundled_model_dir):
+def test_a_shared_system_prompt_is_computed_once(server, tight_server, bundled_model_dir):
+    """32 requests sharing a 200-token system prompt compute it once, and what they generate
+    from the cached prefix is what a server without prefix caching generates."""
     tokenizer = Tokenizer(bundled_model_dir)
     prompts = [chat(SYSTEM, f"Question {i}: where is barge {i} going?") for i in range(32)]
     lengths = [len(tokenizer.encode(p)) for p in prompts]
@@ -45,12 +47,14 @@ def test_a_shared_system_prompt_is_computed_once(server, bundled_model_dir):
     assert shared >= 200
     before = metric(server.url, "sluice_prompt_tokens_computed")
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda p: generate(server.url, p, 2), prompts))
+        cached = list(pool.map(lambda p: generate(server.url, p, 8), prompts))
     computed = metric(server.url, "sluice_prompt_tokens_computed") - before
     # Without sharing: sum(lengths) (> 32 * 200). With it: the prefix once, plus each request's
     # own tokens from the last fully shared block on (at most one block of 16 more each).
     assert computed <= shared + sum(n - shared for n in lengths) + 32 * 16
     assert computed < sum(lengths) / 4
+    uncached = [generate(tight_server.url, p, 8) for p in prompts[:8]]
+    assert cached[:8] == uncached
 
 
 @pytest.fixture(scope="module")
