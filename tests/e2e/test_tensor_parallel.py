@@ -40,11 +40,9 @@ def test_tp3_matches_tp1_and_a_killed_shard_stops_everything(server, bundled_mod
         assert len(children) == 4, children  # three shards and the router
         (shard_1,) = [pid for pid, cmd in children.items() if "-m shard" in cmd and "--rank 1 " in cmd]
         os.kill(shard_1, signal.SIGKILL)
-        start = time.monotonic()
-        code = launcher.process.wait(timeout=10)
+        code = launcher.process.wait(timeout=10)  # raises if the launcher is still up after 10 s
         assert code != 0
         assert "shard-1 exited with code -9" in launcher.log()
-        assert time.monotonic() - start < 10
         deadline = time.monotonic() + 5
         while _processes_with(launcher.tmp.name) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -35,6 +35,18 @@ class Job:
     expect: str = "complete"  # or "rejected" / "cancelled"
     cancel_after: int = 0  # cancelled streams: events read before hanging up; non-streams: seconds * 10
 
+    @property
+    def sequences(self) -> int:
+        """Sequences the server generates for the job when it completes (best_of, prompts x n)."""
+        body = self.body if isinstance(self.body, dict) else {}
+        if self.kind == "best_of":
+            return body["parameters"]["best_of"]
+        if self.kind == "completions":
+            prompt = body["prompt"]
+            prompts = len(prompt) if isinstance(prompt, list) and isinstance(prompt[0], str) else 1
+            return prompts * body.get("n", 1)
+        return 1
+
 
 @dataclass
 class Outcome:
@@ -43,6 +55,7 @@ class Outcome:
     status: int = 0
     detail: str = ""
     seconds: float = 0.0
+    sequences: int = 1  # the job's, for a completed one
 
 
 def make_jobs(n: int, seed: int) -> list[Job]:
@@ -213,7 +226,7 @@ async def run_load(
                 outcome = Outcome(job.kind, "hung", detail=f"no end after {timeout_s:g}s")
             except Exception as e:  # noqa: BLE001 - every failure is an outcome, counted and reported
                 outcome = Outcome(job.kind, "exception", detail=f"{type(e).__name__}: {e}"[:200])
-            outcome.seconds = time.monotonic() - t
+            outcome.seconds, outcome.sequences = time.monotonic() - t, job.sequences
             report.outcomes.append(outcome)
 
     connector = aiohttp.TCPConnector(limit=concurrency + 4)

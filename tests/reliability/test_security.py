@@ -106,23 +106,20 @@ def test_request_content_never_reaches_the_logs(rel_server):
     ],
 )
 def test_huge_inputs_are_refused_before_tokenization(rel_server, path, body):
-    """Tokenizing 1.9 MB takes about a second here: the answer must come long before."""
+    """Tokenizing 1.9 MB takes about a second here: the text is refused by its length alone, before
+    the tokenizer runs, which the message says ("more than that" rather than a token count)."""
     data = json.dumps(body, separators=(",", ":")).encode()
     assert len(data) > 1_000_000
-    start = time.monotonic()
     r = requests.post(rel_server.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=30)
-    elapsed = time.monotonic() - start
     assert r.status_code == 422, r.text[:300]
-    assert r.json()["error"].startswith("Input validation error: `inputs` must have less than 896 tokens"), r.json()
-    assert elapsed < 0.5, f"{path}: {elapsed:.2f}s"
+    given = "600000" if isinstance(body.get("prompt"), list) else "more than that"  # token ids: counted, not tokenized
+    assert r.json()["error"] == f"Input validation error: `inputs` must have less than 896 tokens. Given: {given}"
 
 
 def test_payload_limit(rel_server):
-    start = time.monotonic()
     json_type = {"Content-Type": "application/json"}
     r = requests.post(rel_server.url + "/generate", data=b"x" * 2_100_000, headers=json_type, timeout=30)
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
-    assert time.monotonic() - start < 1.0
 
 
 def _error(url: str, path: str, body: dict) -> str | None:
