@@ -10,12 +10,12 @@ from pathlib import Path
 from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
 
-from router.block_manager import BlockManager
 from router.config import RouterConfig
-from router.engine import Engine
+from router.core.block_manager import BlockManager
+from router.core.engine import Engine
+from router.core.scheduler import Scheduler, SchedulerConfig
 from router.limits import check_pool, resolve_limits
 from router.metrics import Metrics
-from router.scheduler import Scheduler, SchedulerConfig
 from router.server import ServerState, build_app
 from router.shard_client import ShardedClient
 from router.tokenizer import Tokenizer

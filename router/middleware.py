@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 from opentelemetry import trace
 
-from router.engine import GenerationError
+from router.core.engine import GenerationError
 from router.metrics import Metrics
 from router.responses import error_json
 from router.tracing import start_request_span

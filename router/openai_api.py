@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from router.chat_template import ChatTemplateError
-from router.engine import Engine, GenerationError, Timings, TokenEvent
+from router.core.engine import Engine, GenerationError, Timings, TokenEvent
 from router.middleware import Overloaded, TemplateError
 from router.openai_schema import (
     ChoiceText,
@@ -88,7 +88,7 @@ async def _events(engine: Engine, choices: list, start_s: float) -> AsyncIterato
     async def pump(index: int, valid) -> None:
         try:
             async with contextlib.aclosing(
-                engine.generate(valid, Timings(queued_s=time.monotonic(), start_s=start_s))
+                engine.generate(valid.generation(), Timings(queued_s=time.monotonic(), start_s=start_s))
             ) as events:
                 async for event in events:
                     queue.put_nowait((index, event))

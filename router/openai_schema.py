@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 
 from router.chat_template import normalize_messages, render_chat, template_uses
-from router.engine import TokenEvent
+from router.core.engine import TokenEvent
 from router.tokenizer import Tokenizer
 from router.validation import ValidationError, ValidationLimits, ValidRequest, validate
 

@@ -2,7 +2,7 @@
 
 import math
 
-from router.engine import Token, TokenEvent
+from router.core.engine import Token, TokenEvent
 
 
 def token_json(t: Token) -> dict:

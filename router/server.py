@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from router.engine import Engine, GenerationError, Timings, TokenEvent
+from router.core.engine import Engine, GenerationError, Timings, TokenEvent
+from router.core.request import GenerationRequest, SamplingParams
 from router.metrics import Metrics
 from router.middleware import (
     Overloaded,
@@ -25,7 +26,6 @@ from router.middleware import (
     error_response,
     tracing_middleware,
 )
-from router.request import SamplingParams
 from router.responses import error_json, generate_json, stream_json
 from router.shard_client import ModelInfo, ShardedClient, ShardError
 from router.tokenizer import Tokenizer
@@ -109,7 +109,7 @@ def _seed(valid: ValidRequest) -> int | None:
 
 
 async def _run(engine: Engine, valid: ValidRequest, timings: Timings) -> list[TokenEvent]:
-    async with contextlib.aclosing(engine.generate(valid, timings)) as events:
+    async with contextlib.aclosing(engine.generate(valid.generation(), timings)) as events:
         return [e async for e in events]
 
 
@@ -201,7 +201,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     prefix = valid.inputs if valid.return_full_text else ""
     index = 0
-    events = request.app[STATE].engine.generate(valid, Timings(queued_s=time.monotonic(), start_s=start))
+    events = request.app[STATE].engine.generate(valid.generation(), Timings(queued_s=time.monotonic(), start_s=start))
     try:
         async with contextlib.aclosing(events):  # leaving early (client gone) aborts the request at once
             async for event in events:
@@ -245,17 +245,8 @@ async def _probe_generation(app: web.Application) -> None:
     async with app[_HEALTH_PROBE]:
         if state.engine.is_healthy:  # a request or another probe succeeded meanwhile
             return
-        probe = ValidRequest(
-            inputs="",
-            input_ids=state.tokenizer.encode("Hi", add_special_tokens=False)[:1] or [0],
-            sampling=SamplingParams(),
-            max_new_tokens=1,
-            stop=[],
-            details=False,
-            decoder_input_details=False,
-            return_full_text=False,
-            best_of=1,
-            is_seeded=False,
+        probe = GenerationRequest(
+            state.tokenizer.encode("Hi", add_special_tokens=False)[:1] or [0], SamplingParams(), 1
         )
         async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
             async with contextlib.aclosing(state.engine.generate(probe, Timings(queued_s=time.monotonic()))) as events:

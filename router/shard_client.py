@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from router.core.scheduler import StepPlan
 from router.pb import shard_pb2 as pb
 from router.pb import shard_pb2_grpc
-from router.scheduler import StepPlan
 
 
 class ShardError(RuntimeError):

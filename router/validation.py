@@ -8,7 +8,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from router.request import SamplingParams
+from router.core.request import GenerationRequest, SamplingParams
 from router.tokenizer import Tokenizer
 
 
@@ -40,6 +40,19 @@ class ValidRequest:
     is_seeded: bool  # the client gave a seed or sampling drew one: echo it in details
     ignore_eos: bool = False  # vLLM extensions, set by the OpenAI routes
     min_new_tokens: int = 0
+
+    def generation(self) -> GenerationRequest:
+        """What the engine runs for this request."""
+        return GenerationRequest(
+            self.input_ids,
+            self.sampling,
+            self.max_new_tokens,
+            self.stop,
+            self.ignore_eos,
+            self.min_new_tokens,
+            self.decoder_input_details,
+            self.is_seeded,
+        )
 
 
 _FIELD_TYPES = {

@@ -47,28 +47,29 @@ def test_only_one_module_per_side_touches_pb(package):
 
 
 def test_scheduling_core_is_pure_standard_library():
-    allowed_own = {"router.block_manager", "router.request", "router.scheduler", "router.step_cost"}
+    allowed_own = {"router.core.block_manager", "router.core.request", "router.core.scheduler", "router.core.step_cost"}
     for name in ("scheduler.py", "block_manager.py", "request.py", "step_cost.py"):
-        for imported in _imports(REPO / "router" / name):
+        for imported in _imports(REPO / "router" / "core" / name):
             if imported.startswith("router"):
-                assert imported in allowed_own, f"router/{name} imports {imported}"
+                assert imported in allowed_own, f"router/core/{name} imports {imported}"
             else:
                 assert _top(imported) in {"collections", "dataclasses", "enum", "hashlib"}, (
-                    f"router/{name} imports {imported}"
+                    f"router/core/{name} imports {imported}"
                 )
 
 
-def test_model_files_import_only_layers():
-    for path in (REPO / "shard" / "models").glob("*.py"):
-        if path.name == "__init__.py":
-            continue  # the registry
-        for imported in _imports(path):
-            if imported.startswith("shard"):
-                assert imported.startswith("shard.layers"), f"{path.name}: {imported}"
+HTTP_MODULES = {"aiohttp", "pydantic"}
 
 
-def test_layers_import_only_kernels_context_and_dist():
-    for path in (REPO / "shard" / "layers").glob("*.py"):
+def test_the_core_knows_nothing_of_http():
+    """router.core imports neither the web stack nor the router's HTTP modules."""
+    http_side = {p.stem for p in (REPO / "router").glob("*.py")} - {
+        "__init__", "__main__", "metrics", "shard_client", "tokenizer", "tracing", "config", "limits"
+    }  # fmt: skip
+    for path in _sources("router/core"):
         for imported in _imports(path):
-            if imported.startswith("shard"):
-                assert imported in {"shard", "shard.kernels", "shard.context", "shard.dist"}, f"{path.name}: {imported}"
+            assert _top(imported) not in HTTP_MODULES, f"{path.relative_to(REPO)} imports {imported}"
+            parts = imported.split(".")
+            assert not (parts[0] == "router" and len(parts) > 1 and parts[1] in http_side), (
+                f"{path.relative_to(REPO)} imports {imported}, an HTTP-side module"
+            )

@@ -5,14 +5,13 @@ from collections import deque
 
 import pytest
 
-from router.block_manager import BlockManager
-from router.engine import Engine, Timings
+from router.core.block_manager import BlockManager
+from router.core.engine import Engine, Timings
+from router.core.request import GenerationRequest, SamplingParams
+from router.core.scheduler import Scheduler, SchedulerConfig
 from router.metrics import Metrics
-from router.request import SamplingParams
-from router.scheduler import Scheduler, SchedulerConfig
 from router.shard_client import StepResult, TokenResult
 from router.tokenizer import Tokenizer
-from router.validation import ValidRequest
 
 
 class FakeShards:
@@ -44,7 +43,7 @@ async def _generate(tokenizer, max_steps_in_flight: int) -> tuple[list[int], lis
     scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
     engine = Engine(scheduler, shards, tokenizer, [2], Metrics(100, 200), max_steps_in_flight=max_steps_in_flight)
     task = asyncio.create_task(engine.run())
-    valid = ValidRequest("hi", [5, 6, 7], SamplingParams(), 5, [], False, False, False, 1, False)
+    valid = GenerationRequest([5, 6, 7], SamplingParams(), 5)
     ids = [e.token.id async for e in engine.generate(valid, Timings(queued_s=0.0))]
     task.cancel()
     return ids, shards.log

@@ -5,14 +5,13 @@ import asyncio
 
 import pytest
 
-from router.block_manager import BlockManager
-from router.engine import Engine, GenerationError, Timings
+from router.core.block_manager import BlockManager
+from router.core.engine import Engine, GenerationError, Timings
+from router.core.request import GenerationRequest, SamplingParams
+from router.core.scheduler import Scheduler, SchedulerConfig
 from router.metrics import Metrics
-from router.request import SamplingParams
-from router.scheduler import Scheduler, SchedulerConfig
 from router.shard_client import ShardError, StepResult, TokenResult
 from router.tokenizer import Tokenizer
-from router.validation import ValidRequest
 
 
 class FlakyShards:
@@ -43,7 +42,7 @@ class FlakyShards:
 
 
 async def _outcome(engine: Engine) -> str:
-    valid = ValidRequest("hi", [5, 6, 7], SamplingParams(), 2, [], False, False, False, 1, False)
+    valid = GenerationRequest([5, 6, 7], SamplingParams(), 2)
     try:
         return f"{len([e async for e in engine.generate(valid, Timings(queued_s=0.0))])} tokens"
     except GenerationError as e:

@@ -16,7 +16,7 @@ from referencing.jsonschema import DRAFT202012
 
 from router import openai_schema as oai
 from router.chat_template import ChatTemplateError
-from router.engine import Token, TokenEvent
+from router.core.engine import Token, TokenEvent
 from router.metrics import Metrics
 from router.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
 from router.openai_api import _ChatChunks, _CompletionChunks, add_openai_routes

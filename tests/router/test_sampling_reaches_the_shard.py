@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.block_manager import BlockManager
-from router.engine import Engine
+from router.core.block_manager import BlockManager
+from router.core.engine import Engine
+from router.core.scheduler import Scheduler, SchedulerConfig
 from router.metrics import Metrics
-from router.scheduler import Scheduler, SchedulerConfig
 from router.server import build_app
 from router.shard_client import StepResult, TokenResult, plan_to_pb
 from router.tokenizer import Tokenizer

@@ -2,9 +2,9 @@
 
 import pytest
 
-from router.block_manager import BlockManager
-from router.request import Request, RequestStatus, SamplingParams
-from router.scheduler import Scheduler, SchedulerConfig
+from router.core.block_manager import BlockManager
+from router.core.request import Request, RequestStatus, SamplingParams
+from router.core.scheduler import Scheduler, SchedulerConfig
 from router.shard_client import plan_to_pb
 
 EOS = 2
@@ -352,7 +352,7 @@ def test_a_preempted_request_whose_hashes_cover_its_whole_sequence_still_compute
 
 def _trained(s: Scheduler, fixed=0.010, per_token=0.001, per_attention=0.0) -> Scheduler:
     """Feed the step cost model exact step times of a known model (seconds)."""
-    from router.step_cost import StepWork
+    from router.core.step_cost import StepWork
 
     for tokens, attention in [(1, 10), (32, 3000), (8, 400), (200, 20000), (64, 900), (3, 50)] * 4:
         s.step_costs.observe(StepWork(tokens, attention), fixed + per_token * tokens + per_attention * attention)

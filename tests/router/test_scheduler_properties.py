@@ -12,9 +12,9 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.block_manager import BlockManager
-from router.request import Request, RequestStatus, SamplingParams
-from router.scheduler import Scheduler, SchedulerConfig, StepPlan
+from router.core.block_manager import BlockManager
+from router.core.request import Request, RequestStatus, SamplingParams
+from router.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 
 VOCAB, EOS, BLOCK_SIZE = 50, 0, 4
 

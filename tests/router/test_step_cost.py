@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from router.step_cost import StepCostModel, StepWork
+from router.core.step_cost import StepCostModel, StepWork
 
 
 def test_fit_recovers_the_coefficients_of_noisy_steps():

@@ -32,9 +32,9 @@ Rules:
 from collections import deque
 from dataclasses import dataclass
 
-from router.block_manager import BlockManager
-from router.request import Request, RequestStatus
-from router.step_cost import StepCostModel, StepWork
+from router.core.block_manager import BlockManager
+from router.core.request import Request, RequestStatus
+from router.core.step_cost import StepCostModel, StepWork
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
+from router.core.request import FINISH_REASONS, GenerationRequest, Request, RequestStatus
+from router.core.scheduler import Scheduler, StepPlan
 from router.metrics import Metrics
-from router.request import FINISH_REASONS, Request, RequestStatus
-from router.scheduler import Scheduler, StepPlan
 from router.shard_client import ShardedClient, ShardError, StepResult
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.tracing import start_step_span
-from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class _InFlight:
 @dataclass(slots=True)
 class _Handle:
     request: Request
-    valid: ValidRequest
+    spec: GenerationRequest
     detokenizer: IncrementalDetokenizer
     timings: Timings
     span: trace.Span  # the HTTP request's span (non-recording when untraced)
@@ -110,31 +109,31 @@ class Engine:
     def num_requests(self) -> int:
         return len(self._handles)
 
-    async def generate(self, valid: ValidRequest, timings: Timings) -> AsyncIterator[TokenEvent]:
-        """Queue `valid` and yield one event per generated token; the last carries the finish.
+    async def generate(self, spec: GenerationRequest, timings: Timings) -> AsyncIterator[TokenEvent]:
+        """Queue `spec` and yield one event per generated token; the last carries the finish.
 
         Raises GenerationError if the shards fail. Leaving the iteration early (client gone)
         aborts the request and frees its blocks.
         """
         request = Request(
             req_id=next(self._ids),
-            prompt_ids=valid.input_ids,
-            max_new_tokens=valid.max_new_tokens,
-            sampling=valid.sampling,
+            prompt_ids=spec.input_ids,
+            max_new_tokens=spec.max_new_tokens,
+            sampling=spec.sampling,
             eos_token_ids=self.eos_token_ids,
-            ignore_eos=valid.ignore_eos,
-            min_new_tokens=valid.min_new_tokens,
-            needs_prompt_logprobs=valid.decoder_input_details,
+            ignore_eos=spec.ignore_eos,
+            min_new_tokens=spec.min_new_tokens,
+            needs_prompt_logprobs=spec.prompt_logprobs,
             arrival_s=timings.queued_s,
         )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, valid.input_ids)
-        handle = _Handle(request, valid, detokenizer, timings, trace.get_current_span())
-        if valid.decoder_input_details:
-            handle.prompt_logprobs = [float("nan")] * len(valid.input_ids)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, spec.input_ids)
+        handle = _Handle(request, spec, detokenizer, timings, trace.get_current_span())
+        if spec.prompt_logprobs:
+            handle.prompt_logprobs = [float("nan")] * len(spec.input_ids)
         self._handles[request.req_id] = handle
         self.scheduler.add(request)
-        self.metrics.request_input_length.observe(len(valid.input_ids))
-        self.metrics.request_max_new_tokens.observe(valid.max_new_tokens)
+        self.metrics.request_input_length.observe(len(spec.input_ids))
+        self.metrics.request_max_new_tokens.observe(spec.max_new_tokens)
         self._wake.set()
         try:
             while True:
@@ -173,7 +172,7 @@ class Engine:
                     "queue_time": batched - timings.queued_s,
                     "inference_time": end - batched,
                     "time_per_token": (end - batched) / max(num_generated, 1),
-                    "seed": str(request.sampling.seed) if handle.valid.is_seeded else "",
+                    "seed": str(request.sampling.seed) if handle.spec.report_seed else "",
                     "generated_tokens": num_generated,
                     "input_length": len(request.prompt_ids),
                 }
@@ -314,7 +313,7 @@ class Engine:
         produced = result.tokens[request.req_id]
         token_id = request.output_ids[-1]
         text = handle.detokenizer.add(token_id)
-        stop = handle.valid.stop
+        stop = handle.spec.stop
         if stop and not request.status.is_finished:
             window = handle.detokenizer.text[-(len(text) + max(map(len, stop))) :]
             if any(s in window for s in stop):

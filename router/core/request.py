@@ -45,6 +45,20 @@ class SamplingParams:
     raw_logprobs: bool = False  # logprobs under the model's distribution (OpenAI) or the processed one (TGI)
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate, as the engine takes it from any of the HTTP APIs."""
+
+    input_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
+    ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS is ignored until this many tokens were generated
+    prompt_logprobs: bool = False  # the logprob of every prompt token (TGI's decoder_input_details)
+    report_seed: bool = False  # the seed was given or drawn for sampling: events carry it
+
+
 @dataclass(slots=True)
 class Request:
     req_id: int
