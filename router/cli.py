@@ -14,13 +14,14 @@ from router.config import RouterConfig
 from router.core.block_manager import BlockManager
 from router.core.engine import Engine
 from router.core.scheduler import Scheduler, SchedulerConfig
+from router.http.app import build_app
+from router.http.state import ServerState
+from router.http.tgi.protocol import ValidationLimits
 from router.limits import check_pool, resolve_limits
 from router.metrics import Metrics
-from router.server import ServerState, build_app
 from router.shard_client import ShardedClient
 from router.tokenizer import Tokenizer
 from router.tracing import setup_tracing
-from router.validation import ValidationLimits
 
 log = logging.getLogger("router")
 
@@ -175,8 +176,6 @@ async def _serve(config: RouterConfig) -> None:
     )
     metrics = Metrics(max_input, max_total)
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)
-    metrics.kv_blocks_total.set(num_blocks)
-    metrics.kv_blocks_free.set(num_blocks)
     engine = Engine(
         scheduler,
         shards,

@@ -73,5 +73,19 @@ class Metrics:
             "sluice_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache"
         )
 
+    def watch(self, scheduler) -> None:
+        """The gauges of the scheduler's state, read from it when scraped (one source, no copies
+        to keep up to date): queue, batch, KV blocks, preemptions, prefix-cache hits."""
+        blocks = scheduler.block_manager
+        self.queue_size.set_function(lambda: len(scheduler.waiting))
+        self.batch_current_size.set_function(lambda: len(scheduler.running))
+        self.batch_current_max_tokens.set_function(
+            lambda: sum(len(r.prompt_ids) + r.max_new_tokens for r in scheduler.running)
+        )
+        self.kv_blocks_free.set_function(lambda: blocks.num_free_blocks)
+        self.kv_blocks_total.set_function(lambda: blocks.num_blocks)
+        self.preemptions.set_function(lambda: scheduler.num_preemptions)
+        self.prefix_cache_hit_tokens.set_function(lambda: scheduler.num_prefix_hit_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -104,6 +104,7 @@ class Engine:
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self.last_step: StepResult | None = None
+        metrics.watch(scheduler)
 
     @property
     def num_requests(self) -> int:
@@ -197,9 +198,6 @@ class Engine:
     async def _advance(self, in_flight: deque[_InFlight]) -> None:
         """One turn of the loop: wait for work, send a step, or apply the oldest step's result."""
         if not in_flight and not self.scheduler.has_work:
-            self.metrics.queue_size.set(0)
-            self.metrics.batch_current_size.set(0)
-            self.metrics.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
             self._wake.clear()
             await self._wake.wait()
             return
@@ -255,7 +253,6 @@ class Engine:
         m.batch_inference_duration.labels(step.method).observe(received - step.sent_s)
         m.batch_forward_duration.labels(step.method).observe(result.forward_ns / 1e9)
         m.batch_decode_duration.labels(step.method).observe(time.monotonic() - received)
-        m.kv_blocks_free.set(self.scheduler.block_manager.num_free_blocks)
 
     def _fail_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
         """A shard failed: the steps in flight and every running request fail; the loop resets
@@ -273,7 +270,8 @@ class Engine:
         self._reset_pending = True
 
     def _record_plan(self, plan: StepPlan) -> str:
-        """Update the queue and batch gauges for `plan`; returns its method label."""
+        """Count `plan` in the step metrics; returns its method label. (The gauges of the queue,
+        batch and KV blocks read the scheduler when scraped: Metrics.watch.)"""
         m, scheduler = self.metrics, self.scheduler
         prompt_tokens = sum(
             max(0, min(s.start_position + s.num_scheduled_tokens, len(s.request.prompt_ids)) - s.start_position)
@@ -284,12 +282,6 @@ class Engine:
             m.batch_next_size.observe(num_new)
             if len(scheduler.running) > num_new:  # prompts ride along with running decodes
                 m.batch_concat.labels("chunking").inc()
-        m.batch_current_max_tokens.set(sum(len(r.prompt_ids) + r.max_new_tokens for r in scheduler.running))
-        m.queue_size.set(len(scheduler.waiting))
-        m.batch_current_size.set(len(scheduler.running))
-        m.kv_blocks_free.set(scheduler.block_manager.num_free_blocks)
-        m.preemptions.set(scheduler.num_preemptions)
-        m.prefix_cache_hit_tokens.set(scheduler.num_prefix_hit_tokens)
         m.prompt_tokens_computed.inc(prompt_tokens)
         method = "prefill" if prompt_tokens else "decode"
         m.batch_inference_count.labels(method).inc()

@@ -7,7 +7,7 @@ import openai
 import pytest
 import requests
 
-from router.chat_template import ChatTemplateError, render_chat
+from router.http.openai.chat_template import ChatTemplateError, render_chat
 from router.tokenizer import Tokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -14,18 +14,20 @@ from openapi_spec_validator import validate as validate_spec
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from router import openai_schema as oai
-from router.chat_template import ChatTemplateError
 from router.core.engine import Token, TokenEvent
+from router.http.app import build_app
+from router.http.errors import ValidationError
+from router.http.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
+from router.http.openai import protocol as oai
+from router.http.openai.chat_template import ChatTemplateError
+from router.http.openai.protocol import OpenAIError, parse_chat, parse_completion
+from router.http.openai.routes import _ChatChunks, _CompletionChunks, add_openai_routes
+from router.http.openapi import add_openapi_routes, openapi_document
+from router.http.responses import error_json, generate_json, stream_json
+from router.http.state import ServerState
+from router.http.tgi.protocol import ValidationLimits, validate
 from router.metrics import Metrics
-from router.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
-from router.openai_api import _ChatChunks, _CompletionChunks, add_openai_routes
-from router.openai_schema import OpenAIError, parse_chat, parse_completion
-from router.openapi import add_openapi_routes, openapi_document
-from router.responses import error_json, generate_json, stream_json
-from router.server import ServerState, build_app
 from router.shard_client import ModelInfo, ShardError
-from router.validation import ValidationError, ValidationLimits, validate
 
 DOC = openapi_document("test-model", "0.1.0")
 URI = "urn:sluice:openapi"

@@ -6,9 +6,9 @@ import types
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.server import build_app
+from router.http.app import build_app
+from router.http.tgi.protocol import validate
 from router.tokenizer import Tokenizer
-from router.validation import validate
 from tests.router.test_openapi import LIMITS, ByteTokenizer, _stand_in_state
 
 

@@ -9,11 +9,8 @@ import random
 from dataclasses import dataclass
 
 from router.core.request import GenerationRequest, SamplingParams
+from router.http.errors import ValidationError
 from router.tokenizer import Tokenizer
-
-
-class ValidationError(ValueError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

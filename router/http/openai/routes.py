@@ -1,6 +1,6 @@
 """The OpenAI routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
 
-Handlers only: request parsing and JSON shapes live in `router.openai_schema` (whose docstring
+Handlers only: request parsing and JSON shapes live in `router.http.openai.protocol` (whose docstring
 lists the deliberate deviations from OpenAI and TGI). Errors before a stream starts use TGI's
 JSON and status codes (422 validation and template errors, 429 overloaded, 424 generation);
 after it started they arrive as `data: {"error": {"message", "http_status_code"}}` followed by
@@ -9,7 +9,6 @@ after it started they arrive as `data: {"error": {"message", "http_status_code"}
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -17,12 +16,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from router.chat_template import ChatTemplateError
 from router.core.engine import Engine, GenerationError, Timings, TokenEvent
-from router.middleware import Overloaded, TemplateError
-from router.openai_schema import (
+from router.http.errors import Overloaded, ValidationError
+from router.http.openai.protocol import (
     ChoiceText,
-    OpenAIError,
     Plan,
     chat_delta,
     chat_response,
@@ -35,28 +32,9 @@ from router.openai_schema import (
     parse_completion,
     usage,
 )
-from router.responses import error_json
-from router.server import STATE, _json_body
-from router.validation import ValidationError
+from router.http.state import STATE, json_body
 
 log = logging.getLogger(__name__)
-
-
-def _openai_errors(handler):
-    """Turn `OpenAIError` into TGI's error JSON with its own `error_type` (counted as a validation
-    failure, as TGI does); template errors go to the error middleware."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ChatTemplateError as e:
-            raise TemplateError(str(e)) from None
-        except OpenAIError as e:
-            request.app[STATE].metrics.request_failure.labels("validation").inc()
-            return web.json_response(error_json(e.message, e.error_type), status=e.status)
-
-    return wrapped
 
 
 async def _plan(request: web.Request, parse) -> Plan:
@@ -65,7 +43,7 @@ async def _plan(request: web.Request, parse) -> Plan:
     The concurrency middleware holds one slot per HTTP request; a request with several choices
     also needs room for all of them among the engine's requests (429 otherwise).
     """
-    body = await _json_body(request)
+    body = await json_body(request)
     state = request.app[STATE]
     plan = await asyncio.to_thread(parse, body, state.tokenizer, state.limits)
     if plan.num_choices > state.max_concurrent_requests:
@@ -137,7 +115,6 @@ def _model(request: web.Request, plan: Plan) -> str:
     return plan.model or request.app[STATE].model_id
 
 
-@_openai_errors
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     start = time.monotonic()
@@ -149,7 +126,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return web.json_response(body, headers=_headers(plan, start, body))
 
 
-@_openai_errors
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions"""
     start = time.monotonic()

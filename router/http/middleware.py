@@ -8,23 +8,15 @@ from aiohttp import web
 from opentelemetry import trace
 
 from router.core.engine import GenerationError
+from router.http.errors import ApiError, Overloaded
+from router.http.responses import error_json
 from router.metrics import Metrics
-from router.responses import error_json
 from router.tracing import start_request_span
-from router.validation import ValidationError
 
 log = logging.getLogger(__name__)
 
 GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"})
 PROTECTED_ROUTES = GENERATION_ROUTES | {"/tokenize"}  # behind --api-key, as in TGI
-
-
-class Overloaded(Exception):
-    """More than --max-concurrent-requests in flight (HTTP 429)."""
-
-
-class TemplateError(Exception):
-    """The chat template is missing or failed to render (HTTP 422)."""
 
 
 def error_response(status: int, message: str, error_type: str) -> web.Response:
@@ -45,15 +37,10 @@ def error_middleware(metrics: Metrics):
             metrics.request_count.inc()
         try:
             return await handler(request)
-        except ValidationError as e:
-            metrics.request_failure.labels("validation").inc()
-            return error_response(422, f"Input validation error: {e}", "validation")
-        except Overloaded:
-            metrics.request_failure.labels("overloaded").inc()
-            return error_response(429, "Model is overloaded", "overloaded")
-        except TemplateError as e:
-            metrics.request_failure.labels("template").inc()
-            return error_response(422, f"Template error: {e}", "template_error")
+        except ApiError as e:
+            if e.failure:
+                metrics.request_failure.labels(e.failure).inc()
+            return error_response(e.status, e.text, e.error_type)
         except GenerationError as e:  # counted by the engine
             return error_response(424, str(e), "generation")
         except web.HTTPException as e:

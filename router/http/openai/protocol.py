@@ -39,18 +39,11 @@ import uuid
 from dataclasses import dataclass, replace
 from importlib import metadata
 
-from router.chat_template import normalize_messages, render_chat, template_uses
 from router.core.engine import TokenEvent
+from router.http.errors import OpenAIError, ValidationError
+from router.http.openai.chat_template import normalize_messages, render_chat, template_uses
+from router.http.tgi.protocol import ValidationLimits, ValidRequest, validate
 from router.tokenizer import Tokenizer
-from router.validation import ValidationError, ValidationLimits, ValidRequest, validate
-
-
-class OpenAIError(Exception):
-    """A refusal with its own `error_type` (TGI's shape: `{"error", "error_type"}`)."""
-
-    def __init__(self, message: str, error_type: str, status: int = 422):
-        super().__init__(message)
-        self.message, self.error_type, self.status = message, error_type, status
 
 
 @dataclass(frozen=True, slots=True)

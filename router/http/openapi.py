@@ -1,9 +1,9 @@
 """GET /openapi.json (and TGI's /api-doc/openapi.json): an OpenAPI 3.1 document of every route.
 
-Built as Python data from `router.openapi_schemas`. Which routes need the API key and which count
-against `--max-concurrent-requests` comes from `router.middleware`, so the document follows the
+Built as Python data from `router.http.openapi_schemas`. Which routes need the API key and which count
+against `--max-concurrent-requests` comes from `router.http.middleware`, so the document follows the
 code; `tests/router/test_openapi.py` checks the routes against `build_app` and the request schemas
-against `router.validation` and `router.openai_schema`.
+against `router.http.tgi.protocol` and `router.http.openai.protocol`.
 """
 
 import functools
@@ -12,9 +12,9 @@ from importlib import metadata
 
 from aiohttp import web
 
-from router.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
-from router.openapi_schemas import component_schemas, ref
-from router.server import STATE
+from router.http.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
+from router.http.openapi_schemas import component_schemas, ref
+from router.http.state import STATE
 
 TGI, OPENAI, SERVICE = "Text Generation Inference", "OpenAI", "Service"
 JSON, SSE = "application/json", "text/event-stream"
@@ -235,7 +235,7 @@ def _doc_paths() -> dict:
 
 
 def openapi_document(model_id: str, version: str) -> dict:
-    """The OpenAPI 3.1 document of every route `router.server.build_app` serves."""
+    """The OpenAPI 3.1 document of every route `router.http.app.build_app` serves."""
     return {
         "openapi": "3.1.0",
         "info": {

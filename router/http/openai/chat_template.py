@@ -26,10 +26,10 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from router.validation import ValidationError
+from router.http.errors import TemplateError, ValidationError
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(TemplateError):
     """The model has no chat template, or rendering it failed (HTTP 422 `template_error`)."""
 
 

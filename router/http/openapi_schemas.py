@@ -1,7 +1,7 @@
 """JSON Schemas (2020-12, as OpenAPI 3.1 uses them) of every request and response body.
 
-Faithful to what the code accepts and returns: bounds are those of `router.validation` and
-`router.openai_schema`; bounds that depend on the server's flags (`max_best_of`,
+Faithful to what the code accepts and returns: bounds are those of `router.http.tgi.protocol` and
+`router.http.openai.protocol`; bounds that depend on the server's flags (`max_best_of`,
 `max_stop_sequences`, `max_top_n_tokens`, `max_input_tokens`, `max_total_tokens`,
 `max_client_batch_size`) are named in descriptions, most readable from `GET /info`. Unknown
 fields are ignored by the router, so no object forbids additional properties. `null` means

@@ -1,0 +1,144 @@
+"""The aiohttp app: middleware, the TGI, OpenAI and documentation routes, and the shared ones
+(/health, /info, /metrics, /tokenize). Translation only: the engine does the work."""
+
+import asyncio
+import contextlib
+import importlib.metadata
+import itertools
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from router.core.engine import GenerationError, Timings
+from router.core.request import GenerationRequest, SamplingParams
+from router.http.errors import ValidationError
+from router.http.middleware import (
+    add_cors,
+    api_key_middleware,
+    concurrency_middleware,
+    error_middleware,
+    error_response,
+    tracing_middleware,
+)
+from router.http.openai.routes import add_openai_routes
+from router.http.openapi import add_openapi_routes
+from router.http.state import STATE, ServerState, json_body
+from router.http.tgi.protocol import check_input_length
+from router.http.tgi.routes import add_tgi_routes
+from router.shard_client import ShardError
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+__version__ = importlib.metadata.version("sluice")
+
+HEALTH_PROBE_TIMEOUT_S = 10.0
+_HEALTH_PROBE = web.AppKey("health_probe", asyncio.Lock)
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 while the shards answer; after a failed step whose reset failed too, only once a
+    generation succeeds again. As TGI does, /health then runs a one-token generation itself:
+    without it, a server that load balancers stop sending requests to (503) would stay unhealthy."""
+    state = request.app[STATE]
+    try:
+        await state.shards.health()
+        if not state.engine.is_healthy:
+            await _probe_generation(request.app)
+    except (TimeoutError, ShardError, GenerationError) as e:
+        log.warning("health check failed: %s", e)
+        return error_response(503, "unhealthy", "healthcheck")
+    return web.Response(status=200)
+
+
+async def _probe_generation(app: web.Application) -> None:
+    """One token for a one-token prompt through the engine (one probe at a time); raises unless the
+    engine is healthy afterwards. Counted in the engine's metrics like any request."""
+    state = app[STATE]
+    async with app[_HEALTH_PROBE]:
+        if state.engine.is_healthy:  # a request or another probe succeeded meanwhile
+            return
+        probe = GenerationRequest(
+            state.tokenizer.encode("Hi", add_special_tokens=False)[:1] or [0], SamplingParams(), 1
+        )
+        async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
+            async with contextlib.aclosing(state.engine.generate(probe, Timings(queued_s=time.monotonic()))) as events:
+                async for _ in events:
+                    pass
+    if not state.engine.is_healthy:
+        raise ShardError("the last step failed and the shards could not be reset")
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """TGI's /tokenize: [{id, text, start, stop}] with byte offsets into `inputs`."""
+    body = await json_body(request)
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, str) or not inputs:
+        raise ValidationError("`inputs` must be a non-empty string")
+    state = request.app[STATE]
+    check_input_length(inputs, state.limits)  # before the tokenizer's work, as for generation
+    text = await asyncio.to_thread(lambda: json.dumps(_tokens_json(state.tokenizer, inputs)))
+    return web.Response(text=text, content_type="application/json")
+
+
+def _tokens_json(tokenizer: Tokenizer, inputs: str) -> list[dict]:
+    """[{id, text, start, stop}] with byte offsets, in time linear in `inputs` (run in a thread
+    with its serialization: a long text has hundreds of thousands of tokens)."""
+    ids, offsets = tokenizer.encode_with_offsets(inputs)
+    utf8_len = (1 if c < "\x80" else 2 if c < "\u0800" else 3 if c < "\U00010000" else 4 for c in inputs)
+    byte_offset = [0, *itertools.accumulate(utf8_len)]  # by character offset
+    return [
+        {"id": i, "text": inputs[start:stop], "start": byte_offset[start], "stop": byte_offset[stop]}
+        for i, (start, stop) in zip(ids, offsets)
+    ]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    return web.Response(body=s.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def info(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    return web.json_response(
+        {
+            "model_id": s.model_id,
+            "model_sha": None,
+            "model_dtype": s.model_info.dtype,
+            "model_device_type": s.model_info.device_type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": s.max_concurrent_requests,
+            "max_best_of": s.limits.max_best_of,
+            "max_stop_sequences": s.limits.max_stop_sequences,
+            "max_input_tokens": s.limits.max_input_tokens,
+            "max_total_tokens": s.limits.max_total_tokens,
+            "validation_workers": 1,
+            "max_client_batch_size": s.limits.max_client_batch_size,
+            "router": "sluice-router",
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+        }
+    )
+
+
+def build_app(
+    state: ServerState, payload_limit: int, api_key: str | None = None, cors_allow_origins: tuple[str, ...] = ()
+) -> web.Application:
+    middlewares = [tracing_middleware, error_middleware(state.metrics)]
+    if api_key:
+        middlewares.append(api_key_middleware(api_key))
+    middlewares.append(concurrency_middleware(state.max_concurrent_requests))
+    app = web.Application(middlewares=middlewares, client_max_size=payload_limit)
+    add_cors(app, cors_allow_origins)
+    app[STATE] = state
+    app[_HEALTH_PROBE] = asyncio.Lock()
+    add_tgi_routes(app)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    app.router.add_get("/metrics", metrics)
+    add_openai_routes(app)
+    add_openapi_routes(app)
+    return app
