@@ -43,7 +43,8 @@ test: install model
 	$(PY) -m pytest -q -rs --durations=15
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check router shard launcher tests
+	$(VENV)/bin/ruff check router shard launcher tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) router/pb shard/pb

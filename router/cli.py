@@ -14,12 +14,11 @@ from router.config import RouterConfig
 from router.core.block_manager import BlockManager
 from router.core.engine import Engine
 from router.core.scheduler import Scheduler, SchedulerConfig
+from router.core.shard_client import ShardedClient
 from router.http.app import build_app
 from router.http.state import ServerState
-from router.http.tgi.protocol import ValidationLimits
-from router.limits import check_pool, resolve_limits
+from router.limits import ValidationLimits, check_pool, resolve_limits
 from router.metrics import Metrics
-from router.shard_client import ShardedClient
 from router.tokenizer import Tokenizer
 from router.tracing import setup_tracing
 

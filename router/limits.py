@@ -6,6 +6,18 @@ from router.config import RouterConfig
 
 
 @dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    """What a request may ask for, as validation checks it."""
+
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_client_batch_size: int = 4  # prompts per /v1/completions request
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_input_tokens: int
     max_total_tokens: int

@@ -17,8 +17,8 @@ from opentelemetry import trace
 
 from router.core.request import FINISH_REASONS, GenerationRequest, Request, RequestStatus
 from router.core.scheduler import Scheduler, StepPlan
+from router.core.shard_client import ShardedClient, ShardError, StepResult
 from router.metrics import Metrics
-from router.shard_client import ShardedClient, ShardError, StepResult
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.tracing import start_step_span
 

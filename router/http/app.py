@@ -13,6 +13,7 @@ from aiohttp import web
 
 from router.core.engine import GenerationError, Timings
 from router.core.request import GenerationRequest, SamplingParams
+from router.core.shard_client import ShardError
 from router.http.errors import ValidationError
 from router.http.middleware import (
     add_cors,
@@ -27,7 +28,6 @@ from router.http.openapi import add_openapi_routes
 from router.http.state import STATE, ServerState, json_body
 from router.http.tgi.protocol import check_input_length
 from router.http.tgi.routes import add_tgi_routes
-from router.shard_client import ShardError
 from router.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

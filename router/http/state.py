@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from router.core.engine import Engine
+from router.core.shard_client import ModelInfo, ShardedClient
 from router.http.responses import error_json
-from router.http.tgi.protocol import ValidationLimits
+from router.limits import ValidationLimits
 from router.metrics import Metrics
-from router.shard_client import ModelInfo, ShardedClient
 from router.tokenizer import Tokenizer
 
 

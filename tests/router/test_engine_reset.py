@@ -9,8 +9,8 @@ from router.core.block_manager import BlockManager
 from router.core.engine import Engine, GenerationError, Timings
 from router.core.request import GenerationRequest, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
+from router.core.shard_client import ShardError, StepResult, TokenResult
 from router.metrics import Metrics
-from router.shard_client import ShardError, StepResult, TokenResult
 from router.tokenizer import Tokenizer
 
 

@@ -15,6 +15,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from router.core.engine import Token, TokenEvent
+from router.core.shard_client import ModelInfo, ShardError
 from router.http.app import build_app
 from router.http.errors import ValidationError
 from router.http.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
@@ -25,9 +26,9 @@ from router.http.openai.routes import _ChatChunks, _CompletionChunks, add_openai
 from router.http.openapi import add_openapi_routes, openapi_document
 from router.http.responses import error_json, generate_json, stream_json
 from router.http.state import ServerState
-from router.http.tgi.protocol import ValidationLimits, validate
+from router.http.tgi.protocol import validate
+from router.limits import ValidationLimits
 from router.metrics import Metrics
-from router.shard_client import ModelInfo, ShardError
 
 DOC = openapi_document("test-model", "0.1.0")
 URI = "urn:sluice:openapi"

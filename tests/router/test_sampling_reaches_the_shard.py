@@ -11,9 +11,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from router.core.block_manager import BlockManager
 from router.core.engine import Engine
 from router.core.scheduler import Scheduler, SchedulerConfig
+from router.core.shard_client import StepResult, TokenResult, plan_to_pb
 from router.http.app import build_app
 from router.metrics import Metrics
-from router.shard_client import StepResult, TokenResult, plan_to_pb
 from router.tokenizer import Tokenizer
 from shard.sampler import SamplingParams as ShardSampling
 from shard.server import step_from_pb

@@ -5,7 +5,7 @@ import pytest
 from router.core.block_manager import BlockManager
 from router.core.request import Request, RequestStatus, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
-from router.shard_client import plan_to_pb
+from router.core.shard_client import plan_to_pb
 
 EOS = 2
 

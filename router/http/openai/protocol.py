@@ -42,7 +42,8 @@ from importlib import metadata
 from router.core.engine import TokenEvent
 from router.http.errors import OpenAIError, ValidationError
 from router.http.openai.chat_template import normalize_messages, render_chat, template_uses
-from router.http.tgi.protocol import ValidationLimits, ValidRequest, validate
+from router.http.tgi.protocol import ValidRequest, validate
+from router.limits import ValidationLimits
 from router.tokenizer import Tokenizer
 
 

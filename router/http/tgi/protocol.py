@@ -10,17 +10,8 @@ from dataclasses import dataclass
 
 from router.core.request import GenerationRequest, SamplingParams
 from router.http.errors import ValidationError
+from router.limits import ValidationLimits
 from router.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True, slots=True)
-class ValidationLimits:
-    max_best_of: int
-    max_stop_sequences: int
-    max_top_n_tokens: int
-    max_input_tokens: int
-    max_total_tokens: int
-    max_client_batch_size: int = 4  # prompts per /v1/completions request
 
 
 @dataclass(frozen=True, slots=True)
