@@ -11,7 +11,6 @@ from router.core.request import GenerationRequest, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import StepResult, TokenResult
 from router.metrics import Metrics
-from router.tokenizer import Tokenizer
 
 
 class FakeShards:
@@ -50,12 +49,12 @@ async def _generate(tokenizer, max_steps_in_flight: int) -> tuple[list[int], lis
 
 
 @pytest.mark.parametrize("max_steps_in_flight", [1, 2])
-def test_outputs_do_not_depend_on_overlap(bundled_model_dir, max_steps_in_flight):
-    ids, _ = asyncio.run(_generate(Tokenizer(bundled_model_dir), max_steps_in_flight))
+def test_outputs_do_not_depend_on_overlap(tiny_tokenizer, max_steps_in_flight):
+    ids, _ = asyncio.run(_generate(tiny_tokenizer, max_steps_in_flight))
     assert ids == [103, 104, 105, 106, 107]
 
 
-def test_the_next_step_is_sent_before_the_previous_result_is_read(bundled_model_dir):
-    _, log = asyncio.run(_generate(Tokenizer(bundled_model_dir), 2))
+def test_the_next_step_is_sent_before_the_previous_result_is_read(tiny_tokenizer):
+    _, log = asyncio.run(_generate(tiny_tokenizer, 2))
     assert log[:4] == ["send 0", "send 1", "receive 0", "send 2"]
     assert log.count("send 5") == 0  # the 5th token was in flight: no step beyond max_new_tokens

@@ -11,7 +11,6 @@ from router.core.request import GenerationRequest, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import ShardError, StepResult, TokenResult
 from router.metrics import Metrics
-from router.tokenizer import Tokenizer
 
 
 class FlakyShards:
@@ -50,11 +49,11 @@ async def _outcome(engine: Engine) -> str:
 
 
 @pytest.mark.parametrize("failed_resets", [0, 2])
-def test_a_failed_step_resets_the_shards_and_a_failed_reset_is_retried(bundled_model_dir, failed_resets):
+def test_a_failed_step_resets_the_shards_and_a_failed_reset_is_retried(tiny_tokenizer, failed_resets):
     async def scenario():
         shards = FlakyShards(failed_resets)
         scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
-        engine = Engine(scheduler, shards, Tokenizer(bundled_model_dir), [2], Metrics(100, 200), step_timeout_s=7.0)
+        engine = Engine(scheduler, shards, tiny_tokenizer, [2], Metrics(100, 200), step_timeout_s=7.0)
         task = asyncio.create_task(engine.run())
         outcomes = [await asyncio.wait_for(_outcome(engine), 5) for _ in range(1 + failed_resets + 1)]
         healthy = engine.is_healthy
@@ -88,11 +87,11 @@ class BrokenEncoding(FlakyShards):
         return self.queue.pop(0)
 
 
-def test_an_unexpected_error_in_a_step_fails_its_requests_instead_of_hanging_them(bundled_model_dir):
+def test_an_unexpected_error_in_a_step_fails_its_requests_instead_of_hanging_them(tiny_tokenizer):
     async def scenario():
         shards = BrokenEncoding()
         scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
-        engine = Engine(scheduler, shards, Tokenizer(bundled_model_dir), [2], Metrics(100, 200))
+        engine = Engine(scheduler, shards, tiny_tokenizer, [2], Metrics(100, 200))
         task = asyncio.create_task(engine.run())
         outcomes = [await asyncio.wait_for(_outcome(engine), 5) for _ in range(2)]
         task.cancel()

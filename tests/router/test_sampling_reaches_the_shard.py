@@ -48,8 +48,8 @@ def _approx(**fields):
     return pytest.approx(dataclasses.asdict(ShardSampling(**fields)), rel=1e-6)
 
 
-async def _sampling_received(model_dir, path: str, body: dict) -> ShardSampling:
-    shards, tokenizer = RecordingShards(), Tokenizer(model_dir)
+async def _sampling_received(tokenizer: Tokenizer, path: str, body: dict) -> ShardSampling:
+    shards = RecordingShards()
     engine = Engine(Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16)), shards, tokenizer, [2], Metrics(8, 16))
     state = dataclasses.replace(_stand_in_state(), engine=engine, tokenizer=tokenizer)
     runner = asyncio.create_task(engine.run())
@@ -63,7 +63,7 @@ async def _sampling_received(model_dir, path: str, body: dict) -> ShardSampling:
     return new.sampling
 
 
-async def test_tgi_parameters_reach_the_shard(bundled_model_dir):
+async def test_tgi_parameters_reach_the_shard(tiny_tokenizer):
     parameters = {
         "do_sample": True,
         "temperature": 0.7,
@@ -77,7 +77,7 @@ async def test_tgi_parameters_reach_the_shard(bundled_model_dir):
         "top_n_tokens": 3,
         "max_new_tokens": 2,
     }
-    received = await _sampling_received(bundled_model_dir, "/generate", {"inputs": "Hello", "parameters": parameters})
+    received = await _sampling_received(tiny_tokenizer, "/generate", {"inputs": "Hello", "parameters": parameters})
     assert _fields(received) == _approx(
         do_sample=True,
         temperature=0.7,
@@ -92,9 +92,9 @@ async def test_tgi_parameters_reach_the_shard(bundled_model_dir):
     )
 
 
-async def test_openai_parameters_reach_the_shard(bundled_model_dir):
+async def test_openai_parameters_reach_the_shard(tiny_tokenizer):
     body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0.5, "top_p": 0.8, "frequency_penalty": -0.5}
-    received = await _sampling_received(bundled_model_dir, "/v1/completions", {**body, "seed": 7, "logprobs": 2})
+    received = await _sampling_received(tiny_tokenizer, "/v1/completions", {**body, "seed": 7, "logprobs": 2})
     expected = dict(do_sample=True, temperature=0.5, top_p=0.8, frequency_penalty=-0.5, seed=7, top_n_tokens=2)
     expected["raw_logprobs"] = True  # OpenAI's logprobs are the model's own; TGI's the processed ones
     assert _fields(received) == _approx(**expected)
