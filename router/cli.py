@@ -11,8 +11,8 @@ from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
 
 from router.config import RouterConfig
-from router.core.block_manager import BlockManager
 from router.core.engine import Engine
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import ShardedClient
 from router.http.app import build_app
@@ -171,7 +171,7 @@ async def _serve(config: RouterConfig) -> None:
             config.max_prefill_slowdown,
             config.long_prompt_tokens,
         ),
-        BlockManager(num_blocks, info.block_size, config.prefix_caching),
+        KVCacheManager(num_blocks, info.block_size, config.prefix_caching),
     )
     metrics = Metrics(max_input, max_total)
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)

@@ -76,7 +76,7 @@ class Metrics:
     def watch(self, scheduler) -> None:
         """The gauges of the scheduler's state, read from it when scraped (one source, no copies
         to keep up to date): queue, batch, KV blocks, preemptions, prefix-cache hits."""
-        blocks = scheduler.block_manager
+        blocks = scheduler.kv_cache_manager
         self.queue_size.set_function(lambda: len(scheduler.waiting))
         self.batch_current_size.set_function(lambda: len(scheduler.running))
         self.batch_current_max_tokens.set_function(

@@ -15,6 +15,11 @@ class Tokenizer:
         self.config: dict = json.loads(config_path.read_text()) if config_path.exists() else {}
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The Hugging Face tokenizer, for `tokenizers.decoders.DecodeStream`."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -40,45 +45,3 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (special tokens as their literal)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
-
-
-class IncrementalDetokenizer:
-    """Turns a request's tokens into text one token at a time.
-
-    Text is emitted only once it is complete UTF-8; decoding keeps a few preceding tokens as
-    context so that word-joining spaces come out right (TGI's prefix/read offsets). The
-    concatenation of everything emitted, including the final `flush()`, is the generated text.
-    Special tokens are reported with their literal text but are not part of the generated text.
-    """
-
-    CONTEXT_TOKENS = 5
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS :])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self.text = ""  # generated text so far
-
-    def add(self, token_id: int) -> str:
-        """Text this token completes (may be empty); for special tokens, their literal."""
-        if token_id in self.tokenizer.special_ids:
-            return self.tokenizer.token_text(token_id)
-        self.ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=False)
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=False)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for the next token
-        delta = new_text[len(prefix_text) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += delta
-        return delta
-
-    def flush(self) -> str:
-        """Whatever is still pending at the end of generation (possibly an incomplete character)."""
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=False)
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=False)
-        delta = new_text[len(prefix_text) :]
-        self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += delta
-        return delta

@@ -1,8 +1,8 @@
 """The batching loop: the one place where the scheduler meets I/O.
 
 `generate()` queues a validated request and yields its events; `run()` repeatedly asks the
-scheduler for a step, sends it to the shards, applies the tokens, detokenizes them, checks
-stop sequences and hands each request its event.
+scheduler for a step, sends it to the shards, applies the tokens, turns them into text (the
+output processor, which also checks stop strings) and hands each request its event.
 """
 
 import asyncio
@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from router.core.request import FINISH_REASONS, GenerationRequest, Request, RequestStatus
+from router.core.output_processor import OutputProcessor
+from router.core.request import GenerationRequest, Request, RequestStatus
 from router.core.scheduler import Scheduler, StepPlan
 from router.core.shard_client import ShardedClient, ShardError, StepResult
 from router.metrics import Metrics
-from router.tokenizer import IncrementalDetokenizer, Tokenizer
+from router.tokenizer import Tokenizer
 from router.tracing import start_step_span
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class _InFlight:
 class _Handle:
     request: Request
     spec: GenerationRequest
-    detokenizer: IncrementalDetokenizer
+    output: OutputProcessor
     timings: Timings
     span: trace.Span  # the HTTP request's span (non-recording when untraced)
     prompt_logprobs: list[float] | None = None  # by prompt position, filled as chunks are computed
@@ -127,8 +128,8 @@ class Engine:
             needs_prompt_logprobs=spec.prompt_logprobs,
             arrival_s=timings.queued_s,
         )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, spec.input_ids)
-        handle = _Handle(request, spec, detokenizer, timings, trace.get_current_span())
+        output = OutputProcessor(self.tokenizer, spec.input_ids, spec.stop)
+        handle = _Handle(request, spec, output, timings, trace.get_current_span())
         if spec.prompt_logprobs:
             handle.prompt_logprobs = [float("nan")] * len(spec.input_ids)
         self._handles[request.req_id] = handle
@@ -238,7 +239,7 @@ class Engine:
         return _InFlight(plan, method, span, trace_context, now)
 
     def _finish_step(self, step: _InFlight, result: StepResult) -> None:
-        """Apply a step's tokens: detokenize, check stops, hand each request its event."""
+        """Apply a step's tokens: turn them into text, check stops, hand each request its event."""
         step.span.end()
         self.is_healthy = True
         received = time.monotonic()
@@ -301,27 +302,19 @@ class Engine:
         return [Token(i, t.token_text(i), lp, i in t.special_ids) for i, lp in zip(ids, handle.prompt_logprobs)]
 
     def _emit(self, request: Request, result: StepResult) -> None:
+        """Hand `request` the event of the token it just received; end it on a stop string."""
         handle = self._handles[request.req_id]
         produced = result.tokens[request.req_id]
         token_id = request.output_ids[-1]
-        text = handle.detokenizer.add(token_id)
-        stop = handle.spec.stop
-        if stop and not request.status.is_finished:
-            window = handle.detokenizer.text[-(len(text) + max(map(len, stop))) :]
-            if any(s in window for s in stop):
-                self.scheduler.finish(request, RequestStatus.FINISHED_STOP_SEQUENCE)
-        finish_reason = generated_text = prefill = None
-        if request.status.is_finished:
-            text += handle.detokenizer.flush()
-            finish_reason, generated_text = FINISH_REASONS[request.status], handle.detokenizer.text
-            prefill = self._prefill(handle)
-        special = token_id in self.tokenizer.special_ids
+        out = handle.output.process(token_id, request.status)
+        if out.stop_matched:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOP_SEQUENCE)
+        prefill = None if out.finish_reason is None else self._prefill(handle)
         top = [
             Token(i, self.tokenizer.token_text(i), lp, i in self.tokenizer.special_ids) for i, lp in produced.top_tokens
         ]
-        handle.events.put_nowait(
-            TokenEvent(Token(token_id, text, produced.logprob, special), top, finish_reason, generated_text, prefill)
-        )
+        token = Token(token_id, out.text, produced.logprob, out.special)
+        handle.events.put_nowait(TokenEvent(token, top, out.finish_reason, out.generated_text, prefill))
 
     async def _reset_shards(self) -> bool:
         """ClearCache on every shard, within the step timeout. Until one succeeds the engine is

@@ -74,10 +74,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache or being computed; reset by preemption
     num_pending_outputs: int = 0  # tokens sampled by steps still in flight, known only to the shards
-    block_ids: list[int] = field(default_factory=list)
     is_on_shard: bool = False  # the shards hold this request's state (set on first schedule)
-    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks; a function of the tokens
-    num_registered_blocks: int = 0  # leading block_ids registered in the prefix cache; reset by preemption
     num_preemptions: int = 0
 
     @property

@@ -32,7 +32,7 @@ Rules:
 from collections import deque
 from dataclasses import dataclass
 
-from router.core.block_manager import BlockManager
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.request import Request, RequestStatus
 from router.core.step_cost import StepCostModel, StepWork
 
@@ -81,9 +81,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
         self.config = config
-        self.block_manager = block_manager
+        self.kv_cache_manager = kv_cache_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self._forget: list[int] = []  # shard states to drop with the next step
@@ -101,12 +101,14 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """End a request (stop sequence, abort, error) and give its blocks back."""
+        """End a request (stop sequence, abort, error): its blocks go back, and the KV cache
+        manager forgets it."""
         assert status.is_finished
         if request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
         elif request.status == RequestStatus.RUNNING:
             self._release(request)
+        self.kv_cache_manager.free(request)
         request.status = status
 
     def schedule(self) -> StepPlan:
@@ -145,27 +147,21 @@ class Scheduler:
             and len(self.running) < self.config.max_batch_size
         ):
             request = self.waiting[0]  # a waiting request holds no blocks and has computed nothing
-            bm = self.block_manager
-            cached = [] if request.needs_prompt_logprobs else bm.match_prefix(request.token_ids, request.block_hashes)
-            num_cached = len(cached) * bm.block_size
+            kv = self.kv_cache_manager
+            cached, num_cached = kv.get_computed_blocks(request)
             num_tokens = self._chunk(
                 request, num_cached, request.num_tokens - num_cached, budget, allowance, full_budget
             )
-            if num_tokens == 0:
-                break
-            needed = bm.blocks_needed(num_cached + num_tokens, len(cached))
-            if not bm.can_allocate(needed, cached):
+            if num_tokens == 0 or kv.allocate_slots(request, num_tokens, cached) is None:
                 break
             self.waiting.popleft()
-            bm.reuse(cached)
-            request.block_ids = cached + bm.allocate(needed)
-            request.num_computed_tokens, request.num_registered_blocks = num_cached, len(cached)
+            request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self.num_prefix_hit_tokens += num_cached
             budget -= num_tokens
             allowance -= self._chunk_seconds(num_cached, num_tokens)
-            new.append(self._commit(request, num_tokens, True, list(request.block_ids)))
+            new.append(self._commit(request, num_tokens, True, kv.block_ids(request)))
         self._steps_without_admission = 0 if new else self._steps_without_admission + 1
         scheduled = new + running
         for s in scheduled:
@@ -261,21 +257,9 @@ class Scheduler:
         request.num_computed_tokens += num_tokens
         produces_token = request.num_computed_tokens == request.num_tokens + request.num_pending_outputs
         request.num_pending_outputs += produces_token
-        self._register_blocks(request)
         return ScheduledRequest(
             request, num_tokens, is_new, new_block_ids, start, request.num_preemptions, produces_token
         )
-
-    def _register_blocks(self, request: Request) -> None:
-        """Offer the blocks this step fills to the prefix cache right away: in a forward,
-        every layer stores the step's K/V before any attention reads the cache, so a request
-        admitted in the same step may already share them. Only known tokens can be hashed: a
-        block holding a pending token waits for its result."""
-        num_tokens = min(request.num_computed_tokens, request.num_tokens)
-        if num_tokens // self.block_manager.block_size > request.num_registered_blocks:
-            request.num_registered_blocks = self.block_manager.cache_full_blocks(
-                request.token_ids, request.block_ids, num_tokens, request.block_hashes, request.num_registered_blocks
-            )
 
     def fail_all(self) -> list[Request]:
         """A step failed: end every running request and forget the prefix cache, whose
@@ -283,37 +267,33 @@ class Scheduler:
         failed = list(self.running)
         for request in failed:
             self.finish(request, RequestStatus.FINISHED_ERROR)
-        self.block_manager.clear_prefix_cache()
+        self.kv_cache_manager.clear_prefix_cache()
         return failed
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int) -> list[int] | None:
         """Blocks for `num_tokens` more tokens of `request`, preempting the newest running
         requests until they fit; None when `request` itself had to be preempted."""
-        bm = self.block_manager
-        needed = bm.blocks_needed(request.num_computed_tokens + num_tokens, len(request.block_ids))
-        while not bm.can_allocate(needed):
+        while (new_block_ids := self.kv_cache_manager.allocate_slots(request, num_tokens)) is None:
             victim = self.running[-1]
             if victim is request and len(self.running) == 1:
                 raise MemoryError(f"request {request.req_id} needs more KV blocks than the whole pool")
             self._preempt(victim)
             if victim is request:
                 return None
-        new_block_ids = bm.allocate(needed)
-        request.block_ids += new_block_ids
         return new_block_ids
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
+        self.kv_cache_manager.free(request, preempted=True)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = request.num_registered_blocks = request.num_pending_outputs = 0
+        request.num_computed_tokens = request.num_pending_outputs = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:
+        """Take a running request out of the batch; the shards forget it with the next step."""
         self.running.remove(request)
-        self.block_manager.free(request.block_ids)
-        request.block_ids = []
         if request.is_on_shard:
             self._forget.append(request.req_id)
             request.is_on_shard = False

@@ -5,8 +5,8 @@ from collections import deque
 
 import pytest
 
-from router.core.block_manager import BlockManager
 from router.core.engine import Engine, Timings
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.request import GenerationRequest, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import StepResult, TokenResult
@@ -39,7 +39,7 @@ class FakeShards:
 
 async def _generate(tokenizer, max_steps_in_flight: int) -> tuple[list[int], list[str]]:
     shards = FakeShards()
-    scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
+    scheduler = Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, 16))
     engine = Engine(scheduler, shards, tokenizer, [2], Metrics(100, 200), max_steps_in_flight=max_steps_in_flight)
     task = asyncio.create_task(engine.run())
     valid = GenerationRequest([5, 6, 7], SamplingParams(), 5)

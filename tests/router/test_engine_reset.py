@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from router.core.block_manager import BlockManager
 from router.core.engine import Engine, GenerationError, Timings
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.request import GenerationRequest, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import ShardError, StepResult, TokenResult
@@ -52,13 +52,13 @@ async def _outcome(engine: Engine) -> str:
 def test_a_failed_step_resets_the_shards_and_a_failed_reset_is_retried(tiny_tokenizer, failed_resets):
     async def scenario():
         shards = FlakyShards(failed_resets)
-        scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
+        scheduler = Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, 16))
         engine = Engine(scheduler, shards, tiny_tokenizer, [2], Metrics(100, 200), step_timeout_s=7.0)
         task = asyncio.create_task(engine.run())
         outcomes = [await asyncio.wait_for(_outcome(engine), 5) for _ in range(1 + failed_resets + 1)]
         healthy = engine.is_healthy
         task.cancel()
-        return outcomes, shards.resets, healthy, scheduler.block_manager.num_free_blocks
+        return outcomes, shards.resets, healthy, scheduler.kv_cache_manager.num_free_blocks
 
     outcomes, resets, healthy, free_blocks = asyncio.run(scenario())
     assert "shard gone" in outcomes[0]  # the running request fails with the step
@@ -90,12 +90,12 @@ class BrokenEncoding(FlakyShards):
 def test_an_unexpected_error_in_a_step_fails_its_requests_instead_of_hanging_them(tiny_tokenizer):
     async def scenario():
         shards = BrokenEncoding()
-        scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
+        scheduler = Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, 16))
         engine = Engine(scheduler, shards, tiny_tokenizer, [2], Metrics(100, 200))
         task = asyncio.create_task(engine.run())
         outcomes = [await asyncio.wait_for(_outcome(engine), 5) for _ in range(2)]
         task.cancel()
-        return outcomes, shards.resets, scheduler.block_manager.num_free_blocks
+        return outcomes, shards.resets, scheduler.kv_cache_manager.num_free_blocks
 
     outcomes, resets, free_blocks = asyncio.run(scenario())
     assert "internal error" in outcomes[0] and "num_prompt_tokens" in outcomes[0]

@@ -1,6 +1,6 @@
 """The state gauges are read from the scheduler when scraped, so they never lag or disagree."""
 
-from router.core.block_manager import BlockManager
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.request import Request, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.metrics import Metrics
@@ -12,7 +12,7 @@ def _gauges(metrics: Metrics) -> dict[str, float]:
 
 
 def test_state_gauges_read_the_scheduler_when_scraped():
-    scheduler = Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16))
+    scheduler = Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, 16))
     metrics = Metrics(100, 200)
     metrics.watch(scheduler)
     scheduler.add(Request(0, [5, 6, 7], 4, SamplingParams()))

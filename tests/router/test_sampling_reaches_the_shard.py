@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.core.block_manager import BlockManager
 from router.core.engine import Engine
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import StepResult, TokenResult, plan_to_pb
 from router.http.app import build_app
@@ -50,7 +50,7 @@ def _approx(**fields):
 
 async def _sampling_received(tokenizer: Tokenizer, path: str, body: dict) -> ShardSampling:
     shards = RecordingShards()
-    engine = Engine(Scheduler(SchedulerConfig(8, 64), BlockManager(32, 16)), shards, tokenizer, [2], Metrics(8, 16))
+    engine = Engine(Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, 16)), shards, tokenizer, [2], Metrics(8, 16))
     state = dataclasses.replace(_stand_in_state(), engine=engine, tokenizer=tokenizer)
     runner = asyncio.create_task(engine.run())
     try:

@@ -1,8 +1,6 @@
 """One test per scheduling rule, with the shard faked by handing tokens to update()."""
 
-import pytest
-
-from router.core.block_manager import BlockManager
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.request import Request, RequestStatus, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import plan_to_pb
@@ -16,11 +14,15 @@ def make_scheduler(
     config = SchedulerConfig(
         max_batch_size, prefill_budget, max_prefill_slowdown=slowdown, long_prompt_tokens=long_prompt
     )
-    return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, prefix_caching))
 
 
 def make_request(req_id, prompt_len, max_new_tokens=4) -> Request:
     return Request(req_id, list(range(10, 10 + prompt_len)), max_new_tokens, SamplingParams(), frozenset({EOS}))
+
+
+def blocks(scheduler, request) -> list[int]:
+    return scheduler.kv_cache_manager.block_ids(request)
 
 
 def run_step(scheduler, token=7):
@@ -45,7 +47,7 @@ def test_blocks_cover_exactly_the_computed_tokens():
     s = make_scheduler(block_size=4)
     s.add(make_request(0, 4, max_new_tokens=10))
     run_step(s)  # 4 prompt tokens: one block
-    assert len(s.running[0].block_ids) == 1
+    assert len(blocks(s, s.running[0])) == 1
     plan, _ = run_step(s)  # computing the 5th token needs a second block
     assert plan.scheduled[0].new_block_ids == [1]
 
@@ -99,7 +101,7 @@ def test_length_finishes_before_eos_and_frees_blocks():
     s.add(make_request(0, 3, max_new_tokens=1))
     _, produced = run_step(s, token=EOS)
     assert produced[0].status == RequestStatus.FINISHED_LENGTH
-    assert s.block_manager.num_free_blocks == 64 and not s.running
+    assert s.kv_cache_manager.num_free_blocks == 64 and not s.running
 
 
 def test_eos_finishes_and_is_forgotten_with_the_next_step():
@@ -129,7 +131,7 @@ def test_preemption_evicts_the_newest_and_readmits_it_first():
     s.add(new)
     run_step(s)  # old: 2 blocks, new: 2 blocks, pool empty
     plan, _ = run_step(s)  # old's 8th token fits; new's 9th needs a block: new, the newest, yields
-    assert new.status == RequestStatus.WAITING and new.num_computed_tokens == 0 and new.block_ids == []
+    assert new.status == RequestStatus.WAITING and new.num_computed_tokens == 0 and blocks(s, new) == []
     assert s.waiting[0] is new and new.num_preemptions == 1
     assert [x.request.req_id for x in plan.scheduled] == [0]
     assert plan.forget_req_ids == [1]  # the shards drop it before computing this very step
@@ -152,7 +154,7 @@ def test_abort_frees_blocks_of_running_and_removes_waiting():
     run_step(s)
     s.finish(running, RequestStatus.FINISHED_ABORTED)
     s.finish(waiting, RequestStatus.FINISHED_ABORTED)
-    assert s.block_manager.num_free_blocks == 64 and not s.running and not s.waiting
+    assert s.kv_cache_manager.num_free_blocks == 64 and not s.running and not s.waiting
     s.add(make_request(2, 3))
     assert s.schedule().forget_req_ids == [0]
 
@@ -164,14 +166,6 @@ def test_tokens_of_a_request_aborted_during_the_step_are_dropped():
     plan = s.schedule()
     s.finish(r, RequestStatus.FINISHED_ABORTED)
     assert s.update(plan, {0: 5}) == [] and r.output_ids == []
-
-
-def test_block_manager_rejects_double_free():
-    bm = BlockManager(4, 16)
-    ids = bm.allocate(2)
-    bm.free(ids)
-    with pytest.raises(AssertionError):
-        bm.free(ids)
 
 
 def test_min_new_tokens_defers_eos():
@@ -200,7 +194,7 @@ def test_prefix_hit_skips_computed_tokens():
     s.add(second)
     (scheduled,) = s.schedule().scheduled
     assert scheduled.start_position == 8 and scheduled.num_scheduled_tokens == 3
-    assert second.block_ids[:2] == [0, 1]  # the first request's two full blocks
+    assert blocks(s, second)[:2] == [0, 1]  # the first request's two full blocks
     assert s.num_prefix_hit_tokens == 8
 
 
@@ -212,10 +206,10 @@ def test_running_requests_share_prefix_blocks_by_reference():
     b = make_request(1, 9, max_new_tokens=5)
     s.add(b)
     run_step(s)
-    assert b.block_ids[:2] == a.block_ids[:2] and b.num_computed_tokens == 9
+    assert blocks(s, b)[:2] == blocks(s, a)[:2] and b.num_computed_tokens == 9
     s.finish(a, RequestStatus.FINISHED_ABORTED)
     run_to_completion(s)  # b still reads the shared blocks after a is gone
-    assert b.status == RequestStatus.FINISHED_LENGTH and s.block_manager.num_free_blocks == 64
+    assert b.status == RequestStatus.FINISHED_LENGTH and s.kv_cache_manager.num_free_blocks == 64
 
 
 def test_a_fully_cached_prompt_still_computes_its_last_token():
@@ -235,13 +229,16 @@ def test_cached_blocks_are_evicted_least_recently_freed_first():
     for r in (a, b):  # a frees its blocks first
         s.add(r)
         run_to_completion(s)
-    assert s.block_manager.num_cached_blocks == 4 and s.block_manager.num_free_blocks == 6
+    assert s.kv_cache_manager.num_cached_blocks == 4 and s.kv_cache_manager.num_free_blocks == 6
     other = make_request(2, 16, max_new_tokens=1)
     other.prompt_ids = [500 + i for i in range(16)]
     s.add(other)  # needs 4 blocks: the 2 never used, then a's 2 cached ones
     s.schedule()
-    assert s.block_manager.match_prefix(a.prompt_ids, []) == []
-    assert len(s.block_manager.match_prefix(b.prompt_ids, [])) == 2
+    cached = [
+        s.kv_cache_manager.get_computed_blocks(Request(10 + r.req_id, r.prompt_ids, 1, SamplingParams()))[0]
+        for r in (a, b)
+    ]
+    assert cached[0] == [] and len(cached[1]) == 2
 
 
 def test_prefix_caching_can_be_switched_off():
@@ -251,7 +248,7 @@ def test_prefix_caching_can_be_switched_off():
     again = make_request(1, 9, max_new_tokens=1)
     s.add(again)
     (scheduled,) = s.schedule().scheduled
-    assert scheduled.start_position == 0 and s.block_manager.num_cached_blocks == 0
+    assert scheduled.start_position == 0 and s.kv_cache_manager.num_cached_blocks == 0
 
 
 def test_preempted_request_reuses_its_own_cached_prefix():
@@ -277,7 +274,7 @@ def test_requests_arriving_together_compute_a_shared_prefix_once():
         s.add(r)
     plan = s.schedule()
     assert [x.num_scheduled_tokens for x in plan.scheduled] == [13, 1, 1, 1]
-    assert all(r.block_ids[:3] == requests[0].block_ids[:3] for r in requests)
+    assert all(blocks(s, r)[:3] == blocks(s, requests[0])[:3] for r in requests)
 
 
 def test_a_failed_step_ends_running_requests_and_clears_the_prefix_cache():
@@ -287,13 +284,13 @@ def test_a_failed_step_ends_running_requests_and_clears_the_prefix_cache():
     s.add(make_request(1, 9))
     (failed,) = s.fail_all()
     assert failed.status == RequestStatus.FINISHED_ERROR
-    assert s.block_manager.num_cached_blocks == 0 and s.block_manager.num_free_blocks == 64
+    assert s.kv_cache_manager.num_cached_blocks == 0 and s.kv_cache_manager.num_free_blocks == 64
     (again,) = s.schedule().scheduled  # the waiting request computes everything again
     assert again.num_scheduled_tokens == 9
 
 
 def test_waiting_served_ratio_holds_admission_until_enough_wait_or_max_waiting_tokens():
-    s = Scheduler(SchedulerConfig(8, 64, waiting_served_ratio=0.5, max_waiting_tokens=3), BlockManager(64, 4))
+    s = Scheduler(SchedulerConfig(8, 64, waiting_served_ratio=0.5, max_waiting_tokens=3), KVCacheManager(64, 4))
     for i in range(4):
         s.add(make_request(i, 2, max_new_tokens=20))
     run_step(s)  # nothing runs yet: all four are admitted
@@ -332,7 +329,7 @@ def test_a_step_can_be_scheduled_before_the_previous_result():
     for plan, token in ((first, 11), (second, EOS), (third, 13)):
         s.update(plan, {0: token})
     assert r.output_ids == [11, EOS] and r.status == RequestStatus.FINISHED_EOS  # 13 came after EOS: dropped
-    assert s.block_manager.num_free_blocks == 64
+    assert s.kv_cache_manager.num_free_blocks == 64
 
 
 def test_a_preempted_request_whose_hashes_cover_its_whole_sequence_still_computes_a_token():
@@ -343,7 +340,7 @@ def test_a_preempted_request_whose_hashes_cover_its_whole_sequence_still_compute
     r = make_request(0, 12, max_new_tokens=2)
     s.add(r)
     plan = s.schedule()  # computes the 12 prompt tokens, registering the 3 full blocks
-    assert len(r.block_hashes) == 3
+    assert s.kv_cache_manager.num_cached_blocks == 3
     s._preempt(r)
     assert s.update(plan, {0: 7}) == []  # the token of the preempted incarnation is dropped
     (again,) = s.schedule().scheduled

@@ -1,4 +1,4 @@
-"""Property test of the scheduler and block manager against a fake shard that checks its KV.
+"""Property test of the scheduler and KV cache manager against a fake shard that checks its KV.
 
 The fake shard keeps, for every KV slot, the token whose K/V was written there, and checks
 that every position a request attends to holds that request's own token: any block shared
@@ -12,7 +12,7 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.core.block_manager import BlockManager
+from router.core.kv_cache_manager import KVCacheManager
 from router.core.request import Request, RequestStatus, SamplingParams
 from router.core.scheduler import Scheduler, SchedulerConfig, StepPlan
 
@@ -88,8 +88,8 @@ def test_no_leak_every_request_ends_and_outputs_match_unbatched(
     specs, num_blocks, prefill_budget, max_batch_size, prefix_caching, in_flight
 ):
     prefixes = [[], [7] * 9, [11, 12, 13, 14] * 2]
-    bm = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching)
-    scheduler = Scheduler(SchedulerConfig(max_batch_size, prefill_budget), bm)
+    kv = KVCacheManager(num_blocks, BLOCK_SIZE, prefix_caching)
+    scheduler = Scheduler(SchedulerConfig(max_batch_size, prefill_budget), kv)
     shard = FakeShard()
     requests = []
     for i, (arrival, prefix, own, max_new, cancel_at) in enumerate(specs):
@@ -113,5 +113,6 @@ def test_no_leak_every_request_ends_and_outputs_match_unbatched(
         assert r.status.is_finished, f"request {r.req_id} never ended"
         if r.status != RequestStatus.FINISHED_ABORTED:
             assert r.output_ids == reference_output(r.prompt_ids, r.max_new_tokens)
-    assert bm.num_free_blocks == num_blocks, "blocks leaked"
-    assert all(c == 0 for c in bm._ref_counts)
+    assert kv.num_free_blocks == num_blocks, "blocks leaked"
+    assert all(c == 0 for c in kv.pool._ref_counts)
+    assert not kv._requests, "the KV cache manager still holds finished requests"
