@@ -43,7 +43,7 @@ test: install model
 	$(PY) -m pytest -q -rs --durations=15
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check router shard launcher tests benchmarks
+	$(VENV)/bin/ruff check router shard launcher configflags tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
 
 clean:

@@ -16,19 +16,39 @@ def visible_gpus() -> int:
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
-    model_id: Path
-    num_shard: int
-    port: int = 3000
-    hostname: str = "0.0.0.0"
-    shard_uds_path: str = "/tmp/sluice-shard"
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    dtype: str = "auto"
-    json_output: bool = False
-    graceful_termination_timeout_s: float = 90.0
-    api_key: str | None = field(default=None, repr=False)  # given to the router in its environment, never argv
-    router_args: tuple[str, ...] = ()  # batching and validation limits, passed through verbatim
-    shard_args: tuple[str, ...] = ()  # e.g. --cuda-memory-fraction, passed through verbatim
+    """The launcher's flags (fields with a "help", each also its upper-case environment variable; see
+    configflags) and the argv of every child; built only by launcher/cli.py."""
+
+    model_id: Path = field(
+        metadata={
+            "default": "models/SmolLM2-135M-Instruct",
+            "help": "model directory, or a .gguf file (converted once)",
+        }
+    )
+    num_shard: int = field(
+        metadata={"default": None, "help": "tensor-parallel ranks (default: visible GPUs, else 1 on CPU)"}
+    )
+    sharded: bool | None = field(default=None, metadata={"help": "false forces one shard; true requires more than one"})
+    hostname: str = field(default="0.0.0.0", metadata={"help": "the router's address"})
+    port: int = field(default=3000, metadata={"help": "the router's port"})
+    shard_uds_path: str = field(default="/tmp/sluice-shard", metadata={"help": "the shards listen on {path}-{rank}"})
+    master_addr: str = field(default="127.0.0.1", metadata={"help": "rank 0's address for the collectives"})
+    master_port: int = field(default=29500, metadata={"help": "rank 0's port for the collectives"})
+    graceful_termination_timeout_s: float = field(
+        default=90.0,
+        metadata={
+            "flag": "--graceful-termination-timeout",
+            "help": "seconds in-flight requests may take to finish after SIGTERM",
+        },
+    )
+    json_output: bool = field(default=False, metadata={"help": "every process logs one JSON object per line"})
+    api_key: str | None = field(  # given to the router in its environment, never argv
+        default=None,
+        repr=False,
+        metadata={"help": "require `Authorization: Bearer KEY` on generation routes"},
+    )
+    router_args: tuple[str, ...] = ()  # RouterConfig's forwarded flags, as given
+    shard_args: tuple[str, ...] = ()  # ShardConfig's forwarded flags, as given
 
     def __post_init__(self):
         if self.num_shard < 1:
@@ -60,8 +80,6 @@ class LaunchConfig:
             str(self.master_port),
             "--uds-path",
             self.shard_uds_path,
-            "--dtype",
-            self.dtype,
             *self.shard_args,
         ]
         return argv + ["--json-output"] if self.json_output else argv

@@ -3,13 +3,12 @@
 import argparse
 import asyncio
 import logging
-import os
 import signal
-from pathlib import Path
 
 from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
 
+import configflags
 from router.config import RouterConfig
 from router.core.engine import Engine
 from router.core.kv_cache_manager import KVCacheManager
@@ -26,66 +25,11 @@ log = logging.getLogger("router")
 
 
 def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    """The router's config from its flags (derived from RouterConfig) and $API_KEY, and its logging set up."""
     p = argparse.ArgumentParser(prog="sluice-router", description=__doc__)
-    p.add_argument("--model-id", type=Path, required=True, help="model directory (tokenizer files)")
-    p.add_argument(
-        "--shard",
-        action="append",
-        dest="shards",
-        required=True,
-        help="gRPC address of a shard, once per rank in rank order (unix:///path or host:port)",
-    )
-    p.add_argument("--hostname", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--max-concurrent-requests", type=int, default=128)
-    p.add_argument("--max-best-of", type=int, default=2)
-    p.add_argument("--max-stop-sequences", type=int, default=4)
-    p.add_argument("--max-top-n-tokens", type=int, default=5)
-    p.add_argument("--max-client-batch-size", type=int, default=4, help="prompts per /v1/completions request")
-    p.add_argument("--max-input-tokens", type=int)
-    p.add_argument("--max-total-tokens", type=int)
-    p.add_argument("--max-batch-prefill-tokens", type=int)
-    p.add_argument("--max-batch-size", type=int, default=256)
-    p.add_argument(
-        "--prefix-caching",
-        type=lambda v: v.lower() in ("1", "true", "yes", "on"),
-        default=True,
-        help="reuse the KV blocks of shared prompt prefixes (true/false)",
-    )
-    p.add_argument(
-        "--overlap-steps",
-        type=lambda v: v.lower() in ("1", "true", "yes", "on"),
-        default=True,
-        help="prepare the next step while the shards compute the current one (true/false)",
-    )
-    p.add_argument("--max-batch-total-tokens", type=int, help="cap on the KV cache in tokens (default: what fits)")
-    p.add_argument("--waiting-served-ratio", type=float, default=0.0, help="see SchedulerConfig")
-    p.add_argument("--max-waiting-tokens", type=int, default=20, help="see SchedulerConfig")
-    p.add_argument(
-        "--max-prefill-slowdown",
-        type=float,
-        default=2.0,
-        help="while requests decode, a long prompt's chunks may make a step at most this many times as long (0: off)",
-    )
-    p.add_argument(
-        "--long-prompt-tokens",
-        type=int,
-        default=512,
-        help="prompts longer than this are chunked under --max-prefill-slowdown; shorter ones go in whole",
-    )
-    p.add_argument("--payload-limit", type=int, default=2_000_000)
-    p.add_argument("--graceful-termination-timeout", type=float, default=90.0)
-    p.add_argument("--step-timeout", type=float, default=120.0, help="seconds a step may take (0: no limit)")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("API_KEY"),
-        help="require `Authorization: Bearer KEY` on generation routes (default: $API_KEY, which keeps it out of argv)",
-    )
-    p.add_argument("--cors-allow-origin", action="append", default=[], help="allowed origin (repeatable; none: any)")
-    p.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC endpoint for traces (none: no tracing)")
-    p.add_argument("--otlp-service-name", default="sluice")
-    p.add_argument("--json-output", action="store_true")
+    configflags.add_arguments(p, RouterConfig)
     a = p.parse_args(argv)
+    config = configflags.build(RouterConfig, a, p, model_id=a.model_id.name)
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter(
@@ -93,40 +37,11 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             rename_fields={"asctime": "time", "levelname": "level", "name": "target"},
             static_fields={"process": "router"},
         )
-        if a.json_output
+        if config.json_output
         else logging.Formatter("%(asctime)s %(levelname)s router %(name)s: %(message)s")
     )
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    return RouterConfig(
-        model_dir=a.model_id,
-        shard_addresses=tuple(a.shards),
-        model_id=a.model_id.name,
-        hostname=a.hostname,
-        port=a.port,
-        max_concurrent_requests=a.max_concurrent_requests,
-        max_best_of=a.max_best_of,
-        max_stop_sequences=a.max_stop_sequences,
-        max_top_n_tokens=a.max_top_n_tokens,
-        max_client_batch_size=a.max_client_batch_size,
-        max_input_tokens=a.max_input_tokens,
-        max_total_tokens=a.max_total_tokens,
-        max_batch_prefill_tokens=a.max_batch_prefill_tokens,
-        max_batch_size=a.max_batch_size,
-        max_batch_total_tokens=a.max_batch_total_tokens,
-        waiting_served_ratio=a.waiting_served_ratio,
-        max_waiting_tokens=a.max_waiting_tokens,
-        max_prefill_slowdown=a.max_prefill_slowdown,
-        long_prompt_tokens=a.long_prompt_tokens,
-        prefix_caching=a.prefix_caching,
-        overlap_steps=a.overlap_steps,
-        payload_limit=a.payload_limit,
-        graceful_termination_timeout_s=a.graceful_termination_timeout,
-        step_timeout_s=a.step_timeout or None,
-        api_key=a.api_key,
-        otlp_endpoint=a.otlp_endpoint,
-        otlp_service_name=a.otlp_service_name,
-        cors_allow_origins=tuple(a.cors_allow_origin),
-    )
+    return config
 
 
 async def _serve(config: RouterConfig) -> None:

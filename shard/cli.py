@@ -5,103 +5,31 @@ import asyncio
 import ctypes
 import logging
 import signal
-from pathlib import Path
 
 from pythonjsonlogger.json import JsonFormatter
 
+import configflags
 from shard import dist
-from shard.config import CUDA_GRAPH_SIZES, ShardConfig, default_cache_dir
-
-
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    """ "1,2,4" -> (1, 2, 4); "0" -> ()."""
-    try:
-        sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if sizes == (0,):
-        return ()
-    if not sizes or sizes[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive (or 0 alone), got {text!r}")
-    return sizes
+from shard.config import ShardConfig
 
 
 def parse_args(argv: list[str] | None = None) -> ShardConfig:
+    """The shard's config from its flags (derived from ShardConfig), and its logging set up."""
     p = argparse.ArgumentParser(prog="sluice-shard", description=__doc__)
-    p.add_argument("--model-id", type=Path, required=True, help="model directory (config.json + safetensors)")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--master-addr", default="127.0.0.1")
-    p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--uds-path", default="/tmp/sluice-shard", help="listen on {uds-path}-{rank}")
-    p.add_argument("--port", type=int, default=None, help="listen on TCP instead of a unix socket")
-    p.add_argument("--host", default="127.0.0.1", help="TCP address to bind with --port")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--cuda-memory-fraction", type=float, default=0.9)
-    p.add_argument("--cpu-kv-cache-gb", type=float, default=4.0)
-    p.add_argument(
-        "--cpu-gemm",
-        default="onednn",
-        choices=["onednn", "aten"],
-        help="CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)",
-    )
-    p.add_argument(
-        "--enforce-eager", action="store_true", help="run the model eagerly (no torch.compile on CPU, no CUDA graphs)"
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        type=_batch_sizes,
-        default=CUDA_GRAPH_SIZES,
-        help="decode batch sizes captured as CUDA graphs, comma-separated (0: none)",
-    )
-    p.add_argument(
-        "--compile-cache-dir",
-        type=Path,
-        default=default_cache_dir(),
-        help="compiled CPU kernels and Inductor graphs, reused across restarts",
-    )
-    p.add_argument("--watermark-gamma", type=float, default=0.5)
-    p.add_argument("--watermark-delta", type=float, default=2.0)
-    p.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC endpoint for traces (none: no tracing)")
-    p.add_argument("--otlp-service-name", default="sluice")
-    p.add_argument("--json-output", action="store_true")
-    a = p.parse_args(argv)
+    configflags.add_arguments(p, ShardConfig)
+    config = configflags.build(ShardConfig, p.parse_args(argv), p)
     handler = logging.StreamHandler()
     handler.setFormatter(
         JsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "target"},
-            static_fields={"process": f"shard-{a.rank}"},
+            static_fields={"process": f"shard-{config.rank}"},
         )
-        if a.json_output
-        else logging.Formatter(f"%(asctime)s %(levelname)s shard-{a.rank} %(name)s: %(message)s")
+        if config.json_output
+        else logging.Formatter(f"%(asctime)s %(levelname)s shard-{config.rank} %(name)s: %(message)s")
     )
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    return ShardConfig(
-        model_dir=a.model_id,
-        rank=a.rank,
-        world_size=a.world_size,
-        master_addr=a.master_addr,
-        master_port=a.master_port,
-        uds_path=a.uds_path,
-        port=a.port,
-        host=a.host,
-        device=a.device,
-        dtype=a.dtype,
-        block_size=a.block_size,
-        cuda_memory_fraction=a.cuda_memory_fraction,
-        cpu_kv_cache_bytes=int(a.cpu_kv_cache_gb * (1 << 30)),
-        cpu_gemm=a.cpu_gemm,
-        enforce_eager=a.enforce_eager,
-        cuda_graphs=() if a.enforce_eager else a.cuda_graphs,
-        compile_cache_dir=a.compile_cache_dir,
-        otlp_endpoint=a.otlp_endpoint,
-        otlp_service_name=a.otlp_service_name,
-        watermark_gamma=a.watermark_gamma,
-        watermark_delta=a.watermark_delta,
-    )
+    return config
 
 
 def keep_freed_memory() -> bool:

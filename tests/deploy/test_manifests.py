@@ -690,6 +690,9 @@ def test_dockerignore_keeps_what_the_build_copies():
     for src in copied:
         assert (REPO / src).exists(), f"COPY {src}: not in the repository"
         assert not any(fnmatch.fnmatch(src.rstrip("/"), p) for p in ignored), f"COPY {src} is excluded by .dockerignore"
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    missing = {p.rstrip("*") + "/" for p in packages["include"]} - set(copied)
+    assert not missing, f"the image would lack the packages {sorted(missing)}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
