@@ -3,9 +3,7 @@
 
 import asyncio
 import contextlib
-import importlib.metadata
 import itertools
-import json
 import logging
 import time
 
@@ -14,24 +12,24 @@ from aiohttp import web
 from router.core.engine import GenerationError, Timings
 from router.core.request import GenerationRequest, SamplingParams
 from router.core.shard_client import ShardError
-from router.http.errors import ValidationError
 from router.http.middleware import (
     add_cors,
     api_key_middleware,
     concurrency_middleware,
     error_middleware,
-    error_response,
     tracing_middleware,
 )
 from router.http.openai.routes import add_openai_routes
 from router.http.openapi import add_openapi_routes
+from router.http.protocol import parse
+from router.http.responses import error_response, model_response
 from router.http.state import STATE, ServerState, json_body
-from router.http.tgi.protocol import check_input_length
+from router.http.tgi.protocol import Info, TokenizedToken, TokenizeRequest, TokenizeResponse, check_input_length
 from router.http.tgi.routes import add_tgi_routes
 from router.tokenizer import Tokenizer
+from router.version import VERSION
 
 log = logging.getLogger(__name__)
-__version__ = importlib.metadata.version("sluice")
 
 HEALTH_PROBE_TIMEOUT_S = 10.0
 _HEALTH_PROBE = web.AppKey("health_probe", asyncio.Lock)
@@ -72,26 +70,24 @@ async def _probe_generation(app: web.Application) -> None:
 
 async def tokenize(request: web.Request) -> web.Response:
     """TGI's /tokenize: [{id, text, start, stop}] with byte offsets into `inputs`."""
-    body = await json_body(request)
-    inputs = body.get("inputs") if isinstance(body, dict) else None
-    if not isinstance(inputs, str) or not inputs:
-        raise ValidationError("`inputs` must be a non-empty string")
+    inputs = parse(TokenizeRequest, await json_body(request)).inputs
     state = request.app[STATE]
     check_input_length(inputs, state.limits)  # before the tokenizer's work, as for generation
-    text = await asyncio.to_thread(lambda: json.dumps(_tokens_json(state.tokenizer, inputs)))
-    return web.Response(text=text, content_type="application/json")
+    return model_response(await asyncio.to_thread(_tokens, state.tokenizer, inputs))
 
 
-def _tokens_json(tokenizer: Tokenizer, inputs: str) -> list[dict]:
-    """[{id, text, start, stop}] with byte offsets, in time linear in `inputs` (run in a thread
-    with its serialization: a long text has hundreds of thousands of tokens)."""
+def _tokens(tokenizer: Tokenizer, inputs: str) -> TokenizeResponse:
+    """The tokens with byte offsets, in time linear in `inputs` (run in a thread: a long text has
+    hundreds of thousands of tokens)."""
     ids, offsets = tokenizer.encode_with_offsets(inputs)
     utf8_len = (1 if c < "\x80" else 2 if c < "\u0800" else 3 if c < "\U00010000" else 4 for c in inputs)
     byte_offset = [0, *itertools.accumulate(utf8_len)]  # by character offset
-    return [
-        {"id": i, "text": inputs[start:stop], "start": byte_offset[start], "stop": byte_offset[stop]}
-        for i, (start, stop) in zip(ids, offsets)
-    ]
+    return TokenizeResponse(
+        [
+            TokenizedToken(id=i, text=inputs[start:stop], start=byte_offset[start], stop=byte_offset[stop])
+            for i, (start, stop) in zip(ids, offsets)
+        ]
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -101,25 +97,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     s = request.app[STATE]
-    return web.json_response(
-        {
-            "model_id": s.model_id,
-            "model_sha": None,
-            "model_dtype": s.model_info.dtype,
-            "model_device_type": s.model_info.device_type,
-            "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": s.max_concurrent_requests,
-            "max_best_of": s.limits.max_best_of,
-            "max_stop_sequences": s.limits.max_stop_sequences,
-            "max_input_tokens": s.limits.max_input_tokens,
-            "max_total_tokens": s.limits.max_total_tokens,
-            "validation_workers": 1,
-            "max_client_batch_size": s.limits.max_client_batch_size,
-            "router": "sluice-router",
-            "version": __version__,
-            "sha": None,
-            "docker_label": None,
-        }
+    return model_response(
+        Info(
+            model_id=s.model_id,
+            model_dtype=s.model_info.dtype,
+            model_device_type=s.model_info.device_type,
+            max_concurrent_requests=s.max_concurrent_requests,
+            max_best_of=s.limits.max_best_of,
+            max_stop_sequences=s.limits.max_stop_sequences,
+            max_input_tokens=s.limits.max_input_tokens,
+            max_total_tokens=s.limits.max_total_tokens,
+            max_client_batch_size=s.limits.max_client_batch_size,
+            version=VERSION,
+        )
     )
 
 

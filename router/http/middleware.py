@@ -9,7 +9,7 @@ from opentelemetry import trace
 
 from router.core.engine import GenerationError
 from router.http.errors import ApiError, Overloaded
-from router.http.responses import error_json
+from router.http.responses import error_response
 from router.metrics import Metrics
 from router.tracing import start_request_span
 
@@ -17,10 +17,6 @@ log = logging.getLogger(__name__)
 
 GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"})
 PROTECTED_ROUTES = GENERATION_ROUTES | {"/tokenize"}  # behind --api-key, as in TGI
-
-
-def error_response(status: int, message: str, error_type: str) -> web.Response:
-    return web.json_response(error_json(message, error_type), status=status)
 
 
 def _is_generation(request: web.Request) -> bool:

@@ -1,37 +1,49 @@
 """GET /openapi.json (and TGI's /api-doc/openapi.json): an OpenAPI 3.1 document of every route.
 
-Built as Python data from `router.http.openapi_schemas`. Which routes need the API key and which count
-against `--max-concurrent-requests` comes from `router.http.middleware`, so the document follows the
-code; `tests/router/test_openapi.py` checks the routes against `build_app` and the request schemas
-against `router.http.tgi.protocol` and `router.http.openai.protocol`.
+The body schemas are those of the protocols' pydantic models, the models that validate requests
+and build responses. Which routes need the API key and which count against
+`--max-concurrent-requests` comes from `router.http.middleware`, so the document follows the code;
+`tests/router/test_openapi.py` checks the routes against `build_app`.
 """
 
 import functools
 import json
-from importlib import metadata
 
 from aiohttp import web
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from router.http.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
-from router.http.openapi_schemas import component_schemas, ref
+from router.http.openai import protocol as openai
+from router.http.protocol import ErrorResponse
 from router.http.state import STATE
+from router.http.tgi import protocol as tgi
+from router.version import VERSION
 
 TGI, OPENAI, SERVICE = "Text Generation Inference", "OpenAI", "Service"
 JSON, SSE = "application/json", "text/event-stream"
 
+REQUESTS = [tgi.GenerateRequest, tgi.CompatGenerateRequest, tgi.TokenizeRequest, openai.ChatRequest,
+            openai.CompletionRequest]  # fmt: skip
+RESPONSES = [
+    ErrorResponse, tgi.GenerateResponse, tgi.CompatGenerateResponse, tgi.GenerateStreamEvent, tgi.TokenizeResponse,
+    tgi.Info, openai.ChatCompletion, openai.ChatCompletionStreamEvent, openai.Completion,
+    openai.CompletionStreamEvent, openai.ModelList,
+]  # fmt: skip
+
 _HEADERS = {
-    "x-compute-type": ("string", "Always `sluice`."),
-    "x-compute-time": ("number", "Total request time (s)."),
-    "x-compute-characters": ("integer", "Characters in `inputs`."),
-    "x-total-time": ("integer", "Total request time (ms)."),
-    "x-validation-time": ("integer", "Validation and tokenization time (ms)."),
-    "x-queue-time": ("integer", "Time waiting to be scheduled (ms)."),
-    "x-inference-time": ("integer", "Time from being scheduled to the end (ms)."),
-    "x-time-per-token": ("integer", "Inference time per generated token (ms)."),
-    "x-prompt-tokens": ("integer", "Prompt tokens (over all prompts on /v1/completions)."),
-    "x-generated-tokens": ("integer", "Generated tokens (over all choices on the OpenAI routes)."),
-    "X-Accel-Buffering": ("string", "`no`: proxies must not buffer the stream."),
-    "Cache-Control": ("string", "`no-cache`."),
+    "x-compute-type": (str, "Always `sluice`."),
+    "x-compute-time": (float, "Total request time (s)."),
+    "x-compute-characters": (int, "Characters in `inputs`."),
+    "x-total-time": (int, "Total request time (ms)."),
+    "x-validation-time": (int, "Validation and tokenization time (ms)."),
+    "x-queue-time": (int, "Time waiting to be scheduled (ms)."),
+    "x-inference-time": (int, "Time from being scheduled to the end (ms)."),
+    "x-time-per-token": (int, "Inference time per generated token (ms)."),
+    "x-prompt-tokens": (int, "Prompt tokens (over all prompts on /v1/completions)."),
+    "x-generated-tokens": (int, "Generated tokens (over all choices on the OpenAI routes)."),
+    "X-Accel-Buffering": (str, "`no`: proxies must not buffer the stream."),
+    "Cache-Control": (str, "`no-cache`."),
 }
 TGI_TIMING = [h for h in _HEADERS if h.startswith("x-")]
 OPENAI_TIMING = ["x-compute-type", "x-compute-time", "x-total-time", "x-prompt-tokens", "x-generated-tokens"]
@@ -87,9 +99,29 @@ _ERRORS = {
 _SECURITY = [{"bearerAuth": []}, {}]  # the key is needed only when one is configured
 
 
+class _Schema(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema) -> bool:
+        return False  # the field's name says it
+
+
+def component_schemas() -> dict:
+    """The JSON Schema of every request (as validated) and response (as serialized) body, by model name."""
+    models = [(m, "validation") for m in REQUESTS] + [(m, "serialization") for m in RESPONSES]
+    _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}", schema_generator=_Schema)
+    return schemas["$defs"]
+
+
+def ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _schema(python_type: type) -> dict:
+    return TypeAdapter(python_type).json_schema()
+
+
 def _error_response(description: str, error_type: str, message: str) -> dict:
     example = {"error": message, "error_type": error_type}
-    return {"description": description, "content": {JSON: {"schema": ref("ErrorResponse"), "example": example}}}
+    return {"description": description, "content": {JSON: {"schema": ref(ErrorResponse), "example": example}}}
 
 
 def _errors(*statuses: str) -> dict:
@@ -123,7 +155,7 @@ def _post(
     op_id: str,
     tag: str,
     summary: str,
-    body: str,
+    body: type[BaseModel],
     ok: dict,
     examples: dict,
     *,
@@ -171,29 +203,30 @@ def _tgi_paths() -> dict:
         "parameters": {"do_sample": True, "top_p": 0.9, "seed": 42, "details": True},
     }
     examples = {"greedy": _example("Greedy (the README's)", prompt), "sampled": _example("Sampled, details", sampled)}
-    generated = {JSON: _media(ref("GenerateResponse"))}
-    events = _media(ref("GenerateStreamEvent"), TGI_SSE)
+    generated = {JSON: _media(ref(tgi.GenerateResponse))}
+    events = _media(ref(tgi.GenerateStreamEvent), TGI_SSE)
     compat = {
-        JSON: _media({"type": "array", "items": ref("GenerateResponse"), "minItems": 1, "maxItems": 1}),
+        JSON: _media(ref(tgi.CompatGenerateResponse)),
         SSE: events,
     }
-    tokens = {JSON: _media(ref("TokenizeResponse"))}
-    metrics = {"text/plain": _media({"type": "string"})}
+    tokens = {JSON: _media(ref(tgi.TokenizeResponse))}
+    info = {JSON: _media(ref(tgi.Info))}
+    metrics = {"text/plain": _media(_schema(str))}
     return {
-        **_post("/generate", "generate", TGI, "Generate text", "GenerateRequest",
+        **_post("/generate", "generate", TGI, "Generate text", tgi.GenerateRequest,
                 _ok("The generated text.", generated, TGI_TIMING), examples),
         **_post("/generate_stream", "generate_stream", TGI, "Generate text, streamed token by token",
-                "GenerateRequest", _ok("One event per token.", {SSE: events}, TGI_STREAM), examples, can_fail=False,
+                tgi.GenerateRequest, _ok("One event per token.", {SSE: events}, TGI_STREAM), examples, can_fail=False,
                 description="Errors after the stream started arrive as an `ErrorResponse` event."),
-        **_post("/", "compat_generate", TGI, "Generate text (api-inference format)", "CompatGenerateRequest",
+        **_post("/", "compat_generate", TGI, "Generate text (api-inference format)", tgi.CompatGenerateRequest,
                 _ok("A JSON array of one response; with `stream: true`, the events (and headers) of "
                     "/generate_stream.", compat, TGI_TIMING),
                 {"stream": _example("Streamed", {**prompt, "stream": True}), **examples}),
-        **_post("/tokenize", "tokenize", TGI, "Tokenize a prompt", "TokenizeRequest",
+        **_post("/tokenize", "tokenize", TGI, "Tokenize a prompt", tgi.TokenizeRequest,
                 _ok("The tokens, with byte offsets into `inputs`.", tokens),
                 {"text": _example("Text", {"inputs": "Hello world"})}, can_fail=False),
         **_get("/health", "health", SERVICE, "Shard health", _ok("Healthy: an empty body."), "503"),
-        **_get("/info", "get_model_info", SERVICE, "Model and limits", _ok("The model.", {JSON: _media(ref("Info"))})),
+        **_get("/info", "get_model_info", SERVICE, "Model and limits", _ok("The model.", info)),
         **_get("/metrics", "metrics", SERVICE, "Prometheus metrics",
                _ok("TGI's `tgi_*` metrics (its counters as gauges) and Sluice's `sluice_*`.", metrics)),
     }  # fmt: skip
@@ -214,20 +247,21 @@ def _openai_paths(model_id: str) -> dict:
         "text": _example("One prompt", text),
         "ids": _example("Two prompts as token ids, two choices each", {"prompt": [[1, 2, 3], [4, 5]], "n": 2}),
     }
-    chat = {JSON: _media(ref("ChatCompletion")), SSE: _media(ref("ChatCompletionStreamEvent"), OPENAI_SSE)}
-    completion = {JSON: _media(ref("Completion")), SSE: _media(ref("CompletionStreamEvent"), OPENAI_SSE)}
+    chat = {JSON: _media(ref(openai.ChatCompletion)), SSE: _media(ref(openai.ChatCompletionStreamEvent), OPENAI_SSE)}
+    completion = {JSON: _media(ref(openai.Completion)), SSE: _media(ref(openai.CompletionStreamEvent), OPENAI_SSE)}
     answer = "The completion; with `stream: true`, its chunks."
+    model_list = {JSON: _media(ref(openai.ModelList))}
     return {
-        **_post("/v1/chat/completions", "chat_completions", OPENAI, "OpenAI chat completions", "ChatRequest",
+        **_post("/v1/chat/completions", "chat_completions", OPENAI, "OpenAI chat completions", openai.ChatRequest,
                 _ok(answer, chat, OPENAI_TIMING), chat_examples),
-        **_post("/v1/completions", "completions", OPENAI, "OpenAI (legacy) completions", "CompletionRequest",
+        **_post("/v1/completions", "completions", OPENAI, "OpenAI (legacy) completions", openai.CompletionRequest,
                 _ok(answer, completion, OPENAI_TIMING), completion_examples),
-        **_get("/v1/models", "models", OPENAI, "The served model", _ok("One model.", {JSON: _media(ref("ModelList"))})),
+        **_get("/v1/models", "models", OPENAI, "The served model", _ok("One model.", model_list)),
     }  # fmt: skip
 
 
 def _doc_paths() -> dict:
-    ok = _ok("This document.", {JSON: _media({"type": "object", "description": "An OpenAPI 3.1 document."})})
+    ok = _ok("This document.", {JSON: _media(_schema(dict), "An OpenAPI 3.1 document.")})
     return {
         **_get("/openapi.json", "openapi", SERVICE, "This OpenAPI document", ok),
         **_get("/api-doc/openapi.json", "openapi_tgi", SERVICE, "This OpenAPI document, at TGI's path", ok),
@@ -250,8 +284,8 @@ def openapi_document(model_id: str, version: str) -> dict:
             "schemas": component_schemas(),
             "responses": {name: _error_response(*rest) for name, *rest in _ERRORS.values()},
             "headers": {
-                name: {"description": description, "schema": {"type": type_}}
-                for name, (type_, description) in _HEADERS.items()
+                name: {"description": description, "schema": _schema(python_type)}
+                for name, (python_type, description) in _HEADERS.items()
             },
             "securitySchemes": {
                 "bearerAuth": {
@@ -264,13 +298,6 @@ def openapi_document(model_id: str, version: str) -> dict:
     }
 
 
-def _version() -> str:
-    try:
-        return metadata.version("sluice")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
 @functools.lru_cache(maxsize=4)
 def _document_bytes(model_id: str, version: str) -> bytes:
     return json.dumps(openapi_document(model_id, version)).encode()
@@ -278,7 +305,7 @@ def _document_bytes(model_id: str, version: str) -> bytes:
 
 async def openapi_json(request: web.Request) -> web.Response:
     state = request.app.get(STATE)
-    body = _document_bytes(state.model_id if state is not None else "", _version())
+    body = _document_bytes(state.model_id if state is not None else "", VERSION)
     return web.Response(body=body, content_type=JSON)
 
 

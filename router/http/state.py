@@ -63,14 +63,12 @@ async def json_body(request: web.Request) -> object:
         # A browser sends text/plain or form posts cross-origin without a CORS preflight: refusing
         # every other type keeps such pages from driving the API with a visitor's credentials.
         raise web.HTTPUnsupportedMediaType(
-            text=json.dumps(
-                error_json("Expected request with `Content-Type: application/json`", "unsupported_media_type")
-            ),
+            text=error_json("Expected request with `Content-Type: application/json`", "unsupported_media_type"),
             content_type="application/json",
         )
     try:
         return parse_json(await request.read())
     except ValueError as e:  # UnicodeDecodeError included
         raise web.HTTPBadRequest(
-            text=json.dumps(error_json(f"Malformed JSON: {e}", "bad_request")), content_type="application/json"
+            text=error_json(f"Malformed JSON: {e}", "bad_request"), content_type="application/json"
         ) from None

@@ -17,7 +17,7 @@ from router.metrics import Metrics
 from router.tokenizer import Tokenizer
 from shard.sampler import SamplingParams as ShardSampling
 from shard.server import step_from_pb
-from tests.router.test_openapi import _stand_in_state
+from tests.router.stand_ins import stand_in_state
 
 
 class RecordingShards:
@@ -51,7 +51,7 @@ def _approx(**fields):
 async def _sampling_received(tokenizer: Tokenizer, path: str, body: dict) -> ShardSampling:
     shards = RecordingShards()
     engine = Engine(Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, 16)), shards, tokenizer, [2], Metrics(8, 16))
-    state = dataclasses.replace(_stand_in_state(), engine=engine, tokenizer=tokenizer)
+    state = dataclasses.replace(stand_in_state(), engine=engine, tokenizer=tokenizer)
     runner = asyncio.create_task(engine.run())
     try:
         async with TestClient(TestServer(build_app(state, 10_000))) as client:

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from router.http.app import build_app
 from router.http.tgi.protocol import validate
 from router.tokenizer import Tokenizer
-from tests.router.test_openapi import LIMITS, ByteTokenizer, _stand_in_state
+from tests.router.stand_ins import LIMITS, ByteTokenizer, stand_in_state
 
 
 class RecordingTokenizer(ByteTokenizer):
@@ -40,7 +40,7 @@ def test_truncation_keeps_the_same_tokens_as_tokenizing_in_full(bundled_model_di
 async def test_each_best_of_sequence_holds_a_concurrency_slot():
     """One request running and a limit of 2: a best_of=2 request needs 2 more, so 429."""
     running_one = types.SimpleNamespace(is_healthy=True, num_requests=1)
-    state = dataclasses.replace(_stand_in_state(max_concurrent_requests=2), engine=running_one)
+    state = dataclasses.replace(stand_in_state(max_concurrent_requests=2), engine=running_one)
     async with TestClient(TestServer(build_app(state, payload_limit=1000))) as client:
         body = {"inputs": "Hello", "parameters": {"best_of": 2, "do_sample": True}}
         response = await client.post("/generate", json=body)

@@ -6,11 +6,9 @@ filter that keeps non-ASCII text, and the `raise_exception` and `strftime_now` h
 template sees `messages`, `bos_token`, `eos_token`, `add_generation_prompt` and, when given,
 `tools`. Each template is compiled once per process.
 
-Messages are checked here (shape errors raise `ValidationError`, a 422 "validation" error);
+Messages arrive validated (`router.http.openai.protocol.ChatMessage`, which flattens text parts);
 everything the template itself does wrong raises `ChatTemplateError` (422 "template_error").
 Choices:
-- Content given as a list of parts is flattened to text, the text parts joined with "\\n" (as
-  vLLM does); image parts are refused, since the served models have no vision encoder.
 - A final assistant message is continued: the prompt is cut right after its content (TGI and
   transformers' `continue_final_message`). An empty final assistant message just opens the
   assistant's turn.
@@ -26,7 +24,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from router.http.errors import TemplateError, ValidationError
+from router.http.errors import TemplateError
 
 
 class ChatTemplateError(TemplateError):
@@ -56,38 +54,6 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(_GENERATION_TAGS.sub("", source))
-
-
-def _text_of(content: object, index: int) -> str:
-    """A message's content as plain text: a string, null, or a list of text parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise ValidationError(f"`messages[{index}].content` must be a string or an array of content parts")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_image", "image"):
-            raise ValidationError(
-                f"`messages[{index}]`: image content is not supported: this model has no vision input"
-            )
-        else:
-            raise ValidationError(f'`messages[{index}].content` parts must be {{"type": "text", "text": "..."}}')
-    return "\n".join(texts)
-
-
-def normalize_messages(messages: object) -> list[dict]:
-    """Check OpenAI chat messages and flatten their content to text (other keys pass through)."""
-    if not isinstance(messages, list) or not messages:
-        raise ValidationError("`messages` must be a non-empty array")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValidationError(f"`messages[{i}]` must be an object with a string `role`")
-        out.append({**message, "content": _text_of(message.get("content"), i)})
-    return out
 
 
 def _special_token(config: dict, name: str) -> str:

@@ -1,7 +1,8 @@
-"""OpenAI request bodies -> TGI-validated requests, and generation results -> OpenAI JSON.
+"""OpenAI's request and response bodies as pydantic models, and the translation of a request into
+TGI-validated ones.
 
-Every request is translated into TGI `parameters` and goes through `validate()`, so TGI's
-rules, limits and messages apply (422 "Input validation error: ..."). Choices made where
+Each request is checked by its model, then translated into TGI `parameters` and validated again
+as TGI's, so TGI's rules, limits and messages apply (422 "Input validation error: ..."). Choices made where
 OpenAI and TGI disagree, or where TGI has a wart:
 
 - `presence_penalty`: only 0 is accepted; any other value is refused with a 422. TGI maps it to
@@ -37,14 +38,190 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, replace
-from importlib import metadata
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, RootModel, ValidationInfo, field_validator, model_validator
 
 from router.core.engine import TokenEvent
 from router.http.errors import OpenAIError, ValidationError
-from router.http.openai.chat_template import normalize_messages, render_chat, template_uses
-from router.http.tgi.protocol import ValidRequest, validate
+from router.http.openai.chat_template import render_chat, template_uses
+from router.http.protocol import Refusal, RequestBody, ResponseBody, parse
+from router.http.tgi.protocol import U64, RequestContext, ValidRequest, validate
 from router.limits import ValidationLimits
 from router.tokenizer import Tokenizer
+from router.version import VERSION
+
+
+class StreamOptions(RequestBody):
+    include_usage: bool | None = None
+    """Send a last chunk with `usage` and no choices."""
+
+
+class Sampling(RequestBody):
+    """The fields /v1/chat/completions and /v1/completions share; they become TGI `parameters`."""
+
+    model: str | None = None
+    """Echoed back as `model` (unset: the served model); it selects nothing."""
+    temperature: Annotated[float, Field(ge=0), Refusal("`temperature` must be strictly positive")] | None = None
+    """0 means greedy (then `top_p` is ignored); unset means 1."""
+    top_p: Annotated[float, Field(gt=0), Refusal("`top_p` must be > 0.0 and < 1.0")] | None = None
+    """Nucleus sampling; >= 1 means off."""
+    frequency_penalty: (
+        Annotated[float, Field(ge=-2, le=2), Refusal("`frequency_penalty` must be >= -2.0 and <= 2.0")] | None
+    ) = None
+    """As TGI's."""
+    presence_penalty: (
+        Annotated[Literal[0], Refusal("`presence_penalty` is not supported (only 0): use `frequency_penalty`")] | None
+    ) = None
+    """Only 0: use `frequency_penalty`."""
+    logit_bias: Annotated[dict[str, float], Field(max_length=0), Refusal("`logit_bias` is not supported")] | None = None
+    """Only empty."""
+    best_of: Annotated[Literal[1], Refusal("`best_of` != 1 is not supported")] | None = None
+    """Only 1."""
+    n: Annotated[int, Field(ge=1), Refusal("`n` must be >= 1. Given: {value}")] | None = None
+    """Choices per prompt; `n` x prompts <= `max_concurrent_requests`."""
+    seed: Annotated[int, Field(ge=0, lt=U64), Refusal("`seed` must be an unsigned 64-bit integer")] | None = None
+    """Sampling seed; choice j > 0 derives its own from it."""
+    stop: str | list[str] | None = None
+    """Stop sequences, cut from the output; empty ones are dropped, then at most `max_stop_sequences`."""
+    stream: bool | None = None
+    """Stream chunks as server-sent events, ending with `[DONE]`."""
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None
+    """vLLM's: keep generating past EOS."""
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    """vLLM's: ignore EOS before this many tokens; at most the max tokens."""
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return [s for s in stop if s]
+
+    def tgi_parameters(self, max_new_tokens: int | None, top_n_tokens: int) -> dict:
+        """These fields as TGI `parameters`."""
+        params = {
+            "details": True,
+            "max_new_tokens": max_new_tokens,
+            "top_n_tokens": top_n_tokens,
+            "seed": self.seed,
+            "frequency_penalty": self.frequency_penalty,
+            "stop": self.stop_sequences,
+        }
+        if self.temperature == 0:
+            return {**params, "do_sample": False}
+        top_p = None if self.top_p is not None and self.top_p >= 1 else self.top_p
+        return {**params, "do_sample": True, "temperature": self.temperature, "top_p": top_p}
+
+
+class TextPart(RequestBody):
+    type: Literal["text"]
+    text: str
+
+
+CONTENT_SHAPES = '`{name}` must be a string, null, or an array of {{"type": "text", "text": "..."}} parts'
+
+
+class ChatMessage(RequestBody):
+    """Other keys (`name`, `tool_calls`, ...) go to the chat template as they are. A final assistant
+    message is continued."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    """e.g. `system`, `user`, `assistant`, `tool`."""
+    content: Annotated[str | list[TextPart] | None, Refusal(CONTENT_SHAPES, types=True)] = None
+    """Text, or text parts (joined with newlines); image parts are refused."""
+
+    def for_template(self) -> dict:
+        """The message as the chat template sees it: its content flattened to text."""
+        content = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
+        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+
+
+class ResponseFormat(RequestBody):
+    type: Annotated[
+        Literal["text"], Refusal("`response_format` {value!r} is not supported: constrained generation is not")
+    ] = "text"
+
+
+class Tool(RequestBody):
+    type: str
+    """`function`."""
+    function: dict
+
+
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+TOP_LOGPROBS_RANGE = "`top_logprobs` must be >= 0 and <= {context.limits.max_top_n_tokens}. Given: {value}"
+
+
+class ChatRequest(Sampling):
+    """A request to /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Refusal("`messages` must be a non-empty array")]
+    """Rendered with the model's chat template."""
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Most tokens to generate (over `max_tokens`)."""
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Most tokens to generate (unset: as many as fit)."""
+    logprobs: bool | None = None
+    """Return the generated tokens' logprobs."""
+    top_logprobs: Annotated[int, Field(ge=0), Refusal(TOP_LOGPROBS_RANGE)] | None = None
+    """With `logprobs`; at most `max_top_n_tokens`."""
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    """Given to the chat template (422 `tool_error` if it takes none); not parsed back."""
+    tool_choice: str | dict | None = None
+    """Only `auto` or `none`."""
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _no_images(cls, messages: object) -> object:
+        for i, message in enumerate(messages if isinstance(messages, list) else []):
+            parts = message.get("content") if isinstance(message, dict) else None
+            if isinstance(parts, list) and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS for p in parts):
+                raise ValueError(f"`messages[{i}]`: image content is not supported: this model has no vision input")
+        return messages
+
+    @model_validator(mode="after")
+    def _logprob_options(self, info: ValidationInfo) -> "ChatRequest":
+        context: RequestContext = info.context
+        if (self.top_logprobs or 0) > context.limits.max_top_n_tokens:
+            raise ValueError(TOP_LOGPROBS_RANGE.format(context=context, value=self.top_logprobs))
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs` set to true")
+        return self
+
+
+TokenId = Annotated[int, Field(ge=0)]
+PROMPT_SHAPES = "`prompt` must be a string, an array of strings, of token ids, or of arrays of token ids"
+LOGPROBS_RANGE = "`logprobs` must be >= 0 and <= {context.limits.max_top_n_tokens}. Given: {value}"
+
+
+class CompletionRequest(Sampling):
+    """A request to /v1/completions."""
+
+    prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], Refusal(PROMPT_SHAPES, types=True)]
+    """One prompt or several (at most `max_client_batch_size`), as text or token ids."""
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Most tokens to generate per choice (unset: 16)."""
+    logprobs: Annotated[int, Field(ge=0), Refusal(LOGPROBS_RANGE)] | None = None
+    """Return logprobs, and this many alternatives (at most `max_top_n_tokens`)."""
+    echo: bool | None = None
+    """Put the prompt before the text (not with `logprobs`)."""
+    suffix: str | None = None
+    """Not supported: 422 unless null."""
+
+    @model_validator(mode="after")
+    def _logprob_options(self, info: ValidationInfo) -> "CompletionRequest":
+        context: RequestContext = info.context
+        if (self.logprobs or 0) > context.limits.max_top_n_tokens:
+            raise ValueError(LOGPROBS_RANGE.format(context=context, value=self.logprobs))
+        if self.echo and self.logprobs is not None:
+            raise ValueError("`echo` with `logprobs` is not supported: prompt logprobs are not computed")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,139 +254,58 @@ def _choice(valid: ValidRequest, j: int) -> ValidRequest:
     return replace(valid, sampling=replace(valid.sampling, seed=seed, raw_logprobs=True))
 
 
-_KINDS = {
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    bool: lambda v: isinstance(v, bool),
-    dict: lambda v: isinstance(v, dict),
-    list: lambda v: isinstance(v, list),
-}
-
-
-def _get(body: dict, name: str, kind: type, default=None):
-    """`body[name]` checked against `kind`; null or absent gives `default`."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _KINDS[kind](value):
-        raise ValidationError(f"`{name}` must be of type {kind.__name__}")
-    return value
-
-
-def _stop(body: dict) -> list | None:
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    return [s for s in stop if s != ""] if isinstance(stop, list) else stop
-
-
-def _tgi_parameters(body: dict, max_new_tokens: int | None, top_n_tokens: int) -> dict:
-    """The sampling fields both routes share, as TGI `parameters`."""
-    if _get(body, "presence_penalty", float, 0) != 0:
-        raise ValidationError("`presence_penalty` is not supported (only 0): use `frequency_penalty`")
-    if _get(body, "best_of", int, 1) != 1:
-        raise ValidationError("`best_of` != 1 is not supported")
-    if _get(body, "logit_bias", dict):
-        raise ValidationError("`logit_bias` is not supported")
-    params = {
-        "details": True,
-        "max_new_tokens": max_new_tokens,
-        "top_n_tokens": top_n_tokens,
-        "seed": body.get("seed"),
-        "frequency_penalty": body.get("frequency_penalty"),
-        "stop": _stop(body),
-    }
-    temperature, top_p = body.get("temperature"), body.get("top_p")
-    if _KINDS[float](temperature) and temperature == 0:
-        return {**params, "do_sample": False}
-    if _KINDS[float](top_p) and top_p >= 1:
-        top_p = None
-    return {**params, "do_sample": True, "temperature": temperature, "top_p": top_p}
-
-
-def _limited(valid: ValidRequest, body: dict) -> ValidRequest:
+def _limited(valid: ValidRequest, request: Sampling) -> ValidRequest:
     """Apply `ignore_eos` and `min_tokens`, which TGI does not know."""
-    min_tokens = _get(body, "min_tokens", int, 0)
-    if not 0 <= min_tokens <= valid.max_new_tokens:
+    min_tokens = request.min_tokens or 0
+    if min_tokens > valid.max_new_tokens:
         limit = valid.max_new_tokens
         raise ValidationError(f"`min_tokens` must be >= 0 and <= `max_tokens` ({limit}). Given: {min_tokens}")
-    return replace(valid, ignore_eos=_get(body, "ignore_eos", bool, False), min_new_tokens=min_tokens)
+    return replace(valid, ignore_eos=bool(request.ignore_eos), min_new_tokens=min_tokens)
 
 
-def _top_n(value: int | None, name: str, limit: int) -> int:
-    if value is not None and not 0 <= value <= limit:
-        raise ValidationError(f"`{name}` must be >= 0 and <= {limit}. Given: {value}")
-    return value or 0
-
-
-def _common(body: object) -> tuple[dict, int, bool, bool]:
-    """(body, n, stream, include_usage)"""
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object")
-    n = _get(body, "n", int, 1)
-    if n < 1:
-        raise ValidationError(f"`n` must be >= 1. Given: {n}")
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, {})
-    return body, n, stream, stream and _get(options, "include_usage", bool, False)
-
-
-def _model(body: dict) -> str | None:
-    return body["model"] if isinstance(body.get("model"), str) else None
+def _plan(request: Sampling, prompts: list[ValidRequest], logprobs: bool, echo: bool) -> Plan:
+    prompts = [_limited(p, request) for p in prompts]
+    return Plan(
+        request.model, prompts, request.n or 1, bool(request.stream), request.include_usage, logprobs, echo,
+        request.stop_sequences,
+    )  # fmt: skip
 
 
 def parse_chat(body: object, tokenizer: Tokenizer, limits: ValidationLimits) -> Plan:
     """A /v1/chat/completions body -> a Plan (renders the chat template and tokenizes)."""
-    body, n, stream, include_usage = _common(body)
-    messages = normalize_messages(body.get("messages"))
-    format_type = _get(body, "response_format", dict, {}).get("type", "text")
-    if format_type != "text":
-        raise ValidationError(f"`response_format` {format_type!r} is not supported: constrained generation is not")
-    tools = _tools(body, tokenizer.chat_template)
-    logprobs = _get(body, "logprobs", bool, False)
-    top = _top_n(_get(body, "top_logprobs", int), "top_logprobs", limits.max_top_n_tokens)
-    if top and not logprobs:
-        raise ValidationError("`top_logprobs` needs `logprobs` set to true")
-    max_tokens = _get(body, "max_completion_tokens", int)
-    max_tokens = _get(body, "max_tokens", int) if max_tokens is None else max_tokens
-    params = _tgi_parameters(body, max_tokens, top)
+    request = parse(ChatRequest, body, RequestContext(limits, stream=False))
+    tools = _tools(request, tokenizer.chat_template)
+    params = request.tgi_parameters(request.max_completion_tokens or request.max_tokens, request.top_logprobs or 0)
+    messages = [m.for_template() for m in request.messages]
     prompt = render_chat(tokenizer.chat_template, tokenizer.config, messages, tools)  # raises ChatTemplateError
-    valid = validate(
-        {"inputs": prompt, "parameters": params}, tokenizer, limits, stream=stream, add_special_tokens=False
-    )
-    valid = _limited(valid, body)
-    return Plan(_model(body), [valid], n, stream, include_usage, logprobs, False, params["stop"] or [])
+    body = {"inputs": prompt, "parameters": params}
+    valid = validate(body, tokenizer, limits, stream=bool(request.stream), add_special_tokens=False)
+    return _plan(request, [valid], bool(request.logprobs), echo=False)
 
 
-def _tools(body: dict, template: str | None) -> list | None:
-    tools = _get(body, "tools", list)
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
+def _tools(request: ChatRequest, template: str | None) -> list[dict] | None:
+    if request.tool_choice not in (None, "auto", "none"):
         raise OpenAIError('Tool error: only `tool_choice` "auto" and "none" are supported', "tool_error")
-    if not tools or choice == "none":
+    if not request.tools or request.tool_choice == "none":
         return None
     if not template_uses(template, "tools"):
         raise OpenAIError("Tool error: this model's chat template does not support tools", "tool_error")
-    return tools
+    return [t.model_dump() for t in request.tools]
 
 
 def _prompts(prompt: object, tokenizer: Tokenizer, limits: ValidationLimits) -> list[tuple[str, list[int] | None]]:
-    """`prompt` -> [(text, token ids or None)]: a string, strings, token ids, or lists of token ids."""
+    """A validated `prompt` -> [(text, token ids or None)]."""
     if isinstance(prompt, str):
         return [(prompt, None)]
-    if isinstance(prompt, list) and not prompt:
+    if not prompt:
         raise OpenAIError("Empty array detected. Do not use an empty array for the prompt.", "empty_array")
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+    if isinstance(prompt[0], str):
         return [(p, None) for p in prompt]
-    if isinstance(prompt, list) and all(_KINDS[int](i) for i in prompt):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not all(isinstance(p, list) and all(_KINDS[int](i) for i in p) for p in prompt):
-        raise ValidationError("`prompt` must be a string, an array of strings, of token ids, or of arrays of token ids")
     out = []
-    for ids in prompt:
+    for ids in [prompt] if isinstance(prompt[0], int) else prompt:
         if len(ids) > limits.max_input_tokens:  # before decoding them
             raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {len(ids)}")
-        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
+        if any(i >= tokenizer.vocab_size for i in ids):
             raise ValidationError(f"token ids must be in [0, {tokenizer.vocab_size})")
         out.append((tokenizer.decode(ids, skip_special_tokens=False), ids))
     return out
@@ -217,60 +313,45 @@ def _prompts(prompt: object, tokenizer: Tokenizer, limits: ValidationLimits) -> 
 
 def parse_completion(body: object, tokenizer: Tokenizer, limits: ValidationLimits) -> Plan:
     """A /v1/completions body -> a Plan with one validated request per prompt."""
-    body, n, stream, include_usage = _common(body)
-    if body.get("suffix") is not None:
+    request = parse(CompletionRequest, body, RequestContext(limits, stream=False))
+    if request.suffix is not None:
         raise OpenAIError(
             "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
         )
-    prompts = _prompts(body.get("prompt"), tokenizer, limits)
+    prompts = _prompts(request.prompt, tokenizer, limits)
     if len(prompts) > limits.max_client_batch_size:
         raise OpenAIError(
             f"Number of prompts exceeds the maximum allowed batch size of {limits.max_client_batch_size}",
             "batch size exceeded",
         )
-    logprobs = _get(body, "logprobs", int)
-    echo = _get(body, "echo", bool, False)
-    if echo and logprobs is not None:
-        raise ValidationError("`echo` with `logprobs` is not supported: prompt logprobs are not computed")
-    params = _tgi_parameters(
-        body, _get(body, "max_tokens", int, 16), _top_n(logprobs, "logprobs", limits.max_top_n_tokens)
-    )
+    params = request.tgi_parameters(request.max_tokens or 16, request.logprobs or 0)
+    stream = bool(request.stream)
     valids = [
-        _limited(
-            validate({"inputs": text, "parameters": params}, tokenizer, limits, stream=stream, input_ids=ids), body
-        )
+        validate({"inputs": text, "parameters": params}, tokenizer, limits, stream=stream, input_ids=ids)
         for text, ids in prompts
     ]
-    return Plan(_model(body), valids, n, stream, include_usage, logprobs is not None, echo, params["stop"] or [])
+    return _plan(request, valids, request.logprobs is not None, bool(request.echo))
 
 
 # ---------------------------------------------------------------------------------------------
 # Responses
 
 
-def _fingerprint() -> str:
-    try:
-        return f"sluice-{metadata.version('sluice')}"
-    except metadata.PackageNotFoundError:
-        return "sluice"
-
-
-SYSTEM_FINGERPRINT = _fingerprint()
+SYSTEM_FINGERPRINT = f"sluice-{VERSION}"
+FinishReason = Literal["stop", "length"]
 
 
 def envelope(kind: str, model: str) -> dict:
     """The fields every response and chunk of one request shares."""
-    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
     return {
-        "id": f"{prefix}-{uuid.uuid4().hex}",
-        "object": kind,
+        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
 
-def finish_reason(tgi_reason: str | None) -> str | None:
+def finish_reason(tgi_reason: str | None) -> FinishReason | None:
     """TGI's "eos_token" and "stop_sequence" are both OpenAI's "stop"."""
     return None if tgi_reason is None else "length" if tgi_reason == "length" else "stop"
 
@@ -306,61 +387,157 @@ class ChoiceText:
         return delta
 
 
+class Usage(ResponseBody):
+    prompt_tokens: int
+    """Each prompt counted once."""
+    completion_tokens: int
+    """Over every choice."""
+    total_tokens: int
+
+    @classmethod
+    def of(cls, plan: Plan, num_generated: int) -> "Usage":
+        prompt_tokens = sum(len(p.input_ids) for p in plan.prompts)
+        return cls(
+            prompt_tokens=prompt_tokens, completion_tokens=num_generated, total_tokens=prompt_tokens + num_generated
+        )
+
+
 def _logprob(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def _entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode())}
+class TopLogprob(ResponseBody):
+    token: str
+    logprob: float
+    """-9999.0 when not finite."""
+    bytes: list[Annotated[int, Field(ge=0, le=255)]]
+    """The token's UTF-8 bytes."""
+
+    @classmethod
+    def of(cls, text: str, logprob: float) -> "TopLogprob":
+        return cls(token=text, logprob=_logprob(logprob), bytes=list(text.encode()))
 
 
-def chat_logprobs(events: list[TokenEvent]) -> dict:
-    """`{"content": [...]}` for the non-special tokens of `events`."""
-    return {
-        "content": [
-            {**_entry(e.token.text, e.token.logprob), "top_logprobs": [_entry(t.text, t.logprob) for t in e.top_tokens]}
-            for e in events
-            if not e.token.special
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(ResponseBody):
+    content: list[TokenLogprob]
+    """The generated tokens; special ones (EOS) are left out."""
+
+    @classmethod
+    def of(cls, events: list[TokenEvent]) -> "ChatLogprobs":
+        return cls(
+            content=[
+                TokenLogprob(
+                    **TopLogprob.of(e.token.text, e.token.logprob).model_dump(),
+                    top_logprobs=[TopLogprob.of(t.text, t.logprob) for t in e.top_tokens],
+                )
+                for e in events
+                if not e.token.special
+            ]
+        )
+
+
+class CompletionLogprobs(ResponseBody):
+    """Special tokens are left out."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    """Token text -> logprob."""
+    text_offset: list[Annotated[int, Field(ge=0)]]
+
+    @classmethod
+    def of(cls, events: list[TokenEvent], offset: int) -> "CompletionLogprobs":
+        """`offset` is where the first token's text starts in the returned text."""
+        out = cls(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for e in events:
+            if e.token.special:
+                continue
+            top = {t.text: _logprob(t.logprob) for t in e.top_tokens}
+            out.tokens.append(e.token.text)
+            out.token_logprobs.append(_logprob(e.token.logprob))
+            out.top_logprobs.append({**top, e.token.text: _logprob(e.token.logprob)})
+            out.text_offset.append(offset)
+            offset += len(e.token.text)
+        return out
+
+
+class _Envelope(ResponseBody):
+    id: str
+    """`chatcmpl-...` or `cmpl-...`, shared by a stream's chunks."""
+    created: int
+    """Unix time (s)."""
+    model: str
+    """The request's `model`, or the served model."""
+    system_fingerprint: str
+    """`sluice-<version>`."""
+
+
+class AssistantMessage(ResponseBody):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(ResponseBody):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+    @classmethod
+    def of(cls, plan: Plan, env: dict, results: list[list[TokenEvent]]) -> "ChatCompletion":
+        """The response for every choice's events."""
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=cut_at_stop(events[-1].generated_text, plan.stop)),
+                logprobs=ChatLogprobs.of(events) if plan.logprobs else None,
+                finish_reason=finish_reason(events[-1].finish_reason),
+            )
+            for i, events in enumerate(results)
         ]
-    }
+        return cls(**env, choices=choices, usage=Usage.of(plan, sum(map(len, results))))
 
 
-def completion_logprobs(events: list[TokenEvent], offset: int) -> dict:
-    """The legacy shape; `offset` is where the first token's text starts in the returned text."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in events:
-        if e.token.special:
-            continue
-        top = {t.text: _logprob(t.logprob) for t in e.top_tokens}
-        out["tokens"].append(e.token.text)
-        out["token_logprobs"].append(_logprob(e.token.logprob))
-        out["top_logprobs"].append({**top, e.token.text: _logprob(e.token.logprob)})
-        out["text_offset"].append(offset)
-        offset += len(e.token.text)
-    return out
+class ChatDelta(ResponseBody):
+    """A choice's first chunk has the role and empty content."""
+
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    content: str
 
 
-def usage(plan: Plan, num_generated: int) -> dict:
-    prompt_tokens = sum(len(p.input_ids) for p in plan.prompts)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": num_generated,
-        "total_tokens": prompt_tokens + num_generated,
-    }
+class ChatChunkChoice(ResponseBody):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+    """Set on a choice's last chunk."""
 
 
-def chat_response(plan: Plan, env: dict, results: list[list[TokenEvent]]) -> dict:
-    """The non-streamed chat.completion for every choice's events."""
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": cut_at_stop(events[-1].generated_text, plan.stop)},
-            "logprobs": chat_logprobs(events) if plan.logprobs else None,
-            "finish_reason": finish_reason(events[-1].finish_reason),
-        }
-        for i, events in enumerate(results)
-    ]
-    return {**env, "choices": choices, "usage": usage(plan, sum(map(len, results)))}
+def _usage_optional(schema: dict) -> None:
+    schema["required"].remove("usage")
+
+
+class _Chunk(_Envelope):
+    model_config = ConfigDict(json_schema_extra=_usage_optional)
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(_Chunk):
+    """A streamed chat completion's chunk; with `include_usage`, `usage` is null but on a last chunk with no
+    choices, otherwise absent."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
 
 
 def echoed(plan: Plan, choice: int) -> str:
@@ -368,39 +545,85 @@ def echoed(plan: Plan, choice: int) -> str:
     return plan.prompts[choice // plan.n].inputs if plan.echo else ""
 
 
-def completion_response(plan: Plan, env: dict, results: list[list[TokenEvent]]) -> dict:
-    """The non-streamed text_completion for every choice's events."""
-    choices = []
-    for i, events in enumerate(results):
-        prefix = echoed(plan, i)
-        choices.append(
-            {
-                "index": i,
-                "text": prefix + cut_at_stop(events[-1].generated_text, plan.stop),
-                "logprobs": completion_logprobs(events, len(prefix)) if plan.logprobs else None,
-                "finish_reason": finish_reason(events[-1].finish_reason),
-            }
-        )
-    return {**env, "choices": choices, "usage": usage(plan, sum(map(len, results)))}
+class CompletionChoice(ResponseBody):
+    index: int
+    """prompt index x `n` + sample index."""
+    text: str
+    """The text; with `echo`, the prompt first."""
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
 
 
-def chunk(plan: Plan, env: dict, choice: dict) -> dict:
-    """A streamed chunk carrying one choice (with `usage: null` when usage was asked for)."""
-    body = {**env, "choices": [choice]}
-    if plan.include_usage:
-        body["usage"] = None
-    return body
+class Completion(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+    @classmethod
+    def of(cls, plan: Plan, env: dict, results: list[list[TokenEvent]]) -> "Completion":
+        """The response for every choice's events."""
+        choices = []
+        for i, events in enumerate(results):
+            prefix = echoed(plan, i)
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=prefix + cut_at_stop(events[-1].generated_text, plan.stop),
+                    logprobs=CompletionLogprobs.of(events, len(prefix)) if plan.logprobs else None,
+                    finish_reason=finish_reason(events[-1].finish_reason),
+                )
+            )
+        return cls(**env, choices=choices, usage=Usage.of(plan, sum(map(len, results))))
 
 
-def chat_delta(plan: Plan, index: int, delta: dict, event: TokenEvent | None) -> dict:
-    """One chat choice delta; `event` None for the opening role chunk."""
-    logprobs = chat_logprobs([event]) if plan.logprobs and event is not None else None
-    reason = finish_reason(event.finish_reason) if event is not None else None
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+class CompletionChunkChoice(ResponseBody):
+    """With `echo`, the prompt comes first, in a chunk of its own."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+    """Set on a choice's last chunk."""
 
 
-def completion_delta(plan: Plan, index: int, text: str, event: TokenEvent | None, offset: int) -> dict:
-    """One completion choice; `event` None for the echoed prompt."""
-    logprobs = completion_logprobs([event], offset) if plan.logprobs and event is not None else None
-    reason = finish_reason(event.finish_reason) if event is not None else None
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+class CompletionChunk(_Chunk):
+    """A streamed completion's chunk; with `include_usage`, `usage` is null but on a last chunk with no
+    choices, otherwise absent."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
+
+
+class StreamErrorDetail(ResponseBody):
+    message: str
+    http_status_code: Literal[424, 500]
+
+
+class StreamError(ResponseBody):
+    """A failure after the stream started; `[DONE]` follows."""
+
+    error: StreamErrorDetail
+
+
+Done = Annotated[Literal["[DONE]"], Field(description="The last event's data, as is (not JSON).")]
+
+
+class ChatCompletionStreamEvent(RootModel[ChatCompletionChunk | StreamError | Done]):
+    """The data of one event of a streamed chat completion."""
+
+
+class CompletionStreamEvent(RootModel[CompletionChunk | StreamError | Done]):
+    """The data of one event of a streamed completion."""
+
+
+class ModelCard(ResponseBody):
+    id: str
+    """The served model."""
+    object: Literal["model"] = "model"
+    created: Literal[0] = 0
+    owned_by: Literal["sluice"] = "sluice"
+
+
+class ModelList(ResponseBody):
+    object: Literal["list"] = "list"
+    data: Annotated[list[ModelCard], Field(min_length=1, max_length=1)]

@@ -9,32 +9,40 @@ after it started they arrive as `data: {"error": {"message", "http_status_code"}
 
 import asyncio
 import contextlib
-import json
-import logging
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from router.core.engine import Engine, GenerationError, Timings, TokenEvent
+from router.core.engine import Engine, Timings, TokenEvent
 from router.http.errors import Overloaded, ValidationError
 from router.http.openai.protocol import (
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
     ChoiceText,
+    Completion,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionLogprobs,
+    ModelCard,
+    ModelList,
     Plan,
-    chat_delta,
-    chat_response,
-    chunk,
-    completion_delta,
-    completion_response,
+    StreamError,
+    StreamErrorDetail,
+    Usage,
     echoed,
     envelope,
+    finish_reason,
     parse_chat,
     parse_completion,
-    usage,
 )
+from router.http.protocol import dump
+from router.http.responses import model_response
+from router.http.sse import open_stream, reporting_failures
 from router.http.state import STATE, json_body
-
-log = logging.getLogger(__name__)
 
 
 async def _plan(request: web.Request, parse) -> Plan:
@@ -100,14 +108,14 @@ async def _collect(engine: Engine, plan: Plan, start_s: float) -> list[list[Toke
     return results
 
 
-def _headers(plan: Plan, start: float, body: dict) -> dict[str, str]:
+def _headers(start: float, usage: Usage) -> dict[str, str]:
     elapsed = time.monotonic() - start
     return {
         "x-compute-type": "sluice",
         "x-compute-time": f"{elapsed:.6f}",
         "x-total-time": str(int(elapsed * 1000)),
-        "x-prompt-tokens": str(body["usage"]["prompt_tokens"]),
-        "x-generated-tokens": str(body["usage"]["completion_tokens"]),
+        "x-prompt-tokens": str(usage.prompt_tokens),
+        "x-generated-tokens": str(usage.completion_tokens),
     }
 
 
@@ -119,11 +127,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     start = time.monotonic()
     plan = await _plan(request, parse_chat)
-    env = envelope("chat.completion.chunk" if plan.stream else "chat.completion", _model(request, plan))
+    env = envelope("chat", _model(request, plan))
     if plan.stream:
         return await _stream(request, plan, _ChatChunks(plan, env), start)
-    body = chat_response(plan, env, await _collect(request.app[STATE].engine, plan, start))
-    return web.json_response(body, headers=_headers(plan, start, body))
+    body = ChatCompletion.of(plan, env, await _collect(request.app[STATE].engine, plan, start))
+    return model_response(body, headers=_headers(start, body.usage))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -133,91 +141,100 @@ async def completions(request: web.Request) -> web.StreamResponse:
     env = envelope("text_completion", _model(request, plan))
     if plan.stream:
         return await _stream(request, plan, _CompletionChunks(plan, env), start)
-    body = completion_response(plan, env, await _collect(request.app[STATE].engine, plan, start))
-    return web.json_response(body, headers=_headers(plan, start, body))
+    body = Completion.of(plan, env, await _collect(request.app[STATE].engine, plan, start))
+    return model_response(body, headers=_headers(start, body.usage))
 
 
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the one served model."""
-    model_id = request.app[STATE].model_id
-    return web.json_response(
-        {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "sluice"}]}
-    )
+    return model_response(ModelList(data=[ModelCard(id=request.app[STATE].model_id)]))
 
 
 class _ChatChunks:
     """Chat chunks: a role delta per choice first, then one content delta per token."""
 
+    model = ChatCompletionChunk
+
     def __init__(self, plan: Plan, env: dict):
         self.plan, self.env = plan, env
         self.texts = [ChoiceText(plan.stop) for _ in range(plan.num_choices)]
 
-    def opening(self) -> list[dict]:
-        delta = {"role": "assistant", "content": ""}
-        return [chunk(self.plan, self.env, chat_delta(self.plan, i, delta, None)) for i in range(self.plan.num_choices)]
+    def opening(self) -> list[ChatCompletionChunk]:
+        return [
+            self._chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                                        finish_reason=None))
+            for i in range(self.plan.num_choices)
+        ]  # fmt: skip
 
-    def token(self, index: int, event: TokenEvent) -> dict:
-        delta = {"content": self.texts[index].add(event)}
-        return chunk(self.plan, self.env, chat_delta(self.plan, index, delta, event))
+    def token(self, index: int, event: TokenEvent) -> ChatCompletionChunk:
+        return self._chunk(
+            ChatChunkChoice(
+                index=index,
+                delta=ChatDelta(content=self.texts[index].add(event)),
+                logprobs=ChatLogprobs.of([event]) if self.plan.logprobs else None,
+                finish_reason=finish_reason(event.finish_reason),
+            )
+        )
+
+    def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.env, choices=[choice])
 
 
 class _CompletionChunks:
     """Completion chunks: the echoed prompt per choice first (with `echo`), then one per token."""
+
+    model = CompletionChunk
 
     def __init__(self, plan: Plan, env: dict):
         self.plan, self.env = plan, env
         self.texts = [ChoiceText(plan.stop) for _ in range(plan.num_choices)]
         self.offsets = [len(echoed(plan, i)) for i in range(plan.num_choices)]
 
-    def opening(self) -> list[dict]:
+    def opening(self) -> list[CompletionChunk]:
         if not self.plan.echo:
             return []
         return [
-            chunk(self.plan, self.env, completion_delta(self.plan, i, echoed(self.plan, i), None, 0))
+            self._chunk(CompletionChunkChoice(index=i, text=echoed(self.plan, i), logprobs=None, finish_reason=None))
             for i in range(self.plan.num_choices)
         ]
 
-    def token(self, index: int, event: TokenEvent) -> dict:
-        text = self.texts[index].add(event)
-        choice = completion_delta(self.plan, index, text, event, self.offsets[index])
+    def token(self, index: int, event: TokenEvent) -> CompletionChunk:
+        logprobs = CompletionLogprobs.of([event], self.offsets[index]) if self.plan.logprobs else None
         self.offsets[index] += 0 if event.token.special else len(event.token.text)
-        return chunk(self.plan, self.env, choice)
+        text = self.texts[index].add(event)
+        choice = CompletionChunkChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(event.finish_reason)
+        )
+        return self._chunk(choice)
+
+    def _chunk(self, choice: CompletionChunkChoice) -> CompletionChunk:
+        return CompletionChunk(**self.env, choices=[choice])
 
 
-async def _send(response: web.StreamResponse, body: dict | str) -> None:
-    data = body if isinstance(body, str) else json.dumps(body)
-    await response.write(f"data: {data}\n\n".encode())
+def _event(data: str) -> bytes:
+    return f"data: {data}\n\n".encode()
+
+
+def _error_event(message: str, status: int) -> bytes:
+    return _event(dump(StreamError(error=StreamErrorDetail(message=message, http_status_code=status))))
 
 
 async def _stream(request: web.Request, plan: Plan, chunks, start_s: float) -> web.StreamResponse:
     """SSE: the opening chunks, one chunk per token, the usage chunk if asked, then [DONE]."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            "x-compute-type": "sluice",
-        }
-    )
-    await response.prepare(request)
-    for body in chunks.opening():
-        await _send(response, body)
+    response = await open_stream(request, {"x-compute-type": "sluice"})
+    exclude = None if plan.include_usage else {"usage"}  # null on every chunk with include_usage, else absent
+    for chunk in chunks.opening():
+        await response.write(_event(dump(chunk, exclude)))
     num_generated = 0
-    try:
+    async with reporting_failures(request, response, _error_event):
         async with contextlib.aclosing(_events(request.app[STATE].engine, plan.choices(), start_s)) as events:
             async for index, event in events:
                 num_generated += 1
-                await _send(response, chunks.token(index, event))
+                await response.write(_event(dump(chunks.token(index, event), exclude)))
         if plan.include_usage:
-            await _send(response, {**chunks.env, "choices": [], "usage": usage(plan, num_generated)})
-    except GenerationError as e:
-        await _send(response, {"error": {"message": str(e), "http_status_code": 424}})
-    except ConnectionError:
-        raise  # the client went away: the requests were aborted when the iterator closed
-    except Exception:
-        log.exception("stream failed on %s", request.path)
-        await _send(response, {"error": {"message": "Internal server error", "http_status_code": 500}})
-    await _send(response, "[DONE]")
+            last = chunks.model(**chunks.env, choices=[], usage=Usage.of(plan, num_generated))
+            await response.write(_event(dump(last)))
+    await response.write(_event("[DONE]"))
     await response.write_eof()
     return response
 

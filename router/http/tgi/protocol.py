@@ -1,21 +1,169 @@
-"""TGI's `GenerateRequest` JSON -> a validated request, with TGI's rules and messages.
+"""TGI's request and response bodies as pydantic models, with TGI's rules and messages.
 
-Every failure raises `ValidationError`, which the server turns into 422 with
-`{"error": "Input validation error: ...", "error_type": "validation"}`.
+A refused request raises `ValidationError`, which becomes 422 with
+`{"error": "Input validation error: ...", "error_type": "validation"}`. The rules that depend on
+the server's flags read a `RequestContext`; those on token counts run after tokenization, in
+`validate`.
 """
 
 import math
 import random
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from pydantic import Field, RootModel, ValidationInfo, model_validator
+
+from router.core.engine import Token as EngineToken
+from router.core.engine import TokenEvent
 from router.core.request import GenerationRequest, SamplingParams
 from router.http.errors import ValidationError
+from router.http.protocol import ErrorResponse, Refusal, RequestBody, ResponseBody, parse
 from router.limits import ValidationLimits
 from router.tokenizer import Tokenizer
+
+U64 = 1 << 64
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What validation needs beyond the body: the server's limits, and whether the route streams."""
+
+    limits: ValidationLimits
+    stream: bool
+
+
+def _positive(name: str) -> Refusal:
+    return Refusal(f"`{name}` must be strictly positive")
+
+
+def _open_unit(name: str) -> Refusal:
+    return Refusal(f"`{name}` must be > 0.0 and < 1.0")
+
+
+BEST_OF_RANGE = "`best_of` must be > 0 and <= {context.limits.max_best_of}. Given: {value}"
+TRUNCATE_RANGE = "`truncate` must be strictly positive and less than {context.limits.max_input_tokens}. Given: {value}"
+TOP_N_RANGE = "`top_n_tokens` must be >= 0 and <= {context.limits.max_top_n_tokens}. Given: {value}"
+
+
+class GenerateParameters(RequestBody):
+    """TGI's `parameters`; null values mean unset."""
+
+    best_of: Annotated[int, Field(ge=1), Refusal(BEST_OF_RANGE)] | None = None
+    """Sample this many sequences and return the one with the highest mean token logprob (the others in
+    `details.best_of_sequences`). At most `max_best_of`. Above 1: needs sampling, no `seed`, and is refused
+    on streams."""
+    temperature: Annotated[float, Field(gt=0), _positive("temperature")] | None = None
+    """Sampling temperature (unset: 1)."""
+    repetition_penalty: Annotated[float, Field(gt=0), _positive("repetition_penalty")] | None = None
+    """CTRL-style repetition penalty (unset: 1, off)."""
+    frequency_penalty: (
+        Annotated[float, Field(ge=-2, le=2), Refusal("`frequency_penalty` must be >= -2.0 and <= 2.0")] | None
+    ) = None
+    """Subtracted from a token's logit once per previous occurrence (unset: 0)."""
+    top_k: Annotated[int, Field(gt=0), _positive("top_k")] | None = None
+    """Keep the k most likely tokens (unset: off)."""
+    top_p: Annotated[float, Field(gt=0, lt=1), _open_unit("top_p")] | None = None
+    """Nucleus sampling (unset: off)."""
+    typical_p: Annotated[float, Field(gt=0, lt=1), _open_unit("typical_p")] | None = None
+    """Typical sampling (unset: off)."""
+    do_sample: bool = False
+    """Sample instead of greedy. True when `parameters` is absent or null; setting temperature, top_k, top_p
+    or typical_p also samples."""
+    max_new_tokens: Annotated[int, Field(gt=0), _positive("max_new_tokens")] | None = None
+    """Most tokens to generate; prompt tokens + this must be <= `max_total_tokens` (unset: as many as fit)."""
+    return_full_text: bool = False
+    """Put the prompt before `generated_text`."""
+    stop: list[str] | None = None
+    """Stop sequences, matched on text, kept in the output; empty ones are dropped, then at most
+    `max_stop_sequences`."""
+    truncate: Annotated[int, Field(gt=0), Refusal(TRUNCATE_RANGE)] | None = None
+    """Keep only the last N prompt tokens; at most `max_input_tokens`."""
+    watermark: bool = False
+    """Kirchenbauer et al. watermarking."""
+    details: bool = False
+    """Return `details`."""
+    decoder_input_details: bool = False
+    """Return `details` with the prompt's logprobs in `prefill` (refused on streams)."""
+    seed: Annotated[int, Field(ge=0, lt=U64), Refusal("`seed` must be an unsigned 64-bit integer")] | None = None
+    """Sampling seed (unset: drawn at random, and echoed in details)."""
+    top_n_tokens: Annotated[int, Field(ge=0), Refusal(TOP_N_RANGE)] | None = None
+    """Also return the n most likely tokens of each step; at most `max_top_n_tokens`."""
+    grammar: Annotated[None, Refusal("grammar is not supported")] = None
+    """Constrained generation is not supported yet: 422 unless null."""
+    adapter_id: str | None = None
+    """No LoRA adapters are served: 422 unless null."""
+
+    @property
+    def is_sampling(self) -> bool:
+        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p, self.typical_p))
+
+    @model_validator(mode="after")
+    def _within_the_server_limits(self, info: ValidationInfo) -> "GenerateParameters":
+        context: RequestContext = info.context
+        limits = context.limits
+        if self.adapter_id:
+            raise ValueError(f"adapter `{self.adapter_id}` is not loaded: this server serves no LoRA adapters")
+        best_of = self.best_of or 1
+        if best_of != 1:
+            if limits.max_best_of == 1:
+                raise ValueError("`best_of` != 1 is not allowed for this endpoint")
+            if best_of > limits.max_best_of:
+                raise ValueError(BEST_OF_RANGE.format(context=context, value=best_of))
+            if not self.is_sampling:
+                raise ValueError("you must use sampling when `best_of` is > 1")
+            if self.seed is not None:
+                raise ValueError("`seed` must not be set when `best_of` > 1")
+            if context.stream:
+                raise ValueError("`best_of` != 1 is not supported when streaming tokens")
+        if context.stream and self.decoder_input_details:
+            raise ValueError("`decoder_input_details` == true is not supported when streaming tokens")
+        self.stop = [s for s in self.stop or [] if s]  # an empty string would match at once
+        if len(self.stop) > limits.max_stop_sequences:
+            raise ValueError(
+                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(self.stop)}"
+            )
+        if (self.top_n_tokens or 0) > limits.max_top_n_tokens:
+            raise ValueError(TOP_N_RANGE.format(context=context, value=self.top_n_tokens))
+        if self.truncate is not None and self.truncate > limits.max_input_tokens:
+            raise ValueError(TRUNCATE_RANGE.format(context=context, value=self.truncate))
+        return self
+
+
+class GenerateRequest(RequestBody):
+    """A request to /generate and /generate_stream."""
+
+    inputs: Annotated[str, Field(min_length=1), Refusal("`inputs` cannot be empty")]
+    """The prompt."""
+    parameters: GenerateParameters | None = None
+    """Absent or null: the defaults, sampling."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sample_without_parameters(cls, body: object) -> object:
+        """TGI: without a `parameters` object do_sample defaults to true; with one, to false."""
+        if isinstance(body, dict) and body.get("parameters") is None:
+            return {**body, "parameters": {"do_sample": True}}
+        return body
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """A request to / (the api-inference format)."""
+
+    stream: bool = False
+    """Stream as /generate_stream does."""
+
+
+class TokenizeRequest(RequestBody):
+    """A request to /tokenize; other fields are ignored."""
+
+    inputs: Annotated[str, Field(min_length=1), Refusal("`inputs` must be a non-empty string")]
+    """The text."""
 
 
 @dataclass(frozen=True, slots=True)
 class ValidRequest:
+    """A validated, tokenized request."""
+
     inputs: str
     input_ids: list[int]
     sampling: SamplingParams
@@ -41,56 +189,6 @@ class ValidRequest:
             self.decoder_input_details,
             self.is_seeded,
         )
-
-
-_FIELD_TYPES = {
-    "best_of": int,
-    "temperature": float,
-    "repetition_penalty": float,
-    "frequency_penalty": float,
-    "top_k": int,
-    "top_p": float,
-    "typical_p": float,
-    "do_sample": bool,
-    "max_new_tokens": int,
-    "return_full_text": bool,
-    "stop": list,
-    "truncate": int,
-    "watermark": bool,
-    "details": bool,
-    "decoder_input_details": bool,
-    "seed": int,
-    "top_n_tokens": int,
-    "grammar": object,
-    "adapter_id": str,
-}
-
-
-def _typed(params: dict) -> dict:
-    """Check JSON types (null means unset); numbers must be finite."""
-    out = {}
-    for name, value in params.items():
-        expected = _FIELD_TYPES.get(name)
-        if expected is None or value is None:
-            continue  # unknown fields are ignored, as serde does
-        ok = {
-            int: isinstance(value, int) and not isinstance(value, bool),
-            float: isinstance(value, (int, float)) and not isinstance(value, bool),
-            bool: isinstance(value, bool),
-            list: isinstance(value, list) and all(isinstance(s, str) for s in value),
-            str: isinstance(value, str),
-            object: True,
-        }[expected]
-        if not ok:
-            raise ValidationError(
-                f"`{name}` must be of type {expected.__name__ if expected is not list else 'array of strings'}"
-            )
-        if expected is float and not math.isfinite(value):
-            raise ValidationError(f"`{name}` must be a finite number")
-        if expected is int and value < 0 and name != "top_k":  # top_k is signed in TGI: its own message below
-            raise ValidationError(f"`{name}` must be non-negative")
-        out[name] = float(value) if expected is float else value
-    return out
 
 
 # No token of a real vocabulary spans more characters than this: a longer text has more tokens than any limit allows.
@@ -120,94 +218,26 @@ def validate(
     input_ids: list[int] | None = None,
     add_special_tokens: bool = True,
 ) -> ValidRequest:
-    """Validate a TGI `GenerateRequest` body and tokenize its `inputs`.
+    """Validate a `GenerateRequest` body, tokenize its `inputs` and check the token counts.
 
     `input_ids` replaces tokenization for prompts given as token ids (then `inputs` is their
     text, used only for `return_full_text` and headers); `add_special_tokens=False` is for
     prompts already rendered by a chat template.
     """
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object")
-    inputs = body.get("inputs")
-    if not isinstance(inputs, str):
-        raise ValidationError("`inputs` must be a string")
-    raw = body.get("parameters")
-    if raw is not None and not isinstance(raw, dict):
-        raise ValidationError("`parameters` must be an object")
-    # TGI: without a `parameters` object, do_sample defaults to true; with one, to false.
-    p = _typed(raw) if raw is not None else {"do_sample": True}
-    if p.get("grammar") is not None:
-        raise ValidationError("grammar is not supported")
-    if p.get("adapter_id"):
-        raise ValidationError(f"adapter `{p['adapter_id']}` is not loaded: this server serves no LoRA adapters")
-
-    best_of = p.get("best_of", 1)
-    is_sampling = p.get("do_sample", False) or any(k in p for k in ("temperature", "top_k", "top_p", "typical_p"))
-    if best_of != 1:
-        if limits.max_best_of == 1:
-            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
-        if not 0 < best_of <= limits.max_best_of:
-            raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
-        if not is_sampling:
-            raise ValidationError("you must use sampling when `best_of` is > 1")
-        if "seed" in p:
-            raise ValidationError("`seed` must not be set when `best_of` > 1")
-        if stream:
-            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-    if stream and p.get("decoder_input_details"):
-        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-
-    temperature = p.get("temperature", 1.0)
-    if temperature <= 0:
-        raise ValidationError("`temperature` must be strictly positive")
-    repetition_penalty = p.get("repetition_penalty", 1.0)
-    if repetition_penalty <= 0:
-        raise ValidationError("`repetition_penalty` must be strictly positive")
-    frequency_penalty = p.get("frequency_penalty", 0.0)
-    if not -2.0 <= frequency_penalty <= 2.0:
-        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-    top_p = p.get("top_p")
-    if top_p is not None and not 0.0 < top_p < 1.0:
-        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
-    typical_p = p.get("typical_p")
-    if typical_p is not None and not 0.0 < typical_p < 1.0:
-        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
-    top_k = p.get("top_k")
-    if top_k is not None and top_k <= 0:
-        raise ValidationError("`top_k` must be strictly positive")
-    max_new_tokens = p.get("max_new_tokens")
-    if max_new_tokens == 0:
-        raise ValidationError("`max_new_tokens` must be strictly positive")
-    stop = [s for s in p.get("stop", []) if s]  # an empty string would match at once
-    if len(stop) > limits.max_stop_sequences:
-        raise ValidationError(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
-    top_n_tokens = p.get("top_n_tokens", 0)
-    if top_n_tokens > limits.max_top_n_tokens:
-        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n_tokens}")
-    truncate = p.get("truncate")
-    if truncate is not None and not 0 < truncate <= limits.max_input_tokens:
-        raise ValidationError(
-            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {truncate}"
-        )
-    seed = p.get("seed")
-    if seed is not None and seed >= 1 << 64:
-        raise ValidationError("`seed` must fit in 64 bits")
-    if not inputs:
-        raise ValidationError("`inputs` cannot be empty")
-    if truncate is None:
+    request = parse(GenerateRequest, body, RequestContext(limits, stream))
+    inputs, p = request.inputs, request.parameters
+    if p.truncate is None:
         check_input_length(inputs, limits)
-
     if input_ids is None:
-        input_ids = tokenizer.encode(_truncation_window(inputs, truncate), add_special_tokens=add_special_tokens)
+        input_ids = tokenizer.encode(_truncation_window(inputs, p.truncate), add_special_tokens=add_special_tokens)
     elif any(not 0 <= i < tokenizer.vocab_size for i in input_ids):
         raise ValidationError(f"token ids must be in [0, {tokenizer.vocab_size})")
-    if truncate is not None:
-        input_ids = input_ids[-truncate:]
+    if p.truncate is not None:
+        input_ids = input_ids[-p.truncate :]
     n = len(input_ids)
     if n == 0:  # e.g. control characters the tokenizer drops: the shards cannot run an empty prompt
         raise ValidationError("`inputs` must have at least one token. Given: 0")
-    if max_new_tokens is None:
-        max_new_tokens = max(limits.max_total_tokens - n, 1)
+    max_new_tokens = p.max_new_tokens or max(limits.max_total_tokens - n, 1)
     if n + max_new_tokens > limits.max_total_tokens:
         raise ValidationError(
             f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
@@ -216,29 +246,203 @@ def validate(
     if n > limits.max_input_tokens:
         raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {n}")
 
-    if seed is None and is_sampling:
+    seed = p.seed
+    if seed is None and p.is_sampling:
         seed = random.getrandbits(64)
     sampling = SamplingParams(
-        do_sample=is_sampling,
-        temperature=temperature,
-        top_k=top_k or 0,
-        top_p=top_p or 1.0,
-        typical_p=typical_p or 1.0,
-        repetition_penalty=repetition_penalty,
-        frequency_penalty=frequency_penalty,
+        do_sample=p.is_sampling,
+        temperature=p.temperature or 1.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p or 1.0,
+        typical_p=p.typical_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
         seed=seed or 0,
-        watermark=p.get("watermark", False),
-        top_n_tokens=top_n_tokens,
+        watermark=p.watermark,
+        top_n_tokens=p.top_n_tokens or 0,
     )
     return ValidRequest(
         inputs=inputs,
         input_ids=input_ids,
         sampling=sampling,
         max_new_tokens=max_new_tokens,
-        stop=stop,
-        details=p.get("details", False),
-        decoder_input_details=p.get("decoder_input_details", False),
-        return_full_text=p.get("return_full_text", False),
-        best_of=best_of,
-        is_seeded=is_sampling,
+        stop=p.stop,
+        details=p.details,
+        decoder_input_details=p.decoder_input_details,
+        return_full_text=p.return_full_text,
+        best_of=p.best_of or 1,
+        is_seeded=p.is_sampling,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class PrefillToken(ResponseBody):
+    id: int
+    text: str
+    logprob: float | None
+    """null for the first token, and where not finite."""
+
+
+class Token(ResponseBody):
+    id: int
+    text: str
+    """The token's text (special tokens as their literal)."""
+    logprob: float | None
+    """Log probability; null where not finite."""
+    special: bool
+
+    @classmethod
+    def of(cls, t: EngineToken) -> "Token":
+        return cls(id=t.id, text=t.text, logprob=_finite(t.logprob), special=t.special)
+
+
+def _omitted_if_none():
+    return Field(default=None, exclude_if=lambda v: v is None)
+
+
+class _SequenceDetails(ResponseBody):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    """The seed used; null when decoding was greedy."""
+    prefill: list[PrefillToken]
+    """The prompt's tokens with `decoder_input_details`, else empty."""
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = _omitted_if_none()
+    """Per generated token, its `top_n_tokens` most likely ones (only with `top_n_tokens` > 0)."""
+
+
+class BestOfSequence(_SequenceDetails):
+    generated_text: str
+
+
+class Details(_SequenceDetails):
+    best_of_sequences: list[BestOfSequence] | None = _omitted_if_none()
+    """The other sequences, with `best_of` > 1."""
+
+
+class GenerateResponse(ResponseBody):
+    """`details` only with `details` or `decoder_input_details`."""
+
+    generated_text: str
+    """With `return_full_text`, after the prompt."""
+    details: Details | None = _omitted_if_none()
+
+    @classmethod
+    def of(cls, events: list[TokenEvent], prefix: str, details: bool, seed: int | None) -> "GenerateResponse":
+        """The response for a finished request's events; `prefix` goes before the text."""
+        last = events[-1]
+        if not details:
+            return cls(generated_text=prefix + last.generated_text)
+        top_tokens = None
+        if any(e.top_tokens for e in events):
+            top_tokens = [[Token.of(t) for t in e.top_tokens] for e in events]
+        return cls(
+            generated_text=prefix + last.generated_text,
+            details=Details(
+                finish_reason=last.finish_reason,
+                generated_tokens=len(events),
+                seed=seed,
+                prefill=[PrefillToken(id=t.id, text=t.text, logprob=_finite(t.logprob)) for t in last.prefill or []],
+                tokens=[Token.of(e.token) for e in events],
+                top_tokens=top_tokens,
+            ),
+        )
+
+
+class CompatGenerateResponse(RootModel[Annotated[list[GenerateResponse], Field(min_length=1, max_length=1)]]):
+    """What / answers without `stream`: one response in an array."""
+
+
+class StreamDetails(ResponseBody):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    """The seed used; null when decoding was greedy."""
+    input_length: int
+    """Prompt tokens."""
+
+
+class StreamResponse(ResponseBody):
+    """One `data:` event per generated token."""
+
+    index: Annotated[int, Field(ge=1)]
+    """1 for the first token, then one more per event."""
+    token: Token
+    top_tokens: list[Token] | None = _omitted_if_none()
+    """Only with `top_n_tokens` > 0."""
+    generated_text: str | None
+    """The whole text, on the last event only."""
+    details: StreamDetails | None
+    """On the last event, with `details`."""
+
+    @classmethod
+    def of(
+        cls, index: int, event: TokenEvent, prefix: str, details: bool, seed: int | None, input_length: int
+    ) -> "StreamResponse":
+        finished = event.finish_reason is not None
+        return cls(
+            index=index,
+            token=Token.of(event.token),
+            top_tokens=[Token.of(t) for t in event.top_tokens] if event.top_tokens else None,
+            generated_text=None if event.generated_text is None else prefix + event.generated_text,
+            details=StreamDetails(
+                finish_reason=event.finish_reason, generated_tokens=index, seed=seed, input_length=input_length
+            )
+            if finished and details
+            else None,
+        )
+
+
+class TokenizedToken(ResponseBody):
+    id: int
+    text: str
+    """The token's span of `inputs`."""
+    start: int
+    """Byte offset of the span's start in `inputs` (UTF-8)."""
+    stop: int
+    """Byte offset of the span's end."""
+
+
+class TokenizeResponse(RootModel[list[TokenizedToken]]):
+    """The tokens of `inputs`, with byte offsets."""
+
+
+class Info(ResponseBody):
+    """TGI's `Info`; the `null` fields are never known here."""
+
+    model_id: str
+    """The served model's name."""
+    model_sha: None = None
+    model_dtype: str
+    """e.g. `bfloat16`."""
+    model_device_type: str
+    """e.g. `cuda` or `cpu`."""
+    model_pipeline_tag: Literal["text-generation"] = "text-generation"
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    validation_workers: Literal[1] = 1
+    max_client_batch_size: int
+    """Most prompts in one /v1/completions request."""
+    router: Literal["sluice-router"] = "sluice-router"
+    version: str
+    """The router's version."""
+    sha: None = None
+    docker_label: None = None
+
+
+class GenerateStreamEvent(RootModel[StreamResponse | ErrorResponse]):
+    """The JSON of one event; a failure after the stream started is an ErrorResponse event (`error_type`
+    `generation`), after which the stream ends."""

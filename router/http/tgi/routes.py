@@ -3,20 +3,25 @@
 import asyncio
 import contextlib
 import dataclasses
-import json
-import logging
 import random
 import time
 
 from aiohttp import web
 
-from router.core.engine import Engine, GenerationError, Timings, TokenEvent
+from router.core.engine import Engine, Timings, TokenEvent
 from router.http.errors import Overloaded
-from router.http.responses import error_json, generate_json, stream_json
+from router.http.protocol import ErrorResponse, dump
+from router.http.responses import model_response
+from router.http.sse import open_stream, reporting_failures
 from router.http.state import STATE, json_body
-from router.http.tgi.protocol import ValidRequest, validate
-
-log = logging.getLogger(__name__)
+from router.http.tgi.protocol import (
+    BestOfSequence,
+    CompatGenerateResponse,
+    GenerateResponse,
+    StreamResponse,
+    ValidRequest,
+    validate,
+)
 
 
 async def _validated(request: web.Request, stream: bool) -> tuple[ValidRequest, float]:
@@ -35,8 +40,8 @@ async def _run(engine: Engine, valid: ValidRequest, timings: Timings) -> list[To
         return [e async for e in events]
 
 
-async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
-    """Run one request to completion: (GenerateResponse JSON, timing headers).
+async def _generate(request: web.Request) -> tuple[GenerateResponse, dict[str, str]]:
+    """Run one request to completion: (its response, timing headers).
 
     With best_of > 1, that many sequences are sampled concurrently with their own seeds and
     the one with the highest mean token logprob is returned; the others go in
@@ -63,13 +68,13 @@ async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
     best = max(range(len(runs)), key=lambda i: sum(e.token.logprob for e in runs[i]) / len(runs[i]))
     prefix = valid.inputs if valid.return_full_text else ""
     details = valid.details or valid.decoder_input_details  # TGI builds details for either
-    body = generate_json(runs[best], prefix, details, _seed(candidates[best]))
+    body = GenerateResponse.of(runs[best], prefix, details, _seed(candidates[best]))
     if valid.best_of > 1 and details:
-        body["details"]["best_of_sequences"] = [
-            {
-                "generated_text": prefix + runs[i][-1].generated_text,
-                **generate_json(runs[i], "", True, _seed(v))["details"],
-            }
+        body.details.best_of_sequences = [
+            BestOfSequence(
+                generated_text=prefix + runs[i][-1].generated_text,
+                **GenerateResponse.of(runs[i], "", True, _seed(v)).details.model_dump(exclude={"best_of_sequences"}),
+            )
             for i, v in enumerate(candidates)
             if i != best
         ]
@@ -78,7 +83,7 @@ async def _generate(request: web.Request) -> tuple[dict, dict[str, str]]:
 
 async def generate(request: web.Request) -> web.Response:
     body, headers = await _generate(request)
-    return web.json_response(body, headers=headers)
+    return model_response(body, headers=headers)
 
 
 async def compat_generate(request: web.Request) -> web.StreamResponse:
@@ -87,7 +92,7 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
     if isinstance(body, dict) and body.get("stream") is True:
         return await generate_stream(request)
     body, headers = await _generate(request)
-    return web.json_response([body], headers=headers)
+    return model_response(CompatGenerateResponse([body]), headers=headers)
 
 
 def _timing_headers(valid: ValidRequest, start: float, timings: Timings, num_generated: int) -> dict[str, str]:
@@ -108,35 +113,27 @@ def _timing_headers(valid: ValidRequest, start: float, timings: Timings, num_gen
     }
 
 
+def _event(body: StreamResponse | ErrorResponse) -> bytes:
+    return b"data:" + dump(body).encode() + b"\n\n"
+
+
+def _error_event(message: str, status: int) -> bytes:
+    return _event(ErrorResponse(error=message, error_type="generation" if status == 424 else "internal"))
+
+
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """SSE: one event per token; errors after the stream started arrive as an error event."""
     valid, start = await _validated(request, stream=True)
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            "x-compute-type": "sluice",
-            "x-compute-characters": str(len(valid.inputs)),
-        }
-    )
-    await response.prepare(request)
+    response = await open_stream(request, {"x-compute-type": "sluice", "x-compute-characters": str(len(valid.inputs))})
     prefix = valid.inputs if valid.return_full_text else ""
-    index = 0
     events = request.app[STATE].engine.generate(valid.generation(), Timings(queued_s=time.monotonic(), start_s=start))
-    try:
+    index = 0
+    async with reporting_failures(request, response, _error_event):
         async with contextlib.aclosing(events):  # leaving early (client gone) aborts the request at once
             async for event in events:
                 index += 1
-                body = stream_json(index, event, prefix, valid.details, _seed(valid), len(valid.input_ids))
-                await response.write(b"data:" + json.dumps(body).encode() + b"\n\n")
-    except GenerationError as e:
-        await response.write(b"data:" + json.dumps(error_json(str(e), "generation")).encode() + b"\n\n")
-    except ConnectionError:
-        raise  # the client went away
-    except Exception:  # a bug: the stream already started, so the client gets an error event, not a cut
-        log.exception("stream failed on %s", request.path)
-        await response.write(b"data:" + json.dumps(error_json("Internal server error", "internal")).encode() + b"\n\n")
+                body = StreamResponse.of(index, event, prefix, valid.details, _seed(valid), len(valid.input_ids))
+                await response.write(_event(body))
     await response.write_eof()
     return response
 

@@ -1,0 +1,193 @@
+"""Every refusal of the OpenAI routes' request validation, with its message and error type, and what
+an accepted request becomes; no server is started."""
+
+import pytest
+
+from router.http.errors import ApiError
+from router.http.openai.protocol import parse_chat, parse_completion
+from tests.router.stand_ins import LIMITS, ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+CHAT = [{"role": "user", "content": "Hello!"}]
+PARSERS = {"chat": parse_chat, "completion": parse_completion}
+
+
+def _refusal(route: str, body: object) -> tuple[str, str]:
+    """(error_type, message) of a refused body."""
+    with pytest.raises(ApiError) as e:
+        PARSERS[route](body, TOKENIZER, LIMITS)
+    return e.value.error_type, e.value.message
+
+
+def _chat(**fields) -> dict:
+    return {"messages": CHAT, **fields}
+
+
+def _completion(**fields) -> dict:
+    return {"prompt": "Hello", **fields}
+
+
+@pytest.mark.parametrize("route", ["chat", "completion"])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"presence_penalty": 0.5}, "`presence_penalty` is not supported (only 0): use `frequency_penalty`"),
+        ({"logit_bias": {"1": 2}}, "`logit_bias` is not supported"),
+        ({"best_of": 2}, "`best_of` != 1 is not supported"),
+        ({"n": 0}, "`n` must be >= 1. Given: 0"),
+        ({"seed": -1}, "`seed` must be an unsigned 64-bit integer"),
+        ({"temperature": -1}, "`temperature` must be strictly positive"),
+        ({"top_p": 0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"frequency_penalty": 3}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"stream": "yes"}, "`stream` must be of type bool"),
+        ({"stream_options": {"include_usage": 1}}, "`include_usage` must be of type bool"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"stop": 5}, "`stop` must be of type string"),
+        ({"max_tokens": 0}, "`max_tokens` must be >= 1. Given: 0"),
+        ({"min_tokens": -1}, "`min_tokens` must be >= 0. Given: -1"),
+        ({"max_tokens": 5, "min_tokens": 6}, "`min_tokens` must be >= 0 and <= `max_tokens` (5). Given: 6"),
+        ({"ignore_eos": "yes"}, "`ignore_eos` must be of type bool"),
+    ],
+)
+def test_refusals_of_the_shared_fields(route, fields, message):
+    body = _chat(**fields) if route == "chat" else _completion(**fields)
+    assert _refusal(route, body) == ("validation", message)
+
+
+@pytest.mark.parametrize(
+    ("body", "error_type", "message"),
+    [
+        ([CHAT], "validation", "the request body must be a JSON object"),
+        ({"model": "tgi"}, "validation", "missing field `messages`"),
+        ({"messages": []}, "validation", "`messages` must be a non-empty array"),
+        ({"messages": [{"content": "Hi"}]}, "validation", "missing field `messages[0].role`"),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            "validation",
+            '`messages[0].content` must be a string, null, or an array of {"type": "text", "text": "..."} parts',
+        ),
+        (
+            {"messages": [CHAT[0], {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "validation",
+            "`messages[1]`: image content is not supported: this model has no vision input",
+        ),
+        (_chat(logprobs=True, top_logprobs=6), "validation", "`top_logprobs` must be >= 0 and <= 5. Given: 6"),
+        (_chat(top_logprobs=2), "validation", "`top_logprobs` needs `logprobs` set to true"),
+        (
+            _chat(response_format={"type": "json_object"}),
+            "validation",
+            "`response_format` 'json_object' is not supported: constrained generation is not",
+        ),
+        (_chat(tool_choice="required"), "tool_error", 'Tool error: only `tool_choice` "auto" and "none" are supported'),
+        (
+            _chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+            "tool_error",
+            "Tool error: this model's chat template does not support tools",
+        ),
+        (
+            _chat(max_completion_tokens=2001),
+            "validation",
+            "`inputs` tokens + `max_new_tokens` must be <= 2000. Given: 24 `inputs` tokens and 2001 `max_new_tokens`",
+        ),
+    ],  # fmt: skip
+)
+def test_chat_refusals(body, error_type, message):
+    assert _refusal("chat", body) == (error_type, message)
+
+
+PROMPT_SHAPES = "`prompt` must be a string, an array of strings, of token ids, or of arrays of token ids"
+
+
+@pytest.mark.parametrize(
+    ("body", "error_type", "message"),
+    [
+        ({"max_tokens": 5}, "validation", "missing field `prompt`"),
+        ({"prompt": []}, "empty_array", "Empty array detected. Do not use an empty array for the prompt."),
+        ({"prompt": ""}, "validation", "`inputs` cannot be empty"),
+        ({"prompt": [[]]}, "validation", "`inputs` cannot be empty"),
+        ({"prompt": [1, "a"]}, "validation", PROMPT_SHAPES),
+        ({"prompt": [-1]}, "validation", PROMPT_SHAPES),
+        ({"prompt": 5}, "validation", PROMPT_SHAPES),
+        ({"prompt": [256]}, "validation", "token ids must be in [0, 256)"),
+        ({"prompt": [1] * 1001}, "validation", "`inputs` must have less than 1000 tokens. Given: 1001"),
+        (
+            {"prompt": ["a"] * 5},
+            "batch size exceeded",
+            "Number of prompts exceeds the maximum allowed batch size of 4",
+        ),
+        (
+            _completion(suffix="!"),
+            "suffix not supported",
+            "Suffix is not supported and can be achieved by preprocessing the prompt.",
+        ),
+        (
+            _completion(echo=True, logprobs=1),
+            "validation",
+            "`echo` with `logprobs` is not supported: prompt logprobs are not computed",
+        ),
+        (_completion(logprobs=6), "validation", "`logprobs` must be >= 0 and <= 5. Given: 6"),
+        (_completion(echo="yes"), "validation", "`echo` must be of type bool"),
+    ],
+)
+def test_completion_refusals(body, error_type, message):
+    assert _refusal("completion", body) == (error_type, message)
+
+
+def test_a_chat_request_becomes_tgi_parameters():
+    body = _chat(
+        model="gpt-4o",
+        temperature=0.5,
+        top_p=1,
+        n=2,
+        seed=7,
+        stop="!",
+        frequency_penalty=1,
+        presence_penalty=0,
+        logit_bias={},
+        best_of=1,
+        logprobs=True,
+        top_logprobs=2,
+        max_completion_tokens=9,
+        max_tokens=3,
+        min_tokens=2,
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True},
+        response_format={"type": "text"},
+        tool_choice="none",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+    )
+    plan = parse_chat(body, TOKENIZER, LIMITS)
+    (valid,) = plan.prompts
+    assert valid.inputs == "<user>a\nb\n<assistant>"  # the text parts joined, through the template
+    s = valid.sampling
+    assert (s.do_sample, s.temperature, s.top_p, s.seed, s.frequency_penalty, s.top_n_tokens) == (
+        True,
+        0.5,
+        1.0,
+        7,
+        1.0,
+        2,
+    )
+    assert (valid.max_new_tokens, valid.min_new_tokens, valid.ignore_eos, valid.stop) == (9, 2, True, ["!"])
+    assert (plan.model, plan.n, plan.stream, plan.include_usage, plan.logprobs) == ("gpt-4o", 2, True, True, True)
+    choices = plan.choices()
+    assert choices[0].sampling.seed == 7 and choices[1].sampling.seed != 7
+    assert all(c.sampling.raw_logprobs for c in choices)
+
+
+def test_temperature_zero_is_greedy_and_top_p_is_then_ignored():
+    (valid,) = parse_chat(_chat(temperature=0, top_p=0.5), TOKENIZER, LIMITS).prompts
+    assert not valid.sampling.do_sample and valid.sampling.top_p == 1.0
+
+
+def test_completion_prompts_as_text_and_token_ids():
+    plan = parse_completion({"prompt": [[72, 105], [33]], "n": 2, "echo": True}, TOKENIZER, LIMITS)
+    assert [p.input_ids for p in plan.prompts] == [[72, 105], [33]]
+    assert [p.inputs for p in plan.prompts] == ["Hi", "!"]
+    assert plan.num_choices == 4 and plan.echo
+    plan = parse_completion({"prompt": ["ab", "c"], "stop": ["", "x"]}, TOKENIZER, LIMITS)
+    assert [p.input_ids for p in plan.prompts] == [[97, 98], [99]]
+    assert plan.prompts[0].max_new_tokens == 16 and plan.stop == ["x"]
+    (valid,) = parse_completion({"prompt": [1, 2, 3], "logprobs": 0}, TOKENIZER, LIMITS).prompts
+    assert valid.input_ids == [1, 2, 3] and valid.sampling.top_n_tokens == 0
