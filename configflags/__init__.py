@@ -1,21 +1,24 @@
 """Command-line flags derived from a process's frozen config dataclass (standard library only).
 
-A field is a flag when its `dataclasses.field(metadata=...)` has a "help" entry. The metadata keys:
+A field declared with `flag` is a flag, e.g. `max_batch_size: int = flag(256, "requests per step", forward=True)`.
+The arguments of `flag` (help to forward are kept under the same names in the field's metadata):
 
-- "help": the flag's help text.
-- "flag": its option, when not `--` and the field's name with dashes (`model_dir` is "--model-id").
-- "type": the text of the flag -> the field's value ("GB -> bytes", "1,2,4 -> (1, 2, 4)"). Otherwise the
+- default: the field's default; with none (nor a default_factory) the field is required.
+- help: the flag's help text.
+- option: the flag, when not `--` and the field's name with dashes (`model_dir` is "--model-id").
+- type: the text of the flag -> the field's value ("GB -> bytes", "1,2,4 -> (1, 2, 4)"). Otherwise the
   annotation decides: int, float, str, Path; `X | None` as X; a bool defaulting to False is a switch,
   any other bool takes true/false; `tuple[X, ...]` is repeatable, one X each time.
-- "choices": the values allowed.
-- "default": the flag's default where the field has none, for a value cli.py resolves after parsing;
+- choices: the values allowed.
+- cli_default: the flag's default where the field has none, for a value cli.py resolves after parsing;
   a field with neither default is a required flag.
-- "env": the environment variable that gives the flag's default, when not the option in upper case
+- env: the environment variable that gives the flag's default, when not the option in upper case
   (MAX_BATCH_SIZE). The launcher's parser (`env=True`) gives every flag its variable; the children's
   read only the variables named here, since they inherit the launcher's environment.
-- "forward": the launcher accepts the flag and passes it on to the process when given.
+- forward: the launcher accepts the flag and passes it on to the process when given.
+- any other keyword (default_factory, repr): passed on to `dataclasses.field`.
 
-Environment variables are read when the parser is built, that is at parse time, never at import time.
+Environment variables are read when the parser is built, never at import time.
 """
 
 import argparse
@@ -23,9 +26,29 @@ import dataclasses
 import os
 import typing
 from collections.abc import Callable, Iterable
+from dataclasses import MISSING
 from typing import Any, TypeVar
 
 Config = TypeVar("Config")
+
+
+def flag(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    option: str | None = None,
+    type: Callable[[str], Any] | None = None,
+    choices: Iterable[Any] | None = None,
+    cli_default: Any = MISSING,
+    env: str | None = None,
+    forward: bool = False,
+    **field_args: Any,
+) -> Any:
+    """A config field that is a command-line flag (see above); `field_args` go to `dataclasses.field`."""
+    metadata = dict(
+        help=help, option=option, type=type, choices=choices, cli_default=cli_default, env=env, forward=forward
+    )
+    return dataclasses.field(default=default, metadata=metadata, **field_args)
 
 
 def parse_bool(text: str) -> bool:
@@ -40,7 +63,7 @@ def parse_bool(text: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
-    """A config field seen as a command-line flag."""
+    """A config field declared with `flag`, seen as a command-line flag."""
 
     field: dataclasses.Field
     option: str  # "--max-batch-size"
@@ -55,19 +78,18 @@ class Flag:
     @property
     def forward(self) -> bool:
         """Whether the launcher accepts this flag and passes it on."""
-        return bool(self.field.metadata.get("forward"))
+        return self.field.metadata["forward"]
 
     def env(self, every: bool) -> str | None:
         """The environment variable giving this flag's default: always when `every`, else only one named."""
-        name = self.field.metadata.get("env")
-        return name or (self.dest.upper() if every else None)
+        return self.field.metadata["env"] or (self.dest.upper() if every else None)
 
     def default(self) -> Any:
-        """The flag's default in its own process's parser (`dataclasses.MISSING`: required); a factory is called now."""
+        """The flag's default in its own process's parser (MISSING: required); a factory is called now."""
         f = self.field
-        if "default" in f.metadata:
-            return f.metadata["default"]
-        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.metadata["cli_default"] is not MISSING:
+            return f.metadata["cli_default"]
+        return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def flags(cls: type) -> list[Flag]:
@@ -80,7 +102,7 @@ def flags(cls: type) -> list[Flag]:
         hint = hints[f.name]
         if type(None) in typing.get_args(hint):  # X | None
             hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        if "type" in f.metadata:
+        if f.metadata["type"]:
             kind, parse = "value", f.metadata["type"]
         elif hint is bool:
             kind, parse = ("switch" if f.default is False else "value"), parse_bool
@@ -88,7 +110,7 @@ def flags(cls: type) -> list[Flag]:
             kind, parse = "append", typing.get_args(hint)[0]
         else:
             kind, parse = "value", hint
-        out.append(Flag(f, f.metadata.get("flag", "--" + f.name.replace("_", "-")), kind, parse))
+        out.append(Flag(f, f.metadata["option"] or "--" + f.name.replace("_", "-"), kind, parse))
     return out
 
 
@@ -117,7 +139,7 @@ def add_arguments(
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = _as_given(flag.type) if forwarding else flag.type
-            kwargs["choices"] = flag.field.metadata.get("choices")
+            kwargs["choices"] = flag.field.metadata["choices"]
             if flag.kind == "append":
                 kwargs["action"] = "append"
         name = flag.env(every=env)
@@ -128,7 +150,7 @@ def add_arguments(
             default = argparse.SUPPRESS  # not given: not in the namespace, nor passed on
         else:
             default = flag.default()
-            if default is dataclasses.MISSING:
+            if default is MISSING:
                 default, kwargs["required"] = None, True
             elif flag.kind == "append" and default is not None:
                 default = list(default)  # argparse appends the given items to a copy of this

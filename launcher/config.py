@@ -2,8 +2,10 @@
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from configflags import flag
 
 
 def visible_gpus() -> int:
@@ -16,36 +18,25 @@ def visible_gpus() -> int:
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
-    """The launcher's flags (fields with a "help", each also its upper-case environment variable; see
-    configflags) and the argv of every child; built only by launcher/cli.py."""
+    """The launcher's flags (its `flag` fields, each also its upper-case environment variable; see configflags)
+    and the argv of every child; built only by launcher/cli.py."""
 
-    model_id: Path = field(
-        metadata={
-            "default": "models/SmolLM2-135M-Instruct",
-            "help": "model directory, or a .gguf file (converted once)",
-        }
+    model_id: Path = flag(
+        help="model directory, or a .gguf file (converted once)", cli_default="models/SmolLM2-135M-Instruct"
     )
-    num_shard: int = field(
-        metadata={"default": None, "help": "tensor-parallel ranks (default: visible GPUs, else 1 on CPU)"}
+    num_shard: int = flag(help="tensor-parallel ranks (default: visible GPUs, else 1 on CPU)", cli_default=None)
+    sharded: bool | None = flag(None, "false forces one shard; true requires more than one")
+    hostname: str = flag("0.0.0.0", "the router's address")
+    port: int = flag(3000, "the router's port")
+    shard_uds_path: str = flag("/tmp/sluice-shard", "the shards listen on {path}-{rank}")
+    master_addr: str = flag("127.0.0.1", "rank 0's address for the collectives")
+    master_port: int = flag(29500, "rank 0's port for the collectives")
+    graceful_termination_timeout_s: float = flag(
+        90.0, "seconds in-flight requests may take to finish after SIGTERM", option="--graceful-termination-timeout"
     )
-    sharded: bool | None = field(default=None, metadata={"help": "false forces one shard; true requires more than one"})
-    hostname: str = field(default="0.0.0.0", metadata={"help": "the router's address"})
-    port: int = field(default=3000, metadata={"help": "the router's port"})
-    shard_uds_path: str = field(default="/tmp/sluice-shard", metadata={"help": "the shards listen on {path}-{rank}"})
-    master_addr: str = field(default="127.0.0.1", metadata={"help": "rank 0's address for the collectives"})
-    master_port: int = field(default=29500, metadata={"help": "rank 0's port for the collectives"})
-    graceful_termination_timeout_s: float = field(
-        default=90.0,
-        metadata={
-            "flag": "--graceful-termination-timeout",
-            "help": "seconds in-flight requests may take to finish after SIGTERM",
-        },
-    )
-    json_output: bool = field(default=False, metadata={"help": "every process logs one JSON object per line"})
-    api_key: str | None = field(  # given to the router in its environment, never argv
-        default=None,
-        repr=False,
-        metadata={"help": "require `Authorization: Bearer KEY` on generation routes"},
+    json_output: bool = flag(False, "every process logs one JSON object per line")
+    api_key: str | None = flag(  # given to the router in its environment, never argv
+        None, "require `Authorization: Bearer KEY` on generation routes", repr=False
     )
     router_args: tuple[str, ...] = ()  # RouterConfig's forwarded flags, as given
     shard_args: tuple[str, ...] = ()  # ShardConfig's forwarded flags, as given

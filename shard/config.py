@@ -1,11 +1,13 @@
 """`ShardConfig`: a shard's one config; its flags (configflags) and the launcher's forwarding derive from it.
 
-Standard library only: the launcher imports it for the flags it passes on."""
+Standard library only, as configflags is: the launcher imports it for the flags it passes on."""
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from configflags import flag
 
 
 def default_cache_dir() -> Path:
@@ -36,73 +38,52 @@ CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 @dataclass(frozen=True, slots=True)
 class ShardConfig:
-    """Everything one shard process needs; built only by shard/cli.py. Fields with a "help" are flags
-    (see configflags); "forward": the launcher accepts the flag and passes it on."""
+    """Everything one shard process needs; built only by shard/cli.py. Its `flag` fields are its flags
+    (see configflags); forward=True: the launcher accepts the flag and passes it on."""
 
-    model_dir: Path = field(metadata={"flag": "--model-id", "help": "model directory (config.json + safetensors)"})
-    rank: int = field(default=0, metadata={"help": "this shard's tensor-parallel rank"})
-    world_size: int = field(default=1, metadata={"help": "tensor-parallel ranks"})
-    master_addr: str = field(default="127.0.0.1", metadata={"help": "rank 0's address for the collectives"})
-    master_port: int = field(default=29500, metadata={"help": "rank 0's port for the collectives"})
-    uds_path: str = field(default="/tmp/sluice-shard", metadata={"help": "listen on {uds-path}-{rank}"})
-    port: int | None = field(default=None, metadata={"help": "listen on TCP instead of a unix socket"})
-    host: str = field(default="127.0.0.1", metadata={"help": "TCP address to bind with --port"})
-    device: str = field(default="auto", metadata={"help": "torch device (auto: cuda:{rank} with CUDA, else cpu)"})
-    dtype: str = field(  # "auto": bfloat16 on CUDA (float16 if the model says so) and on CPUs with native
-        # bfloat16 (AVX512-BF16 or AMX), float32 on other CPUs
-        default="auto",
-        metadata={
-            "choices": ("auto", "float32", "float16", "bfloat16"),
-            "help": "weights and activations (auto: bfloat16 where the hardware has it, else float32)",
-            "forward": True,
-        },
+    model_dir: Path = flag(help="model directory (config.json + safetensors)", option="--model-id")
+    rank: int = flag(0, "this shard's tensor-parallel rank")
+    world_size: int = flag(1, "tensor-parallel ranks")
+    master_addr: str = flag("127.0.0.1", "rank 0's address for the collectives")
+    master_port: int = flag(29500, "rank 0's port for the collectives")
+    uds_path: str = flag("/tmp/sluice-shard", "listen on {uds-path}-{rank}")
+    port: int | None = flag(None, "listen on TCP instead of a unix socket")
+    host: str = flag("127.0.0.1", "TCP address to bind with --port")
+    device: str = flag("auto", "torch device (auto: cuda:{rank} with CUDA, else cpu)")
+    # auto: bfloat16 on CUDA (float16 if the model says so) and on CPUs with AVX512-BF16 or AMX
+    dtype: str = flag(
+        "auto",
+        "weights and activations (auto: bfloat16 where the hardware has it, else float32)",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        forward=True,
     )
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block", "forward": True})
-    cuda_memory_fraction: float = field(
-        default=0.9,
-        metadata={"help": "fraction of GPU memory for weights, activations and KV cache", "forward": True},
+    block_size: int = flag(16, "tokens per KV block", forward=True)
+    cuda_memory_fraction: float = flag(
+        0.9, "fraction of GPU memory for weights, activations and KV cache", forward=True
     )
-    cpu_kv_cache_bytes: int = field(
-        default=4 << 30,
-        metadata={
-            "flag": "--cpu-kv-cache-gb",
-            "type": gigabytes,
-            "help": "KV cache size on CPU in GiB (default: 4)",
-            "forward": True,
-        },
+    cpu_kv_cache_bytes: int = flag(
+        4 << 30, "KV cache size on CPU in GiB (default: 4)", option="--cpu-kv-cache-gb", type=gigabytes, forward=True
     )
-    cpu_gemm: str = field(  # CPU linear layers: "onednn" (weights packed at load) or "aten" (F.linear, MKL)
-        default="onednn",
-        metadata={
-            "choices": ("onednn", "aten"),
-            "help": "CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)",
-        },
+    cpu_gemm: str = flag(
+        "onednn", "CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)", choices=("onednn", "aten")
     )
-    enforce_eager: bool = field(  # run the model eagerly; otherwise its forward is compiled on CPU
-        default=False,
-        metadata={"help": "run the model eagerly: no compiled forward (CPU), no CUDA graphs", "forward": True},
+    enforce_eager: bool = flag(False, "run the model eagerly: no compiled forward (CPU), no CUDA graphs", forward=True)
+    cuda_graphs: tuple[int, ...] = flag(
+        CUDA_GRAPH_SIZES,
+        "decode batch sizes captured as CUDA graphs, comma-separated (0: none)",
+        type=batch_sizes,
+        forward=True,
     )
-    cuda_graphs: tuple[int, ...] = field(  # decode batch sizes captured on CUDA; () with enforce_eager
-        default=CUDA_GRAPH_SIZES,
-        metadata={
-            "type": batch_sizes,
-            "help": "decode batch sizes captured as CUDA graphs, comma-separated (0: none)",
-            "forward": True,
-        },
-    )
-    compile_cache_dir: Path = field(
+    compile_cache_dir: Path = flag(
+        help="compiled CPU kernels and Inductor graphs, reused across restarts",
         default_factory=default_cache_dir,
-        metadata={"help": "compiled CPU kernels and Inductor graphs, reused across restarts", "forward": True},
+        forward=True,
     )
-    otlp_endpoint: str | None = field(
-        default=None, metadata={"help": "OTLP/gRPC endpoint for traces (none: no tracing)", "forward": True}
-    )
-    otlp_service_name: str = field(
-        default="sluice", metadata={"help": "service name of the traces (.router, .shard appended)", "forward": True}
-    )
-    watermark_gamma: float = field(default=0.5, metadata={"help": "watermark green-list fraction", "forward": True})
-    watermark_delta: float = field(default=2.0, metadata={"help": "watermark logit bias", "forward": True})
-    json_output: bool = field(default=False, metadata={"help": "log one JSON object per line"})
+    otlp_endpoint: str | None = flag(None, "OTLP/gRPC endpoint for traces (none: no tracing)", forward=True)
+    otlp_service_name: str = flag("sluice", "service name of the traces (.router, .shard appended)", forward=True)
+    watermark_gamma: float = flag(0.5, "watermark green-list fraction", forward=True)
+    watermark_delta: float = flag(2.0, "watermark logit bias", forward=True)
+    json_output: bool = flag(False, "log one JSON object per line")
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:

@@ -3,12 +3,13 @@
 import argparse
 import ast
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 import pytest
 
 import configflags
+from configflags import flag
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,17 +20,17 @@ def _double(text: str) -> int:
 
 @dataclass(frozen=True)
 class Config:
-    path: Path = field(metadata={"flag": "--dir", "help": "required: no default"})
-    resolved: int = field(metadata={"default": None, "help": "resolved after parsing"})
-    count: int = field(default=1, metadata={"help": "a value", "forward": True})
-    limit: int | None = field(default=None, metadata={"help": "X | None is X", "forward": True})
-    doubled: int = field(default=2, metadata={"type": _double, "help": "a type of its own", "forward": True})
-    eager: bool = field(default=False, metadata={"help": "a switch", "forward": True})
-    caching: bool = field(default=True, metadata={"help": "true/false", "forward": True})
-    origins: tuple[str, ...] = field(default=(), metadata={"flag": "--origin", "help": "repeatable", "forward": True})
-    mode: str = field(default="a", metadata={"choices": ("a", "b"), "help": "choices"})
-    key: str | None = field(default=None, metadata={"env": "THE_KEY", "help": "a variable of its own"})
-    internal: float = 0.5  # no "help": no flag
+    path: Path = flag(help="required: no default", option="--dir")
+    resolved: int = flag(help="resolved after parsing", cli_default=None)
+    count: int = flag(1, "a value", forward=True)
+    limit: int | None = flag(None, "X | None is X", forward=True)
+    doubled: int = flag(2, "a type of its own", type=_double, forward=True)
+    eager: bool = flag(False, "a switch", forward=True)
+    caching: bool = flag(True, "true/false", forward=True)
+    origins: tuple[str, ...] = flag((), "repeatable", option="--origin", forward=True)
+    mode: str = flag("a", "choices", choices=("a", "b"))
+    key: str | None = flag(None, "a variable of its own", env="THE_KEY")
+    internal: float = 0.5  # not a flag
 
     def __post_init__(self):
         if self.count < 0:
@@ -119,12 +120,18 @@ def test_forwarding_passes_on_what_was_given_as_given(monkeypatch):
         p.parse_args(["--doubled", "x"])  # checked with the type, though passed on as text
 
 
+def test_flag_passes_the_field_arguments_on():
+    f = flag(help="a secret made fresh", default_factory=list, repr=False)
+    assert (f.default, f.default_factory, f.repr, f.metadata["help"]) == (MISSING, list, False, "a secret made fresh")
+
+
 @pytest.mark.parametrize("path", ["configflags/__init__.py", "router/config.py", "shard/config.py"])
 def test_imports_only_the_standard_library(path):
-    """The launcher imports configflags and both configs: they must not bring in either side's dependencies."""
+    """The launcher imports configflags and both configs: they must not bring in either side's dependencies
+    (the configs import configflags)."""
     for node in ast.walk(ast.parse((REPO / path).read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom):
             names = [node.module or ""] if node.level == 0 else ["relative"]
         for name in names:
-            assert name.split(".")[0] in sys.stdlib_module_names, f"{path} imports {name}"
+            assert name.split(".")[0] in {*sys.stdlib_module_names, "configflags"}, f"{path} imports {name}"
