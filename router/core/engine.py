@@ -49,7 +49,10 @@ class TokenEvent:
     top_tokens: list[Token]
     finish_reason: str | None = None  # set on the last event, with the text below
     generated_text: str | None = None
-    prefill: list[Token] | None = None  # prompt tokens with their logprobs (the first is NaN), if asked
+    # On the first event, if asked: the prompt's tokens with their logprobs (the first's is NaN) and,
+    # with prompt_top_n, the most likely tokens at each prompt position (none for the first).
+    prefill: list[Token] | None = None
+    prefill_top_tokens: list[list[Token]] | None = None
 
 
 @dataclass(slots=True)
@@ -78,6 +81,8 @@ class _Handle:
     timings: Timings
     span: trace.Span  # the HTTP request's span (non-recording when untraced)
     prompt_logprobs: list[float] | None = None  # by prompt position, filled as chunks are computed
+    prompt_top_tokens: list[list[tuple[int, float]]] | None = None  # likewise, with prompt_top_n
+    num_events: int = 0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
@@ -126,12 +131,16 @@ class Engine:
             ignore_eos=spec.ignore_eos,
             min_new_tokens=spec.min_new_tokens,
             needs_prompt_logprobs=spec.prompt_logprobs,
+            prompt_top_n=spec.prompt_top_n,
+            grammar=spec.grammar,
+            stop_token_ids=spec.stop_token_ids,
             arrival_s=timings.queued_s,
         )
         output = OutputProcessor(self.tokenizer, spec.input_ids, spec.stop)
         handle = _Handle(request, spec, output, timings, trace.get_current_span())
         if spec.prompt_logprobs:
             handle.prompt_logprobs = [float("nan")] * len(spec.input_ids)
+            handle.prompt_top_tokens = [[] for _ in spec.input_ids]
         self._handles[request.req_id] = handle
         self.scheduler.add(request)
         self.metrics.request_input_length.observe(len(spec.input_ids))
@@ -247,7 +256,8 @@ class Engine:
         self._store_prompt_logprobs(result)
         self.scheduler.step_costs.observe(step.plan.work, result.forward_ns / 1e9)
         token_ids = {req_id: t.token_id for req_id, t in result.tokens.items()}
-        for request in self.scheduler.update(step.plan, token_ids):
+        completed = frozenset(req_id for req_id, t in result.tokens.items() if t.grammar_completed)
+        for request in self.scheduler.update(step.plan, token_ids, completed):
             self._emit(request, result)
         m = self.metrics
         m.batch_inference_success.labels(step.method).inc()
@@ -289,17 +299,23 @@ class Engine:
         return method
 
     def _store_prompt_logprobs(self, result: StepResult) -> None:
-        for req_id, (first, logprobs) in result.prompt_logprobs.items():
+        for req_id, computed in result.prompt_logprobs.items():
             handle = self._handles.get(req_id)
-            if handle is not None and handle.prompt_logprobs is not None:
-                end = min(first + len(logprobs), len(handle.prompt_logprobs))  # recomputed outputs are not prompt
-                handle.prompt_logprobs[first:end] = logprobs[: end - first]
+            if handle is None or handle.prompt_logprobs is None:
+                continue
+            first = computed.first_position
+            end = min(first + len(computed.logprobs), len(handle.prompt_logprobs))  # recomputed outputs are not prompt
+            handle.prompt_logprobs[first:end] = computed.logprobs[: end - first]
+            handle.prompt_top_tokens[first:end] = computed.top_tokens[: end - first] or [[]] * (end - first)
 
-    def _prefill(self, handle: _Handle) -> list[Token] | None:
-        if handle.prompt_logprobs is None:
-            return None
+    def _prefill(self, handle: _Handle) -> tuple[list[Token], list[list[Token]]]:
+        """The prompt's tokens with their logprobs, and the most likely tokens at each position."""
         ids, t = handle.request.prompt_ids, self.tokenizer
-        return [Token(i, t.token_text(i), lp, i in t.special_ids) for i, lp in zip(ids, handle.prompt_logprobs)]
+        tokens = [Token(i, t.token_text(i), lp, i in t.special_ids) for i, lp in zip(ids, handle.prompt_logprobs)]
+        return tokens, [[self._token(i, lp) for i, lp in top] for top in handle.prompt_top_tokens]
+
+    def _token(self, token_id: int, logprob: float) -> Token:
+        return Token(token_id, self.tokenizer.token_text(token_id), logprob, token_id in self.tokenizer.special_ids)
 
     def _emit(self, request: Request, result: StepResult) -> None:
         """Hand `request` the event of the token it just received; end it on a stop string."""
@@ -309,12 +325,22 @@ class Engine:
         out = handle.output.process(token_id, request.status)
         if out.stop_matched:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOP_SEQUENCE)
-        prefill = None if out.finish_reason is None else self._prefill(handle)
-        top = [
-            Token(i, self.tokenizer.token_text(i), lp, i in self.tokenizer.special_ids) for i, lp in produced.top_tokens
-        ]
+        prefill = prefill_top = None
+        if handle.num_events == 0 and handle.prompt_logprobs is not None:  # the prompt is computed in full now
+            prefill, prefill_top = self._prefill(handle)
+        handle.num_events += 1
+        top = [self._token(i, lp) for i, lp in produced.top_tokens]
         token = Token(token_id, out.text, produced.logprob, out.special)
-        handle.events.put_nowait(TokenEvent(token, top, out.finish_reason, out.generated_text, prefill))
+        handle.events.put_nowait(
+            TokenEvent(
+                token,
+                top,
+                out.finish_reason,
+                out.generated_text,
+                prefill,
+                prefill_top if request.prompt_top_n else None,
+            )
+        )
 
     async def _reset_shards(self) -> bool:
         """ClearCache on every shard, within the step timeout. Until one succeeds the engine is

@@ -43,6 +43,9 @@ class SamplingParams:
     watermark: bool = False
     top_n_tokens: int = 0
     raw_logprobs: bool = False  # logprobs under the model's distribution (OpenAI) or the processed one (TGI)
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far (OpenAI's)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,9 @@ class GenerationRequest:
     min_new_tokens: int = 0  # EOS is ignored until this many tokens were generated
     prompt_logprobs: bool = False  # the logprob of every prompt token (TGI's decoder_input_details)
     report_seed: bool = False  # the seed was given or drawn for sampling: events carry it
+    prompt_top_n: int = 0  # with prompt_logprobs: also the most likely tokens at each prompt position
+    grammar: str = ""  # an llguidance grammar the output must follow (validated); "": unconstrained
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's: these end the request (after min_new_tokens), kept
 
 
 @dataclass(slots=True)
@@ -69,6 +75,9 @@ class Request:
     ignore_eos: bool = False
     min_new_tokens: int = 0  # EOS is ignored until this many tokens were generated
     needs_prompt_logprobs: bool = False  # computed in full (no prefix-cache hit) so every position has logits
+    prompt_top_n: int = 0
+    grammar: str = ""
+    stop_token_ids: frozenset[int] = frozenset()
     arrival_s: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

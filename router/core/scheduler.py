@@ -173,11 +173,14 @@ class Scheduler:
         self._forget = []
         return plan
 
-    def update(self, plan: StepPlan, token_ids: dict[int, int]) -> list[Request]:
+    def update(
+        self, plan: StepPlan, token_ids: dict[int, int], grammar_completed: frozenset[int] = frozenset()
+    ) -> list[Request]:
         """Apply a step's results; returns the requests that received a token, in plan order.
 
-        A request is finished by length first, then by EOS (TGI's order); finished requests
-        release their blocks.
+        A request is finished by length first (TGI's order), then by EOS or one of its stop
+        tokens, then by its grammar completing with this token (`grammar_completed`: request
+        ids); finished requests release their blocks.
         """
         produced = []
         for s in plan.scheduled:
@@ -190,13 +193,14 @@ class Scheduler:
             request.num_pending_outputs -= 1
             request.output_ids.append(token_id)
             produced.append(request)
+            may_stop = len(request.output_ids) >= request.min_new_tokens
             if len(request.output_ids) >= request.max_new_tokens:
                 self.finish(request, RequestStatus.FINISHED_LENGTH)
-            elif (
-                token_id in request.eos_token_ids
-                and not request.ignore_eos
-                and len(request.output_ids) >= request.min_new_tokens
-            ):
+            elif may_stop and token_id in request.eos_token_ids and not request.ignore_eos:
+                self.finish(request, RequestStatus.FINISHED_EOS)
+            elif may_stop and token_id in request.stop_token_ids:
+                self.finish(request, RequestStatus.FINISHED_STOP_SEQUENCE)
+            elif request.req_id in grammar_completed:
                 self.finish(request, RequestStatus.FINISHED_EOS)
         return produced
 

@@ -35,6 +35,14 @@ class TokenResult:
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]]
+    grammar_completed: bool = False  # the request's grammar accepts nothing more
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    first_position: int
+    logprobs: list[float]  # of the prompt tokens from first_position on
+    top_tokens: list[list[tuple[int, float]]]  # by position, with prompt_top_n: (token id, logprob), best first
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +50,7 @@ class StepResult:
     tokens: dict[int, TokenResult]  # req_id -> the token it produced
     forward_ns: int
     sample_ns: int
-    prompt_logprobs: dict[int, tuple[int, list[float]]]  # req_id -> (first position, logprobs)
+    prompt_logprobs: dict[int, PromptLogprobs]  # req_id -> the prompt logprobs computed in the step
 
 
 def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> pb.StepRequest:
@@ -60,6 +68,8 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                     num_scheduled_tokens=s.num_scheduled_tokens,
                     block_ids=s.new_block_ids,
                     prompt_logprobs=r.needs_prompt_logprobs,
+                    prompt_top_n=r.prompt_top_n,
+                    grammar=r.grammar,
                     sampling=pb.SamplingParams(
                         do_sample=p.do_sample,
                         temperature=p.temperature,
@@ -72,6 +82,9 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                         watermark=p.watermark,
                         top_n_tokens=p.top_n_tokens,
                         raw_logprobs=p.raw_logprobs,
+                        presence_penalty=p.presence_penalty,
+                        min_p=p.min_p,
+                        logit_bias=dict(p.logit_bias),
                     ),
                 )
             )
@@ -87,12 +100,21 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
 def result_from_pb(resp: pb.StepResponse) -> StepResult:
     return StepResult(
         tokens={
-            o.req_id: TokenResult(o.token_id, o.logprob, [(t.token_id, t.logprob) for t in o.top_tokens])
+            o.req_id: TokenResult(
+                o.token_id, o.logprob, [(t.token_id, t.logprob) for t in o.top_tokens], o.grammar_completed
+            )
             for o in resp.outputs
         },
         forward_ns=resp.forward_ns,
         sample_ns=resp.sample_ns,
-        prompt_logprobs={p.req_id: (p.first_position, list(p.logprobs)) for p in resp.prompt_logprobs},
+        prompt_logprobs={
+            p.req_id: PromptLogprobs(
+                p.first_position,
+                list(p.logprobs),
+                [[(t.token_id, t.logprob) for t in top.top_tokens] for top in p.top_tokens],
+            )
+            for p in resp.prompt_logprobs
+        },
     )
 
 

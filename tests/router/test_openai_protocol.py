@@ -31,8 +31,13 @@ def _completion(**fields) -> dict:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"presence_penalty": 0.5}, "`presence_penalty` is not supported (only 0): use `frequency_penalty`"),
-        ({"logit_bias": {"1": 2}}, "`logit_bias` is not supported"),
+        ({"presence_penalty": 2.5}, "`presence_penalty` must be >= -2.0 and <= 2.0"),
+        ({"logit_bias": {"1": 200}}, "`logit_bias` must be <= 100.0. Given: 200"),
+        ({"logit_bias": {"x": 1}}, "`logit_bias` keys must be token ids in [0, 256). Given: 'x'"),
+        ({"logit_bias": {"256": 1}}, "`logit_bias` keys must be token ids in [0, 256). Given: '256'"),
+        ({"min_p": 1.5}, "`min_p` must be <= 1.0. Given: 1.5"),
+        ({"stop_token_ids": [256]}, "`stop_token_ids` must be token ids in [0, 256)"),
+        ({"stop_token_ids": [-1]}, "`stop_token_ids[0]` must be >= 0. Given: -1"),
         ({"best_of": 2}, "`best_of` != 1 is not supported"),
         ({"n": 0}, "`n` must be >= 1. Given: 0"),
         ({"seed": -1}, "`seed` must be an unsigned 64-bit integer"),
@@ -74,9 +79,26 @@ def test_refusals_of_the_shared_fields(route, fields, message):
         (_chat(logprobs=True, top_logprobs=6), "validation", "`top_logprobs` must be >= 0 and <= 5. Given: 6"),
         (_chat(top_logprobs=2), "validation", "`top_logprobs` needs `logprobs` set to true"),
         (
-            _chat(response_format={"type": "json_object"}),
+            _chat(response_format={"type": "xml"}),
             "validation",
-            "`response_format` 'json_object' is not supported: constrained generation is not",
+            "`type` must be 'text', 'json_object', 'json_schema', 'json' or 'regex'. Given: xml",
+        ),
+        (
+            _chat(response_format={"type": "json_schema"}),
+            "validation",
+            "`response_format` of type `json_schema` needs `json_schema`",
+        ),
+        (
+            _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
+            "validation",
+            "invalid JSON schema: Invalid type: foo",
+        ),
+        (
+            _chat(response_format={"type": "regex", "value": "a("}),
+            "validation",
+            "invalid regex: at 1(8): invalid regex "
+            '"a(" (in regex): regex parse error:\n    a(\n     ^\nerror: unclosed group\n'
+            "   1 | start: /a(/\n              ^",
         ),
         (_chat(tool_choice="required"), "tool_error", 'Tool error: only `tool_choice` "auto" and "none" are supported'),
         (
@@ -119,11 +141,6 @@ PROMPT_SHAPES = "`prompt` must be a string, an array of strings, of token ids, o
             _completion(suffix="!"),
             "suffix not supported",
             "Suffix is not supported and can be achieved by preprocessing the prompt.",
-        ),
-        (
-            _completion(echo=True, logprobs=1),
-            "validation",
-            "`echo` with `logprobs` is not supported: prompt logprobs are not computed",
         ),
         (_completion(logprobs=6), "validation", "`logprobs` must be >= 0 and <= 5. Given: 6"),
         (_completion(echo="yes"), "validation", "`echo` must be of type bool"),
@@ -191,3 +208,34 @@ def test_completion_prompts_as_text_and_token_ids():
     assert plan.prompts[0].max_new_tokens == 16 and plan.stop == ["x"]
     (valid,) = parse_completion({"prompt": [1, 2, 3], "logprobs": 0}, TOKENIZER, LIMITS).prompts
     assert valid.input_ids == [1, 2, 3] and valid.sampling.top_n_tokens == 0
+
+
+def test_response_formats_become_grammars():
+    def grammar(response_format):
+        return parse_chat(_chat(response_format=response_format), TOKENIZER, LIMITS).prompts[0].grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert grammar({"type": "text"}) == ""
+    assert '"json_schema": {"type":"object"}' in grammar({"type": "json_object"})
+    named = grammar({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}})
+    assert '"required":["a"]' in named
+    assert grammar({"type": "json", "value": schema}) == named  # TGI's shape
+    assert "regex" in grammar({"type": "regex", "value": "[0-9]+"})
+
+
+def test_openai_extensions_reach_the_request():
+    body = _chat(presence_penalty=1.5, logit_bias={"7": -100, "9": 2.5}, min_p=0.1, stop_token_ids=[3, 4], min_tokens=1)
+    (valid,) = parse_chat(body, TOKENIZER, LIMITS).prompts
+    s = valid.sampling
+    assert (s.presence_penalty, s.min_p, s.logit_bias) == (1.5, 0.1, ((7, -100.0), (9, 2.5)))
+    assert valid.stop_token_ids == {3, 4} and valid.min_new_tokens == 1
+    assert valid.generation().stop_token_ids == {3, 4}
+
+
+def test_echo_with_logprobs_asks_for_the_prompt_logprobs():
+    plan = parse_completion(_completion(echo=True, logprobs=3, max_tokens=1), TOKENIZER, LIMITS)
+    (valid,) = plan.prompts
+    request = valid.generation()
+    assert request.prompt_logprobs and request.prompt_top_n == 3 and plan.echo and plan.logprobs
+    (valid,) = parse_completion(_completion(logprobs=3), TOKENIZER, LIMITS).prompts
+    assert not valid.generation().prompt_logprobs

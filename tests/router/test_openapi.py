@@ -2,6 +2,7 @@
 what the code sends (serialized, with its omitted and null fields) fitting the response schemas."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -154,10 +155,13 @@ def _token(i: int, logprob: float = -0.5, special: bool = False) -> Token:
 
 
 def _events() -> list[TokenEvent]:
-    """Two tokens with alternatives, then EOS (special, with a non-finite logprob) and the prompt's logprobs."""
-    events = [TokenEvent(_token(i), [_token(i), _token(9, float("-inf"))]) for i in (65, 66)]
+    """Two tokens with alternatives (the first with the prompt's logprobs), then EOS (special, with a
+    non-finite logprob)."""
     prefill = [_token(1, float("nan"), special=True), _token(72, -3.5)]
-    return [*events, TokenEvent(_token(2, float("-inf"), special=True), [], "eos_token", "t65t66", prefill)]
+    prefill_top = [[], [_token(72, -3.5), _token(9, -4.0)]]
+    events = [TokenEvent(_token(i), [_token(i), _token(9, float("-inf"))]) for i in (65, 66)]
+    events[0] = dataclasses.replace(events[0], prefill=prefill, prefill_top_tokens=prefill_top)
+    return [*events, TokenEvent(_token(2, float("-inf"), special=True), [], "eos_token", "t65t66")]
 
 
 def _sent(body) -> object:
@@ -203,7 +207,7 @@ def test_openai_stream_events_match_their_schemas():
         (_ChatChunks(chat, oai.envelope("chat", "test-model")), "ChatCompletionStreamEvent"),
         (_CompletionChunks(completion, oai.envelope("text_completion", "test-model")), "CompletionStreamEvent"),
     ):
-        events = [*chunks.opening(), *(chunks.token(i % 2, e) for i, e in enumerate(_events()))]
+        events = [*chunks.opening(), *(c for i, e in enumerate(_events()) for c in chunks.token(i % 2, e))]
         sent = [_sent(e) for e in events]
         sent += [json.loads(e.model_dump_json(exclude={"usage"})) for e in events]  # without include_usage
         sent.append(_sent(chunks.model(**chunks.env, choices=[], usage=oai.Usage.of(chunks.plan, 3))))

@@ -180,6 +180,28 @@ def test_min_new_tokens_defers_eos():
     assert r.status == RequestStatus.FINISHED_EOS and len(r.output_ids) == 3
 
 
+def test_stop_token_ids_finish_after_min_new_tokens_even_when_eos_is_ignored():
+    s = make_scheduler()
+    r = make_request(0, 3, max_new_tokens=10)
+    r.stop_token_ids, r.ignore_eos, r.min_new_tokens = frozenset({9}), True, 2
+    s.add(r)
+    run_step(s, token=9)
+    assert r.status == RequestStatus.RUNNING
+    run_step(s, token=9)
+    assert r.status == RequestStatus.FINISHED_STOP_SEQUENCE and r.output_ids == [9, 9]
+
+
+def test_a_completed_grammar_finishes_its_request_only():
+    s = make_scheduler()
+    done, other = make_request(0, 3, max_new_tokens=10), make_request(1, 3, max_new_tokens=10)
+    s.add(done)
+    s.add(other)
+    plan = s.schedule()
+    s.update(plan, {0: 7, 1: 7}, grammar_completed=frozenset({0}))
+    assert done.status == RequestStatus.FINISHED_EOS and done.output_ids == [7]
+    assert other.status == RequestStatus.RUNNING and s.kv_cache_manager.block_ids(done) == []
+
+
 def run_to_completion(s):
     while s.has_work:
         run_step(s)

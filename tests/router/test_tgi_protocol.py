@@ -62,7 +62,20 @@ def _params(**parameters) -> dict:
         (_params(truncate=1001), "`truncate` must be strictly positive and less than 1000. Given: 1001"),
         (_params(seed=-1), "`seed` must be an unsigned 64-bit integer"),
         (_params(seed=2**64), "`seed` must be an unsigned 64-bit integer"),
-        (_params(grammar={"type": "regex", "value": "a+"}), "grammar is not supported"),
+        (_params(grammar={"type": "json", "value": {"type": "foo"}}), "invalid JSON schema: Invalid type: foo"),
+        (
+            _params(grammar={"type": "json", "value": "{x"}),
+            "the JSON schema is not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (_params(grammar={"type": "regex", "value": 5}), "`value` must be a JSON schema, its JSON text, or a regex"),
+        (
+            _params(grammar={"type": "json_schema", "value": {"type": "object"}}),
+            'a `json_schema` grammar takes `{"name": ..., "schema": ...}` as `value`',
+        ),
+        (
+            _params(grammar={"type": "xml", "value": "<a/>"}),
+            "`type` must be 'json', 'json_object', 'json_schema' or 'regex'. Given: xml",
+        ),
         (_params(adapter_id="my-lora"), "adapter `my-lora` is not loaded: this server serves no LoRA adapters"),
         ({"inputs": "x" * 128_001}, "`inputs` must have less than 1000 tokens. Given: more than that"),
         ({"inputs": "x" * 1001}, "`inputs` must have less than 1000 tokens. Given: 1001"),
@@ -162,3 +175,21 @@ def test_every_parameter_reaches_the_request():
 def test_sampling_without_a_seed_draws_one():
     seeds = {validate(_params(do_sample=True), TOKENIZER, LIMITS, stream=False).sampling.seed for _ in range(4)}
     assert len(seeds) == 4
+
+
+@pytest.mark.parametrize(
+    ("grammar", "expected"),
+    [
+        ({"type": "json", "value": {"type": "integer"}}, '"json_schema": {"type":"integer"}'),
+        ({"type": "json", "value": '{"type": "integer"}'}, '"json_schema": {"type":"integer"}'),
+        ({"type": "json_object", "value": {"type": "integer"}}, '"json_schema": {"type":"integer"}'),
+        (
+            {"type": "json_schema", "value": {"name": "n", "schema": {"type": "integer"}}},
+            '"json_schema": {"type":"integer"}',
+        ),
+        ({"type": "regex", "value": "[0-9]{3}"}, "[0-9]{3}"),
+    ],
+)
+def test_grammars_reach_the_request(grammar, expected):
+    valid = validate(_params(grammar=grammar), TOKENIZER, LIMITS, stream=False)
+    assert expected in valid.grammar and valid.generation().grammar == valid.grammar

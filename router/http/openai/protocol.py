@@ -5,9 +5,8 @@ Each request is checked by its model, then translated into TGI `parameters` and 
 as TGI's, so TGI's rules, limits and messages apply (422 "Input validation error: ..."). Choices made where
 OpenAI and TGI disagree, or where TGI has a wart:
 
-- `presence_penalty`: only 0 is accepted; any other value is refused with a 422. TGI maps it to
-  `repetition_penalty = presence_penalty + 2.0`, a different (multiplicative) penalty that even
-  penalizes at presence_penalty 0; an honest presence penalty needs the sampler's support.
+- `presence_penalty` is OpenAI's (subtracted once from every generated token's logit), not TGI's
+  mapping to `repetition_penalty = presence_penalty + 2.0`, which penalizes even at 0.
 - `top_p` >= 1 means "no nucleus filtering" (OpenAI's default is 1.0, which TGI refuses).
 - `temperature` 0 means greedy (and then `top_p` is ignored); absent means sampling at 1.0,
   OpenAI's default.
@@ -22,10 +21,10 @@ OpenAI and TGI disagree, or where TGI has a wart:
 - `logprobs` are under the model's own distribution (before penalties, temperature and
   top-k/top-p), as OpenAI and vLLM report them; TGI's routes report the processed distribution
   the token was drawn from, as TGI does (so with top_k=1 every TGI logprob is 0).
-- `logprobs` list the tokens that make up the text: special tokens (EOS) are left out, as
-  OpenAI never shows its end token; non-finite logprobs are reported as -9999.0. `top_logprobs`
-  / completions' `logprobs` are limited to `--max-top-n-tokens`. Completions' `echo` with
-  `logprobs` is refused: it needs prompt logprobs, which are not computed.
+- Chat `logprobs` list the tokens that make up the text: special tokens (EOS) are left out, as
+  OpenAI never shows its end token; completions' list every token, as vLLM's do, and with `echo`
+  the prompt's first (what lm-eval's loglikelihood reads). Non-finite logprobs are reported as
+  -9999.0. `top_logprobs` / completions' `logprobs` are limited to `--max-top-n-tokens`.
 - `tools` are passed to the chat template only when the template uses them (otherwise 422
   `tool_error`); the output is not parsed into `tool_calls`. `tool_choice` may be "auto" or
   "none". `response_format` other than "text", a non-empty `logit_bias`, `best_of` != 1 and
@@ -42,7 +41,8 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, RootModel, ValidationInfo, field_validator, model_validator
 
-from router.core.engine import TokenEvent
+from router.core.engine import Token, TokenEvent
+from router.http import grammar
 from router.http.errors import OpenAIError, ValidationError
 from router.http.openai.chat_template import render_chat, template_uses
 from router.http.protocol import Refusal, RequestBody, ResponseBody, parse
@@ -50,6 +50,8 @@ from router.http.tgi.protocol import U64, RequestContext, ValidRequest, validate
 from router.limits import ValidationLimits
 from router.tokenizer import Tokenizer
 from router.version import VERSION
+
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class StreamOptions(RequestBody):
@@ -71,11 +73,15 @@ class Sampling(RequestBody):
     ) = None
     """As TGI's."""
     presence_penalty: (
-        Annotated[Literal[0], Refusal("`presence_penalty` is not supported (only 0): use `frequency_penalty`")] | None
+        Annotated[float, Field(ge=-2, le=2), Refusal("`presence_penalty` must be >= -2.0 and <= 2.0")] | None
     ) = None
-    """Only 0: use `frequency_penalty`."""
-    logit_bias: Annotated[dict[str, float], Field(max_length=0), Refusal("`logit_bias` is not supported")] | None = None
-    """Only empty."""
+    """Subtracted once from the logit of every token already generated."""
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    """Token id (as a string) -> a bias in [-100, 100] added to its logit."""
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    """vLLM's: drop tokens less likely than `min_p` times the most likely one."""
+    stop_token_ids: list[TokenId] | None = None
+    """vLLM's: token ids that end the generation (after `min_tokens`); they are kept in the output."""
     best_of: Annotated[Literal[1], Refusal("`best_of` != 1 is not supported")] | None = None
     """Only 1."""
     n: Annotated[int, Field(ge=1), Refusal("`n` must be >= 1. Given: {value}")] | None = None
@@ -101,8 +107,8 @@ class Sampling(RequestBody):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return [s for s in stop if s]
 
-    def tgi_parameters(self, max_new_tokens: int | None, top_n_tokens: int) -> dict:
-        """These fields as TGI `parameters`."""
+    def tgi_parameters(self, max_new_tokens: int | None, top_n_tokens: int, grammar: dict | None = None) -> dict:
+        """These fields as TGI `parameters` (those TGI lacks are applied by `with_extensions`)."""
         params = {
             "details": True,
             "max_new_tokens": max_new_tokens,
@@ -110,6 +116,7 @@ class Sampling(RequestBody):
             "seed": self.seed,
             "frequency_penalty": self.frequency_penalty,
             "stop": self.stop_sequences,
+            "grammar": grammar,
         }
         if self.temperature == 0:
             return {**params, "do_sample": False}
@@ -141,10 +148,40 @@ class ChatMessage(RequestBody):
         return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
 
 
+class JsonSchemaFormat(RequestBody):
+    name: str
+    description: str | None = None
+    schema_: Annotated[dict | None, Field(alias="schema")] = None
+    """The schema the output follows (absent: any JSON object)."""
+    strict: bool | None = None
+    """Always enforced: the output is constrained to the schema either way."""
+
+
 class ResponseFormat(RequestBody):
-    type: Annotated[
-        Literal["text"], Refusal("`response_format` {value!r} is not supported: constrained generation is not")
-    ] = "text"
+    """`text`; `json_object` (any JSON object); `json_schema` (JSON valid under `json_schema.schema`). TGI's
+    `{"type": "json", "value": schema}` and `{"type": "regex", "value": ...}` are accepted too."""
+
+    type: Literal["text", "json_object", "json_schema", "json", "regex"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+    value: dict | bool | str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`response_format` of type `json_schema` needs `json_schema`")
+        if self.type in ("json", "regex") and self.value is None:
+            raise ValueError(f"`response_format` of type `{self.type}` needs `value`")
+        return self
+
+    def tgi_grammar(self) -> dict | None:
+        """This format as TGI's `grammar`."""
+        if self.type == "json_schema":
+            return {"type": "json", "value": self.json_schema.schema_ or grammar.JSON_OBJECT_SCHEMA}
+        if self.type == "json_object":
+            return {"type": "json", "value": grammar.JSON_OBJECT_SCHEMA}
+        if self.type in ("json", "regex"):
+            return {"type": self.type, "value": self.value}
+        return None
 
 
 class Tool(RequestBody):
@@ -195,7 +232,6 @@ class ChatRequest(Sampling):
         return self
 
 
-TokenId = Annotated[int, Field(ge=0)]
 PROMPT_SHAPES = "`prompt` must be a string, an array of strings, of token ids, or of arrays of token ids"
 LOGPROBS_RANGE = "`logprobs` must be >= 0 and <= {context.limits.max_top_n_tokens}. Given: {value}"
 
@@ -210,7 +246,7 @@ class CompletionRequest(Sampling):
     logprobs: Annotated[int, Field(ge=0), Refusal(LOGPROBS_RANGE)] | None = None
     """Return logprobs, and this many alternatives (at most `max_top_n_tokens`)."""
     echo: bool | None = None
-    """Put the prompt before the text (not with `logprobs`)."""
+    """Put the prompt before the text (with `logprobs`, the prompt tokens' too)."""
     suffix: str | None = None
     """Not supported: 422 unless null."""
 
@@ -219,8 +255,6 @@ class CompletionRequest(Sampling):
         context: RequestContext = info.context
         if (self.logprobs or 0) > context.limits.max_top_n_tokens:
             raise ValueError(LOGPROBS_RANGE.format(context=context, value=self.logprobs))
-        if self.echo and self.logprobs is not None:
-            raise ValueError("`echo` with `logprobs` is not supported: prompt logprobs are not computed")
         return self
 
 
@@ -254,17 +288,38 @@ def _choice(valid: ValidRequest, j: int) -> ValidRequest:
     return replace(valid, sampling=replace(valid.sampling, seed=seed, raw_logprobs=True))
 
 
-def _limited(valid: ValidRequest, request: Sampling) -> ValidRequest:
-    """Apply `ignore_eos` and `min_tokens`, which TGI does not know."""
+def _with_extensions(valid: ValidRequest, request: Sampling, vocab_size: int) -> ValidRequest:
+    """Apply what TGI's parameters lack: OpenAI's `presence_penalty` and `logit_bias`, vLLM's `min_p`,
+    `stop_token_ids`, `ignore_eos` and `min_tokens`."""
     min_tokens = request.min_tokens or 0
     if min_tokens > valid.max_new_tokens:
         limit = valid.max_new_tokens
         raise ValidationError(f"`min_tokens` must be >= 0 and <= `max_tokens` ({limit}). Given: {min_tokens}")
-    return replace(valid, ignore_eos=bool(request.ignore_eos), min_new_tokens=min_tokens)
+    logit_bias = []
+    for key, bias in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise ValidationError(f"`logit_bias` keys must be token ids in [0, {vocab_size}). Given: {key!r}")
+        logit_bias.append((int(key), bias))
+    stop_token_ids = frozenset(request.stop_token_ids or ())
+    if any(i >= vocab_size for i in stop_token_ids):
+        raise ValidationError(f"`stop_token_ids` must be token ids in [0, {vocab_size})")
+    sampling = replace(
+        valid.sampling,
+        presence_penalty=request.presence_penalty or 0.0,
+        min_p=request.min_p or 0.0,
+        logit_bias=tuple(logit_bias),
+    )
+    return replace(
+        valid,
+        sampling=sampling,
+        ignore_eos=bool(request.ignore_eos),
+        min_new_tokens=min_tokens,
+        stop_token_ids=stop_token_ids,
+    )
 
 
-def _plan(request: Sampling, prompts: list[ValidRequest], logprobs: bool, echo: bool) -> Plan:
-    prompts = [_limited(p, request) for p in prompts]
+def _plan(request: Sampling, prompts: list[ValidRequest], vocab_size: int, logprobs: bool, echo: bool) -> Plan:
+    prompts = [_with_extensions(p, request, vocab_size) for p in prompts]
     return Plan(
         request.model, prompts, request.n or 1, bool(request.stream), request.include_usage, logprobs, echo,
         request.stop_sequences,
@@ -275,12 +330,14 @@ def parse_chat(body: object, tokenizer: Tokenizer, limits: ValidationLimits) -> 
     """A /v1/chat/completions body -> a Plan (renders the chat template and tokenizes)."""
     request = parse(ChatRequest, body, RequestContext(limits, stream=False))
     tools = _tools(request, tokenizer.chat_template)
-    params = request.tgi_parameters(request.max_completion_tokens or request.max_tokens, request.top_logprobs or 0)
+    response_format = request.response_format.tgi_grammar() if request.response_format else None
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    params = request.tgi_parameters(max_tokens, request.top_logprobs or 0, response_format)
     messages = [m.for_template() for m in request.messages]
     prompt = render_chat(tokenizer.chat_template, tokenizer.config, messages, tools)  # raises ChatTemplateError
     body = {"inputs": prompt, "parameters": params}
     valid = validate(body, tokenizer, limits, stream=bool(request.stream), add_special_tokens=False)
-    return _plan(request, [valid], bool(request.logprobs), echo=False)
+    return _plan(request, [valid], tokenizer.vocab_size, bool(request.logprobs), echo=False)
 
 
 def _tools(request: ChatRequest, template: str | None) -> list[dict] | None:
@@ -330,7 +387,9 @@ def parse_completion(body: object, tokenizer: Tokenizer, limits: ValidationLimit
         validate({"inputs": text, "parameters": params}, tokenizer, limits, stream=stream, input_ids=ids)
         for text, ids in prompts
     ]
-    return _plan(request, valids, request.logprobs is not None, bool(request.echo))
+    if request.echo and request.logprobs is not None:  # the prompt's logprobs too
+        valids = [replace(v, decoder_input_details=True, prompt_top_n=request.logprobs) for v in valids]
+    return _plan(request, valids, tokenizer.vocab_size, request.logprobs is not None, bool(request.echo))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,28 +500,43 @@ class ChatLogprobs(ResponseBody):
 
 
 class CompletionLogprobs(ResponseBody):
-    """Special tokens are left out."""
+    """Every token: with `echo`, the prompt's first (the first of which has no logprob), then the
+    generated ones, special tokens included (whose literal is not in the text)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    """Token text -> logprob."""
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    """Token text -> logprob, the token's own included."""
     text_offset: list[Annotated[int, Field(ge=0)]]
+
+    def add(self, token: Token, top_tokens: list[Token] | None, offset: int) -> int:
+        """Append `token` (whose text starts at `offset`) and return the offset after it."""
+        logprob = None if math.isnan(token.logprob) else _logprob(token.logprob)
+        self.tokens.append(token.text)
+        self.token_logprobs.append(logprob)
+        top = None if top_tokens is None else {t.text: _logprob(t.logprob) for t in top_tokens}
+        self.top_logprobs.append(None if logprob is None or top is None else {**top, token.text: logprob})
+        self.text_offset.append(offset)
+        return offset + (0 if token.special else len(token.text))
 
     @classmethod
     def of(cls, events: list[TokenEvent], offset: int) -> "CompletionLogprobs":
-        """`offset` is where the first token's text starts in the returned text."""
+        """The generated tokens' logprobs; `offset` is where the first one's text starts in the returned text."""
         out = cls(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for e in events:
-            if e.token.special:
-                continue
-            top = {t.text: _logprob(t.logprob) for t in e.top_tokens}
-            out.tokens.append(e.token.text)
-            out.token_logprobs.append(_logprob(e.token.logprob))
-            out.top_logprobs.append({**top, e.token.text: _logprob(e.token.logprob)})
-            out.text_offset.append(offset)
-            offset += len(e.token.text)
+            offset = out.add(e.token, e.top_tokens, offset)
         return out
+
+    @classmethod
+    def of_prompt(cls, first: TokenEvent) -> "CompletionLogprobs":
+        """The prompt tokens' logprobs, from a choice's first event."""
+        out, offset = cls(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[]), 0
+        for token, top in zip(first.prefill or [], first.prefill_top_tokens or [None] * len(first.prefill or [])):
+            offset = out.add(token, top, offset)
+        return out
+
+    def __add__(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        return CompletionLogprobs(**{k: getattr(self, k) + getattr(other, k) for k in type(self).model_fields})
 
 
 class _Envelope(ResponseBody):
@@ -565,11 +639,16 @@ class Completion(_Envelope):
         choices = []
         for i, events in enumerate(results):
             prefix = echoed(plan, i)
+            logprobs = None
+            if plan.logprobs:
+                logprobs = CompletionLogprobs.of(events, len(prefix))
+                if plan.echo:
+                    logprobs = CompletionLogprobs.of_prompt(events[0]) + logprobs
             choices.append(
                 CompletionChoice(
                     index=i,
                     text=prefix + cut_at_stop(events[-1].generated_text, plan.stop),
-                    logprobs=CompletionLogprobs.of(events, len(prefix)) if plan.logprobs else None,
+                    logprobs=logprobs,
                     finish_reason=finish_reason(events[-1].finish_reason),
                 )
             )

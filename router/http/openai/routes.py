@@ -166,22 +166,25 @@ class _ChatChunks:
             for i in range(self.plan.num_choices)
         ]  # fmt: skip
 
-    def token(self, index: int, event: TokenEvent) -> ChatCompletionChunk:
-        return self._chunk(
-            ChatChunkChoice(
-                index=index,
-                delta=ChatDelta(content=self.texts[index].add(event)),
-                logprobs=ChatLogprobs.of([event]) if self.plan.logprobs else None,
-                finish_reason=finish_reason(event.finish_reason),
+    def token(self, index: int, event: TokenEvent) -> list[ChatCompletionChunk]:
+        return [
+            self._chunk(
+                ChatChunkChoice(
+                    index=index,
+                    delta=ChatDelta(content=self.texts[index].add(event)),
+                    logprobs=ChatLogprobs.of([event]) if self.plan.logprobs else None,
+                    finish_reason=finish_reason(event.finish_reason),
+                )
             )
-        )
+        ]
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.env, choices=[choice])
 
 
 class _CompletionChunks:
-    """Completion chunks: the echoed prompt per choice first (with `echo`), then one per token."""
+    """Completion chunks: with `echo`, the prompt per choice first (with `logprobs`, once its first
+    event brings the prompt's logprobs), then one per token."""
 
     model = CompletionChunk
 
@@ -189,23 +192,26 @@ class _CompletionChunks:
         self.plan, self.env = plan, env
         self.texts = [ChoiceText(plan.stop) for _ in range(plan.num_choices)]
         self.offsets = [len(echoed(plan, i)) for i in range(plan.num_choices)]
+        self.echo_waits_for_logprobs = plan.echo and plan.logprobs
 
     def opening(self) -> list[CompletionChunk]:
-        if not self.plan.echo:
+        if not self.plan.echo or self.echo_waits_for_logprobs:
             return []
-        return [
-            self._chunk(CompletionChunkChoice(index=i, text=echoed(self.plan, i), logprobs=None, finish_reason=None))
-            for i in range(self.plan.num_choices)
-        ]
+        return [self._echo(i, None) for i in range(self.plan.num_choices)]
 
-    def token(self, index: int, event: TokenEvent) -> CompletionChunk:
+    def token(self, index: int, event: TokenEvent) -> list[CompletionChunk]:
+        chunks = [self._echo(index, CompletionLogprobs.of_prompt(event))] if event.prefill is not None else []
         logprobs = CompletionLogprobs.of([event], self.offsets[index]) if self.plan.logprobs else None
         self.offsets[index] += 0 if event.token.special else len(event.token.text)
         text = self.texts[index].add(event)
         choice = CompletionChunkChoice(
             index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(event.finish_reason)
         )
-        return self._chunk(choice)
+        return chunks + [self._chunk(choice)]
+
+    def _echo(self, index: int, logprobs: CompletionLogprobs | None) -> CompletionChunk:
+        text = echoed(self.plan, index)
+        return self._chunk(CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=None))
 
     def _chunk(self, choice: CompletionChunkChoice) -> CompletionChunk:
         return CompletionChunk(**self.env, choices=[choice])
@@ -230,7 +236,8 @@ async def _stream(request: web.Request, plan: Plan, chunks, start_s: float) -> w
         async with contextlib.aclosing(_events(request.app[STATE].engine, plan.choices(), start_s)) as events:
             async for index, event in events:
                 num_generated += 1
-                await response.write(_event(dump(chunks.token(index, event), exclude)))
+                for chunk in chunks.token(index, event):
+                    await response.write(_event(dump(chunk, exclude)))
         if plan.include_usage:
             last = chunks.model(**chunks.env, choices=[], usage=Usage.of(plan, num_generated))
             await response.write(_event(dump(last)))

@@ -11,11 +11,12 @@ import random
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, RootModel, ValidationInfo, model_validator
+from pydantic import Field, PrivateAttr, RootModel, ValidationInfo, model_validator
 
 from router.core.engine import Token as EngineToken
 from router.core.engine import TokenEvent
 from router.core.request import GenerationRequest, SamplingParams
+from router.http import grammar
 from router.http.errors import ValidationError
 from router.http.protocol import ErrorResponse, Refusal, RequestBody, ResponseBody, parse
 from router.limits import ValidationLimits
@@ -43,6 +44,35 @@ def _open_unit(name: str) -> Refusal:
 BEST_OF_RANGE = "`best_of` must be > 0 and <= {context.limits.max_best_of}. Given: {value}"
 TRUNCATE_RANGE = "`truncate` must be strictly positive and less than {context.limits.max_input_tokens}. Given: {value}"
 TOP_N_RANGE = "`top_n_tokens` must be >= 0 and <= {context.limits.max_top_n_tokens}. Given: {value}"
+
+
+class Grammar(RequestBody):
+    """TGI's `grammar`: the output must be JSON valid under a schema (`json`, also `json_object`;
+    `json_schema` takes `{"name", "schema"}`), or full-match a regex (`regex`)."""
+
+    type: Literal["json", "json_object", "json_schema", "regex"]
+    value: Annotated[dict | bool | str, Refusal("`value` must be a JSON schema, its JSON text, or a regex", types=True)]
+    """The JSON schema (an object, or its JSON text), `{"name", "schema"}`, or the regex."""
+    _llguidance: str = PrivateAttr("")
+
+    @model_validator(mode="after")
+    def _compiles(self) -> "Grammar":
+        if self.type == "regex":
+            if not isinstance(self.value, str):
+                raise ValueError("a regex `grammar` takes the regex as a string `value`")
+            self._llguidance = grammar.regex(self.value)
+        elif self.type == "json_schema":
+            if not isinstance(self.value, dict) or "schema" not in self.value:
+                raise ValueError('a `json_schema` grammar takes `{"name": ..., "schema": ...}` as `value`')
+            self._llguidance = grammar.json_schema(self.value["schema"])
+        else:
+            self._llguidance = grammar.json_schema(self.value)
+        return self
+
+    @property
+    def llguidance(self) -> str:
+        """The grammar the shards run."""
+        return self._llguidance
 
 
 class GenerateParameters(RequestBody):
@@ -88,8 +118,8 @@ class GenerateParameters(RequestBody):
     """Sampling seed (unset: drawn at random, and echoed in details)."""
     top_n_tokens: Annotated[int, Field(ge=0), Refusal(TOP_N_RANGE)] | None = None
     """Also return the n most likely tokens of each step; at most `max_top_n_tokens`."""
-    grammar: Annotated[None, Refusal("grammar is not supported")] = None
-    """Constrained generation is not supported yet: 422 unless null."""
+    grammar: Grammar | None = None
+    """Constrain the output to a JSON schema or a regex."""
     adapter_id: str | None = None
     """No LoRA adapters are served: 422 unless null."""
 
@@ -174,8 +204,11 @@ class ValidRequest:
     return_full_text: bool
     best_of: int
     is_seeded: bool  # the client gave a seed or sampling drew one: echo it in details
+    grammar: str = ""  # the llguidance grammar the output follows; "": unconstrained
     ignore_eos: bool = False  # vLLM extensions, set by the OpenAI routes
     min_new_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    prompt_top_n: int = 0  # with decoder_input_details: the most likely tokens at each prompt position
 
     def generation(self) -> GenerationRequest:
         """What the engine runs for this request."""
@@ -188,6 +221,9 @@ class ValidRequest:
             self.min_new_tokens,
             self.decoder_input_details,
             self.is_seeded,
+            self.prompt_top_n,
+            self.grammar,
+            self.stop_token_ids,
         )
 
 
@@ -272,6 +308,7 @@ def validate(
         return_full_text=p.return_full_text,
         best_of=p.best_of or 1,
         is_seeded=p.is_sampling,
+        grammar=p.grammar.llguidance if p.grammar is not None else "",
     )
 
 
@@ -343,7 +380,7 @@ class GenerateResponse(ResponseBody):
         last = events[-1]
         if not details:
             return cls(generated_text=prefix + last.generated_text)
-        top_tokens = None
+        prefill, top_tokens = events[0].prefill or [], None  # the prompt's logprobs come with the first token
         if any(e.top_tokens for e in events):
             top_tokens = [[Token.of(t) for t in e.top_tokens] for e in events]
         return cls(
@@ -352,7 +389,7 @@ class GenerateResponse(ResponseBody):
                 finish_reason=last.finish_reason,
                 generated_tokens=len(events),
                 seed=seed,
-                prefill=[PrefillToken(id=t.id, text=t.text, logprob=_finite(t.logprob)) for t in last.prefill or []],
+                prefill=[PrefillToken(id=t.id, text=t.text, logprob=_finite(t.logprob)) for t in prefill],
                 tokens=[Token.of(e.token) for e in events],
                 top_tokens=top_tokens,
             ),
