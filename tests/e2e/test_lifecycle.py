@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from tests.e2e.server import LauncherProcess
+from tests.e2e.server import EAGER, LauncherProcess
 
 
 def _stream(url: str, started: threading.Barrier) -> dict:
@@ -25,7 +25,7 @@ def _stream(url: str, started: threading.Barrier) -> dict:
 
 
 def test_sigterm_lets_active_streams_finish_and_refuses_new_requests(bundled_model_dir):
-    launcher = LauncherProcess(bundled_model_dir, "--graceful-termination-timeout", "60").start()
+    launcher = LauncherProcess(bundled_model_dir, "--graceful-termination-timeout", "60", *EAGER).start()
     try:
         started = threading.Barrier(9)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

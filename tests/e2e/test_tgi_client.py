@@ -8,7 +8,7 @@ import requests
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError, parse_error
 
-from tests.e2e.server import LauncherProcess
+from tests.e2e.server import EAGER, LauncherProcess
 
 
 def test_client_generate_with_details_top_tokens_and_stop(server):
@@ -69,7 +69,7 @@ def test_tokenize_returns_byte_offsets(server):
 def guarded_server(bundled_model_dir):
     """API key (from the environment, as in a pod), one origin allowed, one request at a time."""
     args = ["--cors-allow-origin", "https://app.example", "--max-concurrent-requests", "1"]
-    with LauncherProcess(bundled_model_dir, *args, env={"API_KEY": "s3cret"}) as launcher:
+    with LauncherProcess(bundled_model_dir, *args, *EAGER, env={"API_KEY": "s3cret"}) as launcher:
         yield launcher
 
 

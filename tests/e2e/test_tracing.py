@@ -9,7 +9,7 @@ import pytest
 import requests
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.e2e.server import LauncherProcess, free_port
+from tests.e2e.server import EAGER, LauncherProcess, free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -43,7 +43,7 @@ def collector():
 def test_router_and_shard_spans_share_the_incoming_trace(bundled_model_dir, collector):
     servicer, endpoint = collector
     env = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # export promptly
-    with LauncherProcess(bundled_model_dir, "--otlp-endpoint", endpoint, "--json-output", env=env) as launcher:
+    with LauncherProcess(bundled_model_dir, "--otlp-endpoint", endpoint, "--json-output", *EAGER, env=env) as launcher:
         r = requests.post(
             launcher.url + "/generate",
             json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 3}},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.server import LauncherProcess
+from tests.e2e.server import EAGER, LauncherProcess
 
 FULL = os.environ.get("SLUICE_SOAK", "").lower() == "full"
 
@@ -117,5 +117,5 @@ def stop_process(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def rel_server(bundled_model_dir):
     """One launcher for the hostile-input, soak and security tests."""
-    with LauncherProcess(bundled_model_dir, *LIMIT_ARGS, *SMALL_KV) as launcher:
+    with LauncherProcess(bundled_model_dir, *LIMIT_ARGS, *SMALL_KV, *EAGER) as launcher:
         yield launcher

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from tests.e2e.server import LauncherProcess, free_port
+from tests.e2e.server import EAGER, LauncherProcess, free_port
 from tests.reliability.conftest import SMALL_KV, child_pids, scaled, spawn, stop_process, wait_for, wait_idle
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
@@ -25,7 +25,7 @@ GREEDY = {"inputs": "The capital of France is", "parameters": {"max_new_tokens":
 
 @pytest.fixture(scope="module")
 def fault_server(bundled_model_dir):
-    launcher = LauncherProcess(bundled_model_dir, "--step-timeout", "3", *SMALL_KV).start()
+    launcher = LauncherProcess(bundled_model_dir, "--step-timeout", "3", *SMALL_KV, *EAGER).start()
     yield launcher
     launcher.stop()
 

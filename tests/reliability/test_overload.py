@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import requests
 
-from tests.e2e.server import LauncherProcess
+from tests.e2e.server import EAGER, LauncherProcess
 from tests.reliability.conftest import SMALL_KV, child_pids, rss_mib, scaled, wait_idle
 
 KEY = "k3y-0f-the-reliability-suite"
@@ -26,7 +26,7 @@ RSS_GROWTH_MIB = 50
 @pytest.fixture(scope="module")
 def small_server(bundled_model_dir):
     args = ("--max-concurrent-requests", str(LIMIT), *SMALL_KV)
-    with LauncherProcess(bundled_model_dir, *args, env={"API_KEY": KEY}) as launcher:
+    with LauncherProcess(bundled_model_dir, *args, *EAGER, env={"API_KEY": KEY}) as launcher:
         yield launcher
 
 
