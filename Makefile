@@ -54,8 +54,10 @@ clean:
 # pairing (`auto`: each server's own default; float32) Sluice and vLLM start fresh one after the other, stay
 # resident, and take turns on each load (C=32: S V S V; C=8 and C=1: S V V S, the table showing the mean of
 # each server's two runs), with the memory bandwidth before and after as a drift check; prefix caching off on
-# both; the baselines run once, in float32. About 12 minutes. BENCH_PEERS= (empty) skips vLLM. JSON (every
-# run), plots and server logs land in benchmarks/out/.
+# both; the baselines run once, in float32. The default pairing's Sluice also runs the C=32 load unconstrained
+# and JSON-schema constrained in turns, twice each (benchmarks/constrained.py; `--constrained 0` skips it, about
+# a minute). About 13 minutes. BENCH_PEERS= (empty) skips vLLM. JSON (every run), plots and server logs land in
+# benchmarks/out/.
 .PHONY: bench bench-gpu
 BENCH_PEERS ?= vllm
 $(VENV)/.bench-installed: $(VENV)/.installed
@@ -66,7 +68,7 @@ bench: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --num-requests 64 --prompt-len 32 256 --output-len 128 128 \
 		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 \
 		--baselines pipeline static --peers $(BENCH_PEERS) --dtypes auto float32 \
-		--long-prompt-tokens 2000 --profile 32 --profile-requests 32
+		--long-prompt-tokens 2000 --constrained 2 --profile 32 --profile-requests 32
 
 # The GPU check (benchmarks/gpu_check.py): `make gpu-kit` here gathers what the lent GPU machine lacks into
 # .whl/ (wheels) and .gpukit/ (tokenizer) and generates the protobuf code; there, `make gpu-check` (carrying

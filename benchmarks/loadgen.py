@@ -49,12 +49,16 @@ def request_body(api: str, spec: RequestSpec) -> tuple[str, dict]:
 
 
 def _apply_event(api: str, event: dict, record: RequestRecord, now: float) -> None:
-    """Record one SSE event: a token (its arrival time), the usage, or an error."""
+    """Record one SSE event: a token (its arrival time), the usage, or an error; and the text where the
+    record keeps it (`record.text` not None; OpenAI API only)."""
     if "error" in event:
         record.error = json.dumps(event["error"])
     elif api == "openai":
         if event.get("choices"):
             record.token_s.append(now)
+            if record.text is not None:  # a completion's `text`, a chat chunk's `delta.content`
+                choice = event["choices"][0]
+                record.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
         if event.get("usage"):
             record.output_tokens = event["usage"]["completion_tokens"]
     elif "token" in event:
@@ -68,14 +72,20 @@ async def send_one(
     spec: RequestSpec,
     t0: float,
     record: RequestRecord | None = None,
+    extra: dict | None = None,
+    keep_text: bool = False,
 ) -> RequestRecord:
     """Send `spec` now and stream its answer into a record (times relative to `t0`).
 
     Pass `record` to watch the tokens arrive while the request streams (its `send_s` is set here).
+    `extra`: more body fields (e.g. `response_format`); `keep_text`: the record keeps the generated text.
     """
     path, body = request_body(api, spec)
+    body |= extra or {}
     if record is None:
         record = RequestRecord(spec.index, spec.prompt_len, 0.0)
+    if keep_text:
+        record.text = ""
     record.send_s = time.perf_counter() - t0
     try:
         async with session.post(url + path, json=body) as resp:
@@ -104,10 +114,13 @@ async def run_load(
     concurrency: int | None = None,
     rate: float = float("inf"),
     seed: int = 0,
+    extra: dict | None = None,
+    keep_text: bool = False,
 ) -> tuple[list[RequestRecord], float]:
     """Send every request of `specs` (closed loop of `concurrency` clients and/or Poisson at `rate`).
 
     Returns the records in request order and the run's duration (first send to last completion).
+    `extra` and `keep_text` as in `send_one`.
     """
     arrivals = poisson_arrivals(len(specs), rate, seed)
     slots = asyncio.Semaphore(concurrency) if concurrency else None
@@ -118,17 +131,18 @@ async def run_load(
         async def one(spec: RequestSpec, at: float) -> RequestRecord:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
             async with slots or contextlib.nullcontext():
-                return await send_one(session, url, api, spec, t0)
+                return await send_one(session, url, api, spec, t0, extra=extra, keep_text=keep_text)
 
         records = await asyncio.gather(*(one(s, a) for s, a in zip(specs, arrivals)))
         duration = time.perf_counter() - t0
     return list(records), duration
 
 
-async def warm_up(url: str, api: str, spec: RequestSpec) -> None:
-    """One short request, not measured (first-call costs: allocator, caches, JIT)."""
+async def warm_up(url: str, api: str, spec: RequestSpec, extra: dict | None = None) -> None:
+    """One short request, not measured (first-call costs: allocator, caches, JIT; with `extra`'s
+    `response_format`, the grammar's compilation)."""
     short = RequestSpec(-1, spec.prompt_ids[:16], spec.prompt_text[:64] or "Hello", 4)
-    records, _ = await run_load(url, [short], api)
+    records, _ = await run_load(url, [short], api, extra=extra)
     if not records[0].ok:
         raise RuntimeError(f"warm-up request failed: {records[0].error}")
 

@@ -25,6 +25,7 @@ class RequestRecord:
     token_s: list[float] = field(default_factory=list)  # arrival time of each generated token
     output_tokens: int = 0  # from the server's usage when it says so, else len(token_s)
     error: str | None = None
+    text: str | None = None  # the generated text, where the run keeps it (the constrained probe's check)
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,10 @@ class RequestRecord:
         return [b - a for a, b in zip(self.token_s, self.token_s[1:])]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["text"] is None:
+            del out["text"]
+        return out
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -80,6 +80,27 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="the long-prompt probe's prompt (0: no probe); run on each server's first dtype (`auto` if listed)",
     )
     p.add_argument("--long-prompt-stream-tokens", type=int, default=ProbeConfig().stream_tokens)
+    p.add_argument(
+        "--constrained",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="the constrained-decoding probe (constrained.py) on the first pairing's Sluice: RUNS runs each of the "
+        "load unconstrained and with every request JSON-schema constrained, in turns (0: no probe)",
+    )
+    p.add_argument("--constrained-concurrency", type=int, default=32, help="the constrained probe's concurrency")
+    p.add_argument(
+        "--constrained-requests",
+        type=int,
+        default=None,
+        help="the constrained probe's requests: the workload's first N (default: as many as its concurrency runs)",
+    )
+    p.add_argument(
+        "--constrained-tokens",
+        type=int,
+        default=None,
+        help="new tokens per request in the constrained probe (default: the workload's)",
+    )
     p.add_argument("--profile-requests", type=int, default=32, help="requests in the profiled run")
     p.add_argument(
         "--profile",
@@ -106,6 +127,14 @@ def requests_plan(args: argparse.Namespace) -> dict[int, int]:
     """{concurrency: requests run at it}: the workload's size, lowered by `--requests-at`."""
     caps = {int(c): int(n) for c, n in (x.split("=") for x in args.requests_at)}
     return {c: min(args.num_requests, caps.get(c, args.num_requests)) for c in args.concurrency}
+
+
+def constrained_requests(args: argparse.Namespace, plan: dict[int, int]) -> int:
+    """How many of the workload's requests the constrained probe runs: `--constrained-requests`, else as many as
+    the loads run at its concurrency (so that its unconstrained runs are that load), else the whole workload."""
+    if args.constrained_requests:
+        return min(args.num_requests, args.constrained_requests)
+    return plan.get(args.constrained_concurrency, args.num_requests)
 
 
 def probe_config(args: argparse.Namespace) -> ProbeConfig | None:

@@ -10,7 +10,7 @@ With every server of the pairing started and resident:
    for a few seconds after its load; then their CPU counts as other load, and a run that met
    contention runs again); then Poisson runs if asked (A B); then the memory bandwidth again;
 3. in the first pairing only: the long-prompt probe on each server (Sluice, then the peers), then
-   the py-spy profile of Sluice;
+   the constrained-decoding probe on Sluice (constrained.py, if asked), then the py-spy profile of Sluice;
 4. every server stopped, on success, errors, Ctrl-C and SIGTERM alike (an ExitStack unwinds them).
 
 A server whose warm-up, run or probe fails is stopped at once and left out of the rest of the
@@ -23,11 +23,12 @@ import argparse
 import contextlib
 
 from benchmarks import drift, pairing, probes
+from benchmarks.constrained import probe_specs
 from benchmarks.measure import Phases, log
-from benchmarks.options import probe_config
+from benchmarks.options import constrained_requests, probe_config
 from benchmarks.pair_servers import Collected, start_servers
 from benchmarks.schedule import interleave, run_name
-from benchmarks.server_runs import levels, load_run, probe_run, profile_run, warm
+from benchmarks.server_runs import constrained_run, levels, load_run, probe_run, profile_run, warm
 from benchmarks.workload import RequestSpec
 
 
@@ -93,8 +94,11 @@ def _loads(args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], p
     log(drift.note(out.drift[-1]))
 
 
-def _probes(args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], phases: Phases) -> None:
-    """The long-prompt probe on each server, then Sluice's profile (first pairing only)."""
+def _probes(
+    args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], plan: dict[int, int], phases: Phases
+) -> None:
+    """The long-prompt probe on each server, then Sluice's constrained-decoding probe and profile (first pairing
+    only)."""
     out, request, probe = pair.out, pair.request, probe_config(args)
     for server in pair.servers() if probe is not None else []:
 
@@ -104,6 +108,16 @@ def _probes(args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], 
 
         phases.timed(f"{server.system} {request} long prompt", pair.attempt, server, "long prompt", one)
     sluice = pair.live.get("sluice", (None, None))[0]
+    if args.constrained > 0 and sluice is not None:
+        c = args.constrained_concurrency
+        chosen = probe_specs(specs, constrained_requests(args, plan), args.constrained_tokens)
+
+        def constrained():
+            resident = pair.resident("sluice")
+            out.constrained = constrained_run(args, sluice, chosen, c, args.constrained, resident)
+
+        phases.timed(f"sluice {request} constrained", pair.attempt, sluice, "constrained", constrained)
+        sluice = pair.live.get("sluice", (None, None))[0]  # gone if the probe failed
     if args.profile and sluice is not None and "shard-0" in sluice.pids:
 
         def profile():
@@ -130,4 +144,4 @@ def pairing_runs(
         systems = ", ".join(pair.live)
         phases.timed(f"{request} runs ({systems} interleaved)", _loads, args, pair, specs, plan)
         if first:
-            _probes(args, pair, specs, phases)
+            _probes(args, pair, specs, plan, phases)

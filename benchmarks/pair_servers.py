@@ -35,6 +35,7 @@ class Collected:
     servers: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
     long_prompt: list[dict] = field(default_factory=list)
+    constrained: dict = field(default_factory=dict)  # the constrained-decoding probe (constrained.py)
     profile: dict = field(default_factory=dict)
     drift: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -67,7 +68,8 @@ def make_server(args: argparse.Namespace, system: str, request: str):
 
 def wanted(args: argparse.Namespace, system: str, first: bool) -> bool:
     """Whether `system` has anything to run in a pairing (`first`: the pairing that probes and profiles)."""
-    extras = first and (probe_config(args) is not None or (system == "sluice" and bool(args.profile)))
+    sluice_extras = system == "sluice" and (bool(args.profile) or args.constrained > 0)
+    extras = first and (probe_config(args) is not None or sluice_extras)
     return bool(levels(args, system) or args.rates or extras)
 
 

@@ -1,5 +1,5 @@
 """The printed summary: Markdown tables ready for RESULTS.md (the machine's drift, runs, ratios, cold start,
-long prompt, server starts, Sluice's step time, the profile and the time each phase took)."""
+long prompt, constrained decoding, server starts, Sluice's step time, the profile and the time each phase took)."""
 
 from __future__ import annotations
 
@@ -128,6 +128,31 @@ def long_prompt_table(probes: list[dict]) -> str:
             f"| {_ms(p['long_ttft_s'])} | {verdict} |"
         )
     return "\n".join(lines)
+
+
+def constrained_table(probe: dict) -> str:
+    """The constrained-decoding probe (constrained.py): each mode's output tokens/s, their ratio, the step period."""
+    if not probe:
+        return ""
+    u, c = probe["unconstrained"], probe["constrained"]
+    runs = lambda m: " / ".join(f"{x:.1f}" for x in m["run_tok_s"])  # noqa: E731
+    period = lambda x: "-" if x is None or math.isnan(x) else f"{x:.1f}"  # noqa: E731
+    verdict = "met" if probe["meets_target"] else "missed"
+    if probe["bad_outputs"]:
+        verdict += " (bad outputs)"
+    per_request = probe["output_tokens"] / probe["num_requests"] if probe["num_requests"] else math.nan
+    return "\n".join(
+        [
+            "| server | C | requests x new tokens | unconstrained tok/s | constrained tok/s "
+            "| constrained ÷ unconstrained | step period ms (unconstrained / constrained) "
+            f"| constrained outputs valid | target: ≥ {probe['target']:.2f} |",
+            "|" + "---|" * 9,
+            f"| {probe['system']} {probe['dtype']} | {probe['concurrency']} | {probe['num_requests']} x "
+            f"{per_request:.0f} | {u['tok_s']:.1f} ({runs(u)}) | {c['tok_s']:.1f} ({runs(c)}) | {_x(probe['ratio'])} "
+            f"| {period(u['period_ms'])} / {period(c['period_ms'])} "
+            f"| {probe['outputs_checked'] - probe['bad_outputs']}/{probe['outputs_checked']} | {verdict} |",
+        ]
+    )
 
 
 def server_table(servers: list[dict]) -> str:
@@ -268,6 +293,13 @@ def summary_text(result: dict) -> str:
         f"({shape.get('stream_tokens')} tokens each): their inter-token gaps over their whole life, and during the "
         f"arrival (the long request's send until its first token + {shape.get('after_s')} s):",
         long_prompt_table(probes),
+    )
+    probe = result.get("constrained") or {}
+    parts += _section(
+        f"Constrained decoding: the same requests unconstrained and with every one constrained to a JSON schema "
+        f"(`response_format` json_schema; it cannot complete within the output, so both generate every token), "
+        f"taking turns ({', '.join(r['mode'] for r in probe.get('runs', []))}; each run's tok/s in brackets):",
+        constrained_table(probe),
     )
     parts += _section("Server starts:", server_table(result.get("servers", [])))
     sluice = [r for r in runs if r["system"] == "sluice"]

@@ -10,11 +10,13 @@ from the same prompts and lengths. Servers: per `--dtypes` entry (a pairing, see
 Sluice and each peer start one after the other and stay resident while their loads run
 interleaved, A B A B at the largest concurrency and A B B A at the others, against the machine's
 drift (pair_runs.py, schedule.py); the memory bandwidth before and after each pairing's runs
-shows how much the machine drifted (drift.py). The baselines run once at `--dtype`, after the
-servers. Writes `benchmarks/out/results.json` (every run, plus a timestamped copy), prints the
-tables (report.py; a server's repeated runs of a load make one figure, combine.py) and saves
-`throughput.png` and `latency_cdf.png` next to it (charts.py). Every server started is stopped,
-also on errors, Ctrl-C and SIGTERM.
+shows how much the machine drifted (drift.py); the first pairing then probes each server with a
+long prompt (long_prompt.py) and, with `--constrained`, Sluice with JSON-schema constrained
+requests (constrained.py). The baselines run once at `--dtype`, after the servers. Writes
+`benchmarks/out/results.json` (every run, plus a timestamped copy), prints the tables (report.py;
+a server's repeated runs of a load make one figure, combine.py) and saves `throughput.png` and
+`latency_cdf.png` next to it (charts.py). Every server started is stopped, also on errors, Ctrl-C
+and SIGTERM.
 """
 
 from __future__ import annotations
@@ -72,16 +74,34 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds through every `finally`, which stops the servers
 
 
-def contention_notes(runs: list[dict], probes_: list[dict], limit: float) -> list[str]:
+def contention_notes(
+    runs: list[dict], probes_: list[dict], limit: float, constrained_: dict | None = None
+) -> list[str]:
     """A warning per run (or probe) during which other processes used more than `limit` % of the CPU."""
     items = [
         (f"{ratios.label(r)} {run_name(r['concurrency'], r.get('phase'), r.get('round'))}", r["cpu"]) for r in runs
     ]
     items += [(f"{p['system']} {p['dtype']} long prompt", p["cpu"]) for p in probes_]
+    c = constrained_ or {}
+    items += [
+        (f"{c['system']} {c['dtype']} {r['mode']} C={c['concurrency']} (run {r['round']})", r["cpu"])
+        for r in c.get("runs", [])
+    ]
     return [
         f"WARNING: other processes used {cpu['other_pct']:.0f}% of the CPU during {name}: its figures are not reliable"
         for name, cpu in items
         if cpu.get("other_pct", 0) > limit
+    ]
+
+
+def constrained_notes(probe: dict) -> list[str]:
+    """A warning when the constrained probe's outputs did not all follow the schema."""
+    if not probe.get("bad_outputs"):
+        return []
+    return [
+        f"WARNING: {probe['bad_outputs']} of {probe['outputs_checked']} constrained outputs were not prefixes of "
+        "documents valid under the schema or stopped short of their tokens: the constraint was not applied as "
+        "asked and the constrained figure does not stand (examples in results.json, constrained.runs[].bad)"
     ]
 
 
@@ -101,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     runs, errors = list(out.runs), out.errors
     more, baseline_notes = baseline_runs(args, specs, plan, phases)
     runs += more
-    notes = errors + out.notes + baseline_notes + contention_notes(runs, out.long_prompt, 10)
+    notes = errors + out.notes + baseline_notes + constrained_notes(out.constrained)
+    notes += contention_notes(runs, out.long_prompt, 10, out.constrained)
     pairs = pairing.pairings(args.dtypes, {system: done for system, done in out.resolved.items() if done})
     result = {
         "meta": machine()
@@ -118,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "peer_ratios": [row for peer in args.peers for row in ratios.peer_ratios(runs, pairs, peer)],
         "cold_start": ratios.cold_starts(runs),
         "long_prompt": out.long_prompt,
+        "constrained": out.constrained,
         "profile": out.profile,
     }
     args.out.mkdir(parents=True, exist_ok=True)

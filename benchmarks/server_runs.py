@@ -3,6 +3,7 @@
 - `warm`: one small request, not measured (first-call costs);
 - `load_run`: one measured closed-loop (or Poisson) run, through `measure` (run again after contention);
 - `probe_run`: the long-prompt probe (long_prompt.py);
+- `constrained_run`: the constrained-decoding probe (constrained.py), Sluice only;
 - `profile_run`: one extra Sluice run under py-spy, not in the tables.
 
 `resident` in each is the other servers' processes, kept running (idle) meanwhile: their CPU time
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks import long_prompt, probes
+from benchmarks import constrained, long_prompt, probes
 from benchmarks.loadgen import run_load, warm_up
 from benchmarks.measure import log, measure
 from benchmarks.metrics import summarize
@@ -99,6 +100,66 @@ def probe_run(
         f"arrival {1e3 * result['worst_window_itl_s']:.0f} ms ({result['window_worst_over_median']:.1f}x)"
     )
     return {"system": system, "dtype": dtype, **result, "cpu": cpu}
+
+
+def constrained_run(
+    args: argparse.Namespace,
+    server,
+    specs: list[RequestSpec],
+    c: int,
+    runs: int,
+    resident: dict[str, int] | None = None,
+) -> dict:
+    """The constrained-decoding probe on `server`: `specs` at concurrency `c`, unconstrained and constrained
+    to constrained.SCHEMA in turns (`runs` of each), after one constrained warm-up request; its figures, each
+    run's summary, step breakdown, CPU use and bad outputs. Raises if a request fails."""
+    url, system, dtype, pids = server.url, server.system, server.dtype, server.pids
+    tokens = sum(s.max_tokens for s in specs)
+    log(f"{system} {dtype}: constrained-decoding probe, C={c}, {len(specs)} requests ({tokens} tokens) x {runs} runs")
+    extra = {"response_format": constrained.RESPONSE_FORMAT}
+    asyncio.run(warm_up(url, "openai", specs[0], extra))  # compiles (and caches) the grammar
+    entries = []
+    for mode, round_ in constrained.order(runs):
+        is_constrained = mode == constrained.CONSTRAINED
+
+        def one(body=extra if is_constrained else None, keep_text=is_constrained):
+            before = probes.scrape(url)
+            records, duration = asyncio.run(run_load(url, specs, "openai", c, float("inf"), args.seed, body, keep_text))
+            return before, probes.scrape(url), records, duration
+
+        label = f"{system} {dtype} {mode} C={c} (run {round_})"
+        (before, after, records, duration), cpu = measure(args, label, one, pids, resident)
+        failed = [r for r in records if r.error]
+        if failed:
+            raise RuntimeError(f"{label}: {len(failed)} of {len(records)} requests failed: {failed[0].error}")
+        summary = summarize(records, duration)
+        bad = constrained.bad_outputs(records, specs) if is_constrained else []
+        steps = probes.step_breakdown(before, after, duration, cpu["server_cpu_s"].get("router"))
+        log(
+            f"{label}: {summary['output_throughput']:.1f} out tok/s, TPOT {1e3 * summary['tpot_s']['mean']:.0f} ms, "
+            f"{duration:.1f} s, other load {cpu.get('other_pct', float('nan')):.0f}%"
+            + (f", {len(bad)} of {len(records)} outputs bad" if is_constrained else "")
+        )
+        entries.append(
+            {"mode": mode, "round": round_, "summary": summary, "server_steps": steps, "cpu": cpu}
+            | {"bad_count": len(bad), "bad": bad[:5]}  # the first few as examples
+        )
+    result = constrained.summarize_runs(entries)
+    log(
+        f"{system} {dtype} constrained: {result['constrained']['tok_s']:.1f} vs {result['unconstrained']['tok_s']:.1f} "
+        f"out tok/s unconstrained, ratio {result['ratio']:.2f} (target >= {constrained.TARGET}), "
+        f"{result['bad_outputs']} of {result['outputs_checked']} constrained outputs bad"
+    )
+    return {
+        "system": system,
+        "dtype": dtype,
+        "concurrency": c,
+        "num_requests": len(specs),
+        "output_tokens": tokens,
+        "schema": constrained.SCHEMA,
+        **result,
+        "runs": entries,
+    }
 
 
 def levels(args: argparse.Namespace, system: str) -> list[int]:
