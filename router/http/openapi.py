@@ -14,7 +14,8 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from router.http.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
-from router.http.openai import protocol as openai
+from router.http.openai import protocol as openai_req
+from router.http.openai import responses as openai_resp
 from router.http.protocol import ErrorResponse
 from router.http.state import STATE
 from router.http.tgi import protocol as tgi
@@ -23,12 +24,12 @@ from router.version import VERSION
 TGI, OPENAI, SERVICE = "Text Generation Inference", "OpenAI", "Service"
 JSON, SSE = "application/json", "text/event-stream"
 
-REQUESTS = [tgi.GenerateRequest, tgi.CompatGenerateRequest, tgi.TokenizeRequest, openai.ChatRequest,
-            openai.CompletionRequest]  # fmt: skip
+REQUESTS = [tgi.GenerateRequest, tgi.CompatGenerateRequest, tgi.TokenizeRequest, openai_req.ChatRequest,
+            openai_req.CompletionRequest]  # fmt: skip
 RESPONSES = [
     ErrorResponse, tgi.GenerateResponse, tgi.CompatGenerateResponse, tgi.GenerateStreamEvent, tgi.TokenizeResponse,
-    tgi.Info, openai.ChatCompletion, openai.ChatCompletionStreamEvent, openai.Completion,
-    openai.CompletionStreamEvent, openai.ModelList,
+    tgi.Info, openai_resp.ChatCompletion, openai_resp.ChatCompletionStreamEvent, openai_resp.Completion,
+    openai_resp.CompletionStreamEvent, openai_resp.ModelList,
 ]  # fmt: skip
 
 _HEADERS = {
@@ -238,23 +239,40 @@ def _openai_paths(model_id: str) -> dict:
         {"role": "user", "content": "What is deep learning?"},
     ]
     streamed = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    tools = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [weather]}
     chat_examples = {
         "chat": _example("Chat", {"model": model_id, "messages": messages, "max_tokens": 20}),
         "stream": _example("Streamed, with usage", streamed),
+        "tools": _example("Tools: the model answers in text or calls `get_weather`", tools),
+        "required": _example("A call forced", {**tools, "tool_choice": "required", "parallel_tool_calls": False}),
     }
     text = {"model": model_id, "prompt": "What is Deep Learning?", "max_tokens": 20, "seed": 42}
     completion_examples = {
         "text": _example("One prompt", text),
         "ids": _example("Two prompts as token ids, two choices each", {"prompt": [[1, 2, 3], [4, 5]], "n": 2}),
     }
-    chat = {JSON: _media(ref(openai.ChatCompletion)), SSE: _media(ref(openai.ChatCompletionStreamEvent), OPENAI_SSE)}
-    completion = {JSON: _media(ref(openai.Completion)), SSE: _media(ref(openai.CompletionStreamEvent), OPENAI_SSE)}
+    chat = {
+        JSON: _media(ref(openai_resp.ChatCompletion)),
+        SSE: _media(ref(openai_resp.ChatCompletionStreamEvent), OPENAI_SSE),
+    }
+    completion = {
+        JSON: _media(ref(openai_resp.Completion)),
+        SSE: _media(ref(openai_resp.CompletionStreamEvent), OPENAI_SSE),
+    }
     answer = "The completion; with `stream: true`, its chunks."
-    model_list = {JSON: _media(ref(openai.ModelList))}
+    model_list = {JSON: _media(ref(openai_resp.ModelList))}
     return {
-        **_post("/v1/chat/completions", "chat_completions", OPENAI, "OpenAI chat completions", openai.ChatRequest,
+        **_post("/v1/chat/completions", "chat_completions", OPENAI, "OpenAI chat completions", openai_req.ChatRequest,
                 _ok(answer, chat, OPENAI_TIMING), chat_examples),
-        **_post("/v1/completions", "completions", OPENAI, "OpenAI (legacy) completions", openai.CompletionRequest,
+        **_post("/v1/completions", "completions", OPENAI, "OpenAI (legacy) completions", openai_req.CompletionRequest,
                 _ok(answer, completion, OPENAI_TIMING), completion_examples),
         **_get("/v1/models", "models", OPENAI, "The served model", _ok("One model.", model_list)),
     }  # fmt: skip

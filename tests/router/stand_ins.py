@@ -18,6 +18,7 @@ class ByteTokenizer:
 
     vocab_size = 256
     config: dict = {}
+    special_ids: frozenset[int] = frozenset()
     chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -3,8 +3,10 @@ an accepted request becomes; no server is started."""
 
 import pytest
 
+from router.core.engine import Token, TokenEvent
 from router.http.errors import ApiError
-from router.http.openai.protocol import parse_chat, parse_completion
+from router.http.openai.plan import parse_chat, parse_completion
+from router.http.openai.responses import ChoiceText, cut_at_stop
 from tests.router.stand_ins import LIMITS, ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -25,6 +27,15 @@ def _chat(**fields) -> dict:
 
 def _completion(**fields) -> dict:
     return {"prompt": "Hello", **fields}
+
+
+def _tool(**function) -> dict:
+    return {"type": "function", "function": function}
+
+
+TOOL = _tool(name="f")
+TOOL_CHOICES = '`tool_choice` must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+NAME_RULE = "`name` must be 1 to 64 letters, digits, `_` or `-`. Given: "
 
 
 @pytest.mark.parametrize("route", ["chat", "completion"])
@@ -100,11 +111,62 @@ def test_refusals_of_the_shared_fields(route, fields, message):
             '"a(" (in regex): regex parse error:\n    a(\n     ^\nerror: unclosed group\n'
             "   1 | start: /a(/\n              ^",
         ),
-        (_chat(tool_choice="required"), "tool_error", 'Tool error: only `tool_choice` "auto" and "none" are supported'),
+        (_chat(tool_choice="required"), "tool_error", 'Tool error: `tool_choice` "required" needs `tools`'),
         (
-            _chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+            _chat(tool_choice={"type": "function", "function": {"name": "f"}}),
             "tool_error",
-            "Tool error: this model's chat template does not support tools",
+            "Tool error: `tool_choice` (the function `f`) needs `tools`",
+        ),
+        (_chat(tools=[TOOL], tool_choice="sometimes"), "validation", TOOL_CHOICES),
+        (_chat(tools=[TOOL], tool_choice={"type": "function"}), "validation", TOOL_CHOICES),
+        (
+            _chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+            "tool_error",
+            "Tool error: `tool_choice` names the function `g`, which is not in `tools`",
+        ),
+        (_chat(tools=TOOL), "validation", "`tools` must be of type array"),
+        (
+            _chat(tools=[{**TOOL, "type": "retrieval"}]),
+            "validation",
+            "`tools[0].type` must be 'function'. Given: retrieval",
+        ),
+        (_chat(tools=[{"type": "function"}]), "validation", "missing field `tools[0].function`"),
+        (_chat(tools=[_tool(description="no name")]), "validation", "missing field `name`"),
+        (_chat(tools=[_tool(name="get weather")]), "validation", f"{NAME_RULE}get weather"),
+        (_chat(tools=[_tool(name="x" * 65)]), "validation", NAME_RULE + "x" * 65),
+        (_chat(tools=[_tool(name="f", parameters="{}")]), "validation", "`parameters` must be of type object"),
+        (
+            _chat(tools=[_tool(name="f", parameters={"type": "string"})]),
+            "tool_error",
+            "Tool error: the parameters of `f` must describe a JSON object. Given type: 'string'",
+        ),
+        (
+            _chat(tools=[_tool(name="f", parameters={"type": "foo"})], tool_choice="required"),
+            "tool_error",
+            "Tool error: the parameters of `f`: invalid JSON schema: Invalid type: foo",
+        ),
+        (
+            _chat(tools=[_tool(name="f", parameters={"type": "object", "properties": {"a": {"type": "foo"}}})]),
+            "tool_error",
+            "Tool error: the parameters of `f`: invalid JSON schema: Invalid type: foo",
+        ),
+        (
+            _chat(tools=[_tool(name="f", parameters={"type": "object", "required": 5})], tool_choice="none"),
+            "tool_error",
+            "Tool error: the parameters of `f`: invalid JSON schema: Expected array for 'required', got 5",
+        ),
+        (_chat(tools=[TOOL, TOOL]), "tool_error", "Tool error: two tools are named `f`"),
+        (_chat(tools=[TOOL], parallel_tool_calls="yes"), "validation", "`parallel_tool_calls` must be of type bool"),
+        (
+            _chat(tools=[TOOL], response_format={"type": "json_object"}),
+            "tool_error",
+            "Tool error: `response_format` cannot constrain the output while tools may be called: "
+            'set `tool_choice` to "none", or `response_format` to `text`',
+        ),
+        (
+            _chat(messages=[{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]),
+            "validation",
+            "missing field `arguments`",
         ),
         (
             _chat(max_completion_tokens=2001),
@@ -239,3 +301,34 @@ def test_echo_with_logprobs_asks_for_the_prompt_logprobs():
     assert request.prompt_logprobs and request.prompt_top_n == 3 and plan.echo and plan.logprobs
     (valid,) = parse_completion(_completion(logprobs=3), TOKENIZER, LIMITS).prompts
     assert not valid.generation().prompt_logprobs
+
+
+def _token_events(pieces: list[str], generated: str, special: frozenset[str] = frozenset()) -> list[TokenEvent]:
+    events = [TokenEvent(Token(i, p, -0.5, p in special), []) for i, p in enumerate(pieces)]
+    return [*events, TokenEvent(Token(2, "</s>", -0.1, True), [], "eos_token", generated)]
+
+
+@pytest.mark.parametrize(
+    ("text", "stop"), [("ab, then", []), ("ab, then the STOP", ["STOP"]), ("ab", ["a longer stop"])]
+)
+def test_streamed_text_is_the_text_once_whatever_the_stop_sequences(text, stop):
+    """The text shorter than the held-back length used to come out twice."""
+    events = [TokenEvent(Token(i, c, -0.5, False), []) for i, c in enumerate(text)]
+    events[-1] = TokenEvent(events[-1].token, [], "stop_sequence" if stop else "length", text)
+    streamed = ChoiceText(stop)
+    assert "".join(streamed.add(e) for e in events) == cut_at_stop(text, stop) == streamed.text
+
+
+def test_kept_special_tokens_are_part_of_the_text():
+    events = _token_events(["Hi ", "[TOOL_CALLS]", " [x]"], "Hi  [x]", frozenset(["[TOOL_CALLS]", "</s>"]))
+    kept, plain = ChoiceText([], ("[TOOL_CALLS]",)), ChoiceText([])
+    assert "".join(kept.add(e) for e in events) == "Hi [TOOL_CALLS] [x]" == kept.text
+    assert "".join(plain.add(e) for e in events) == "Hi  [x]" == plain.text
+
+
+def test_completions_take_a_response_format_as_vllm_does():
+    body = _completion(
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
+    )
+    (valid,) = parse_completion(body, TOKENIZER, LIMITS).prompts
+    assert '"json_schema": {"type":"integer"}' in valid.grammar

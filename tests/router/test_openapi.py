@@ -18,8 +18,8 @@ from router.core.engine import Token, TokenEvent
 from router.http.app import build_app
 from router.http.errors import ApiError
 from router.http.middleware import GENERATION_ROUTES, PROTECTED_ROUTES
-from router.http.openai import protocol as oai
-from router.http.openai.protocol import parse_chat, parse_completion
+from router.http.openai import responses as oai
+from router.http.openai.plan import Plan, parse_chat, parse_completion
 from router.http.openai.routes import _ChatChunks, _CompletionChunks, _error_event, add_openai_routes
 from router.http.openapi import add_openapi_routes, openapi_document
 from router.http.responses import error_json
@@ -185,7 +185,7 @@ def test_generate_and_stream_responses_match_their_schemas(details):
     )
 
 
-def _openai_plans(stream: bool) -> tuple[oai.Plan, oai.Plan]:
+def _openai_plans(stream: bool) -> tuple[Plan, Plan]:
     """A chat and a completion request with two choices each and logprobs."""
     options = {"n": 2, "stream": stream, "stream_options": {"include_usage": True}}
     chat = parse_chat({"messages": CHAT, "logprobs": True, "top_logprobs": 2, **options}, TOKENIZER, LIMITS)
@@ -214,6 +214,44 @@ def test_openai_stream_events_match_their_schemas():
         sent += [json.loads(_error_event("boom", 424).decode().removeprefix("data: ")), "[DONE]"]
         for event in sent:
             _schema(schema).validate(event)
+
+
+def _tool_call_events(text: str) -> list[TokenEvent]:
+    """The text a character per token (so calls stream in pieces), then EOS."""
+    events = [TokenEvent(_token(i), [_token(i)]) for i in range(len(text))]
+    events = [dataclasses.replace(e, token=Token(i, c, -0.5, False)) for i, (e, c) in enumerate(zip(events, text))]
+    return [*events, TokenEvent(_token(2, float("-inf"), special=True), [], "eos_token", text)]
+
+
+TOOL_OUTPUTS = [
+    'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',  # content and two calls
+    '<tool_call>\n{"name": "f", "arguments": {"a": [1, "}"]}}\n</tool_call>',  # calls only: null content
+    "No call needed.",  # no tool_calls
+    '<tool_call>\n{"name": "f", "arg',  # cut short: content
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_responses_with_tool_calls_match_their_schemas(stream):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": CHAT, "tools": tools, "n": len(TOOL_OUTPUTS), "logprobs": True, "stream": stream}
+    plan = parse_chat(body, TOKENIZER, LIMITS)
+    results = [_tool_call_events(text) for text in TOOL_OUTPUTS]
+    env = oai.envelope("chat", "test-model")
+    if not stream:
+        sent = _sent(oai.ChatCompletion.of(plan, env, results))
+        _schema("ChatCompletion").validate(sent)
+        messages = [c["message"] for c in sent["choices"]]
+        assert [len(m.get("tool_calls", [])) for m in messages] == [2, 1, 0, 0]
+        assert [m["content"] for m in messages] == ["Let me check.", None, "No call needed.", TOOL_OUTPUTS[3]]
+        return
+    chunks = _ChatChunks(plan, env)
+    events = [*chunks.opening(), *(c for i, r in enumerate(results) for e in r for c in chunks.token(i, e))]
+    deltas = [_sent(e) for e in events]
+    assert any("tool_calls" in d["choices"][0]["delta"] for d in deltas)
+    for event in deltas:
+        _schema("ChatCompletionStreamEvent").validate(event)
 
 
 # ---------------------------------------------------------------------------------------------

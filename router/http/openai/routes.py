@@ -16,7 +16,9 @@ from aiohttp import web
 
 from router.core.engine import Engine, Timings, TokenEvent
 from router.http.errors import Overloaded, ValidationError
-from router.http.openai.protocol import (
+from router.http.openai import tools
+from router.http.openai.plan import Plan, parse_chat, parse_completion
+from router.http.openai.responses import (
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -29,15 +31,14 @@ from router.http.openai.protocol import (
     CompletionLogprobs,
     ModelCard,
     ModelList,
-    Plan,
     StreamError,
     StreamErrorDetail,
+    ToolCallDelta,
     Usage,
+    chat_finish_reason,
     echoed,
     envelope,
     finish_reason,
-    parse_chat,
-    parse_completion,
 )
 from router.http.protocol import dump
 from router.http.responses import model_response
@@ -151,13 +152,18 @@ async def models(request: web.Request) -> web.Response:
 
 
 class _ChatChunks:
-    """Chat chunks: a role delta per choice first, then one content delta per token."""
+    """Chat chunks: a role delta per choice first, then one content delta per token. Where tools
+    may be called, a token's text may instead make several chunks, content and tool-call deltas
+    in order (the first carries the token's logprobs, the last its finish reason), or one with
+    empty content while a possible call marker is held back."""
 
     model = ChatCompletionChunk
 
     def __init__(self, plan: Plan, env: dict):
         self.plan, self.env = plan, env
-        self.texts = [ChoiceText(plan.stop) for _ in range(plan.num_choices)]
+        keep = plan.tool_format.tokens if plan.tool_format else ()
+        self.texts = [ChoiceText(plan.stop, keep) for _ in range(plan.num_choices)]
+        self.calls = [tools.CallStream(plan.tool_format) for _ in range(plan.num_choices)] if plan.tool_format else None
 
     def opening(self) -> list[ChatCompletionChunk]:
         return [
@@ -167,16 +173,23 @@ class _ChatChunks:
         ]  # fmt: skip
 
     def token(self, index: int, event: TokenEvent) -> list[ChatCompletionChunk]:
+        text = self.texts[index].add(event)
+        logprobs = ChatLogprobs.of([event]) if self.plan.logprobs else None
+        if self.calls is None:
+            delta = ChatDelta(content=text)
+            return [self._chunk(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                                                finish_reason=finish_reason(event.finish_reason)))]  # fmt: skip
+        calls = self.calls[index]
+        pieces = calls.feed(text) + (calls.finish() if event.finish_reason is not None else [])
+        deltas = [
+            ChatDelta(content=p) if isinstance(p, str) else ChatDelta(tool_calls=[ToolCallDelta.of(p)]) for p in pieces
+        ] or [ChatDelta(content="")]
+        reason = chat_finish_reason(event.finish_reason, bool(calls.calls))
         return [
-            self._chunk(
-                ChatChunkChoice(
-                    index=index,
-                    delta=ChatDelta(content=self.texts[index].add(event)),
-                    logprobs=ChatLogprobs.of([event]) if self.plan.logprobs else None,
-                    finish_reason=finish_reason(event.finish_reason),
-                )
-            )
-        ]
+            self._chunk(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs if i == 0 else None,
+                                        finish_reason=reason if i == len(deltas) - 1 else None))
+            for i, delta in enumerate(deltas)
+        ]  # fmt: skip
 
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.env, choices=[choice])
