@@ -34,6 +34,11 @@ WHEELS = [
     "pytest-asyncio",
     "protobuf",
     "grpcio",
+    "llguidance",  # grammars (router validation, shard masks)
+    "pydantic",  # the router's HTTP protocols
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
 ]
 # pip matches manylinux tags exactly: the ones these packages publish.
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34)] + ["manylinux2014_x86_64", "any"]

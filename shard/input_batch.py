@@ -71,6 +71,7 @@ class InputBatch:
         self.num_computed = np.zeros(0, dtype=np.int64)  # tokens whose KV is in the cache
         self.num_blocks = np.zeros(0, dtype=np.int64)
         self.prompt_logprobs = np.zeros(0, dtype=bool)
+        self.prompt_top_n = np.zeros(0, dtype=np.int64)  # top tokens wanted at each prompt position
         self.sampling = SamplingTable(0, device)
         self._grow(capacity)
 
@@ -87,6 +88,7 @@ class InputBatch:
         self.num_tokens, self.num_prompt_tokens = pad(self.num_tokens), pad(self.num_prompt_tokens)
         self.num_computed, self.num_blocks = pad(self.num_computed), pad(self.num_blocks)
         self.prompt_logprobs, self.req_ids = pad(self.prompt_logprobs), pad(self.req_ids)
+        self.prompt_top_n = pad(self.prompt_top_n)
         self.sampling.grow(capacity)
         self._free = list(range(capacity - 1, old - 1, -1)) + self._free
 
@@ -100,10 +102,12 @@ class InputBatch:
         sampling: SamplingParams,
         prompt_logprobs: bool = False,
         num_prompt_tokens: int = 0,
+        prompt_top_n: int = 0,
     ) -> int:
         """Give a request a row; `token_ids` are all its known tokens (prompt, plus those generated
         before a preemption), `num_computed` the leading ones already in the cache, and the first
-        `num_prompt_tokens` (0: all) its prompt."""
+        `num_prompt_tokens` (0: all) its prompt. With `prompt_logprobs`, `prompt_top_n` most likely
+        tokens are also returned at each prompt position."""
         if not self._free:
             self._grow(2 * len(self.num_tokens))
         row = self._free.pop()
@@ -117,6 +121,7 @@ class InputBatch:
         self.block_table[row, : len(block_ids)] = block_ids
         self.num_blocks[row] = len(block_ids)
         self.prompt_logprobs[row] = prompt_logprobs
+        self.prompt_top_n[row] = prompt_top_n if prompt_logprobs else 0
         self.sampling.set_row(row, sampling)
         return row
 

@@ -1,6 +1,8 @@
 """ModelRunner: the model, its paged KV cache and the per-request state, one step at a time."""
 
+import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -13,11 +15,12 @@ from shard.compile import compile_forward
 from shard.config import ShardConfig
 from shard.context import forward_context
 from shard.cuda_graphs import DecodeGraphs
+from shard.grammar import Grammars
 from shard.input_batch import InputBatch, ModelInputs, prepare_inputs
 from shard.layers.attention import Attention
 from shard.loader import load_weights
 from shard.models import build_model
-from shard.sampler import Sampler, SamplerConfig
+from shard.sampler import Sampler, SamplerConfig, SamplerOutput
 from shard.step import Batch, PromptLogprobs, RequestState, StepInput, StepOutput, TokenOutput
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,12 @@ class ModelRunner:
         self._model_forward = compile_forward(self.model, config.compile_cache_dir) if self.compiled else self.model
         self.sampler = Sampler(SamplerConfig(config.watermark_gamma, config.watermark_delta))
         self.eos_token_ids = eos_token_ids(config.model_dir, self.hf_config)
+        # Rank 0 decides the tokens (it samples, then broadcasts them), so it alone keeps grammar matchers.
+        self.grammars = (
+            Grammars(config.model_dir, self.hf_config.vocab_size, self.eos_token_ids, self.device)
+            if dist.tp_rank() == 0
+            else None
+        )
         self.batch = InputBatch(self.max_positions + 1, config.block_size, self.device)  # + the token sampled last
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
@@ -170,6 +179,8 @@ class ModelRunner:
 
     def clear(self) -> None:
         self.batch.clear()
+        if self.grammars is not None:
+            self.grammars.clear()
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, batch: Batch, sample_rows_override=None) -> torch.Tensor | None:
@@ -193,8 +204,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _prompt_logprobs(self, inputs: ModelInputs, hidden: torch.Tensor) -> list[PromptLogprobs]:
-        """Logprobs of the prompt tokens that follow this step's positions, for requests that
-        asked; every rank takes part (the LM head gathers to rank 0), rank 0 gets the values."""
+        """Logprobs of the prompt tokens that follow this step's positions, and the prompt_top_n most
+        likely tokens there, for requests that asked; every rank takes part (the LM head gathers to
+        rank 0), rank 0 gets the values. Always under the model's own distribution (log_softmax of
+        the logits, as TGI's prefill details, OpenAI's echo and vLLM's prompt logprobs are): there is
+        no processed distribution at a prompt position, where nothing was sampled."""
         b, rows, targets, spans, offset = self.batch, [], [], [], 0
         for row, n in zip(inputs.rows.tolist(), inputs.num_scheduled.tolist()):
             start = int(b.num_computed[row])
@@ -202,22 +216,31 @@ class ModelRunner:
             if b.prompt_logprobs[row] and end > start:  # the row of position p predicts token p + 1
                 rows.append(np.arange(offset, offset + end - start))
                 targets.append(b.token_ids[row, start + 1 : end + 1])
-                spans.append((int(b.req_ids[row]), start + 1, end - start))
+                spans.append((int(b.req_ids[row]), start + 1, end - start, int(b.prompt_top_n[row])))
             offset += n
         if not spans:
             return []
         rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
         targets_t = torch.from_numpy(np.concatenate(targets)).to(self.device)
-        values = []
+        max_top_n = min(max(span[3] for span in spans), self.hf_config.vocab_size)
+        values, top_values, top_ids = [], [], []
         for i in range(0, len(rows_t), 512):  # bounded [512, vocab] logits at a time
             logits = self.model.compute_logits(hidden[rows_t[i : i + 512]])
-            if logits is not None:
-                values.append(logits.log_softmax(-1).gather(-1, targets_t[i : i + 512, None]).squeeze(-1))
+            if logits is None:
+                continue
+            logprobs = logits.log_softmax(-1)  # [<=512, vocab]
+            values.append(logprobs.gather(-1, targets_t[i : i + 512, None]).squeeze(-1))
+            if max_top_n:
+                top = logprobs.topk(max_top_n, dim=-1)
+                top_values.append(top.values)
+                top_ids.append(top.indices)
         if not values:
             return []
         flat, out, at = torch.cat(values).tolist(), [], 0
-        for req_id, first, count in spans:
-            out.append(PromptLogprobs(req_id, first, flat[at : at + count]))
+        tops = list(zip(torch.cat(top_ids).tolist(), torch.cat(top_values).tolist())) if max_top_n else []
+        for req_id, first, count, top_n in spans:
+            top_tokens = [list(zip(ids[:top_n], lps[:top_n])) for ids, lps in tops[at : at + count]] if top_n else []
+            out.append(PromptLogprobs(req_id, first, flat[at : at + count], top_tokens))
             at += count
         return out
 
@@ -239,9 +262,14 @@ class ModelRunner:
             if any(not 0 <= x < self.num_blocks for x in new_block_ids):  # earlier blocks were checked
                 raise ValueError(f"request {req_id}: a block id outside the cache's {self.num_blocks} blocks")
 
+        vocab = self.hf_config.vocab_size
         for r in step.new_requests:
             if not 0 <= r.num_prompt_tokens <= len(r.token_ids):
                 raise ValueError(f"request {r.req_id}: {r.num_prompt_tokens} prompt tokens of {len(r.token_ids)}")
+            if any(not 0 <= t < vocab or not math.isfinite(v) for t, v in r.sampling.logit_bias):
+                raise ValueError(
+                    f"request {r.req_id}: a logit_bias token outside the vocabulary ({vocab}) or not finite"
+                )
             num_blocks = len(r.block_ids)
             check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
         for r in step.running_requests:
@@ -258,6 +286,8 @@ class ModelRunner:
         b = self.batch
         for req_id in step.forget_req_ids:
             b.remove(req_id)
+            if self.grammars is not None:
+                self.grammars.remove(req_id)
         rows, num_scheduled = [], []
         for r in step.new_requests:
             rows.append(
@@ -269,9 +299,12 @@ class ModelRunner:
                     r.sampling,
                     r.prompt_logprobs,
                     r.num_prompt_tokens,
+                    r.prompt_top_n,
                 )
             )
             num_scheduled.append(r.num_scheduled_tokens)
+            if self.grammars is not None:  # replays the tokens generated before a preemption, if any
+                self.grammars.add(r.req_id, r.grammar, r.token_ids[r.num_prompt_tokens or len(r.token_ids) :])
         for r in step.running_requests:
             b.append_blocks(r.req_id, r.new_block_ids)
             rows.append(b.row_of[r.req_id])
@@ -279,35 +312,48 @@ class ModelRunner:
         return b.order(np.array(rows, dtype=np.int64), np.array(num_scheduled, dtype=np.int64))
 
     def step(self, step: StepInput) -> StepOutput:
-        """Compute the scheduled tokens of every request and sample where a token is due."""
+        """Compute the scheduled tokens of every request and sample where a token is due. The
+        grammar masks of constrained requests are filled on the grammar thread during the forward."""
         rows, num_scheduled = self._apply_step(step)
         if not len(rows):
             return StepOutput(step.step_id, [], 0, 0)
         t0 = time.perf_counter_ns()
         inputs = self.batch.prepare(rows, num_scheduled, self.kv_caches)
+        producing = inputs.rows[inputs.produces]
+        grammar = self.grammars.start(self.batch.req_ids[producing]) if self.grammars is not None else None
         logits, hidden = self._forward(inputs)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         t1 = time.perf_counter_ns()
-        producing = inputs.rows[inputs.produces]
         token_ids = torch.empty(len(producing), dtype=torch.int64, device=self.device)
         out = None
         if logits is not None and len(producing):  # rank 0, and someone is due a token
-            out = self.sampler(logits, self.batch.sampling_batch(producing))
+            sampling = self.batch.sampling_batch(producing)
+            if grammar is not None:
+                sampling = dataclasses.replace(sampling, grammar=grammar.wait())
+            out = self.sampler(logits, sampling)
             token_ids = out.token_ids
         dist.broadcast_from_rank0(token_ids)
         sampled = token_ids.tolist()
-        outputs: list[TokenOutput] = []
-        if out is not None:
-            req_ids = self.batch.req_ids[producing].tolist()
-            logprobs = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-            top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-            top_n = self.batch.sampling.top_n[producing].tolist()
-            for j in range(len(producing)):
-                top = list(zip(top_ids[j][: top_n[j]], top_logprobs[j][: top_n[j]])) if top_n[j] else []
-                outputs.append(TokenOutput(req_ids[j], sampled[j], logprobs[j], top))
-        self.batch.advance(inputs, sampled)
+        completed, reported = grammar.accept(sampled) if grammar is not None else ([False] * len(sampled), sampled)
+        outputs = self._outputs(producing, reported, out, completed) if out is not None else []
+        self.batch.advance(inputs, sampled)  # as on every rank, even where a failed grammar reports EOS
         return StepOutput(step.step_id, outputs, t1 - t0, time.perf_counter_ns() - t1, prompt_logprobs)
+
+    def _outputs(
+        self, producing: np.ndarray, sampled: list[int], out: SamplerOutput, completed: list[bool]
+    ) -> list[TokenOutput]:
+        """Rank 0's outputs for the rows `producing` [N] that report the tokens `sampled` [N],
+        `completed` [N] saying whose grammar admits nothing more."""
+        req_ids = self.batch.req_ids[producing].tolist()
+        logprobs = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_logprobs = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_n = self.batch.sampling.top_n[producing].tolist()
+        outputs = []
+        for j in range(len(producing)):
+            top = list(zip(top_ids[j][: top_n[j]], top_logprobs[j][: top_n[j]])) if top_n[j] else []
+            outputs.append(TokenOutput(req_ids[j], sampled[j], logprobs[j], top, completed[j]))
+        return outputs
 
     def health(self) -> None:
         torch.zeros(1, device=self.device).add_(1).item()

@@ -30,6 +30,9 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         watermark=p.watermark,
         top_n_tokens=p.top_n_tokens,
         raw_logprobs=p.raw_logprobs,
+        presence_penalty=p.presence_penalty,
+        min_p=p.min_p,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
     )
 
 
@@ -46,6 +49,8 @@ def step_from_pb(req: pb.StepRequest) -> StepInput:
                 sampling_from_pb(r.sampling),
                 r.prompt_logprobs,
                 r.num_prompt_tokens or len(r.token_ids),
+                r.grammar,
+                r.prompt_top_n,
             )
             for r in req.new_requests
         ],
@@ -65,13 +70,22 @@ def step_to_pb(out: StepOutput) -> pb.StepResponse:
                 token_id=o.token_id,
                 logprob=o.logprob,
                 top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in o.top_tokens],
+                grammar_completed=o.grammar_completed,
             )
             for o in out.outputs
         ],
         forward_ns=out.forward_ns,
         sample_ns=out.sample_ns,
         prompt_logprobs=[
-            pb.PromptLogprobs(req_id=p.req_id, first_position=p.first_position, logprobs=p.logprobs)
+            pb.PromptLogprobs(
+                req_id=p.req_id,
+                first_position=p.first_position,
+                logprobs=p.logprobs,
+                top_tokens=[
+                    pb.TopTokens(top_tokens=[pb.TopToken(token_id=t, logprob=lp) for t, lp in position])
+                    for position in p.top_tokens
+                ],
+            )
             for p in out.prompt_logprobs
         ],
     )

@@ -17,6 +17,8 @@ class NewRequest:
     sampling: SamplingParams
     prompt_logprobs: bool = False
     num_prompt_tokens: int = 0  # leading token_ids that are the prompt (0: all); the rest were generated
+    grammar: str = ""  # llguidance TopLevelGrammar JSON every generated token must follow; "": none
+    prompt_top_n: int = 0  # with prompt_logprobs: also this many most likely tokens per prompt position
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ class TokenOutput:
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]]
+    grammar_completed: bool = False  # the request's grammar admits nothing after this token
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class PromptLogprobs:
     req_id: int
     first_position: int  # logprobs[i] is that of the prompt token at first_position + i
     logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)  # per position, most likely first
 
 
 @dataclass(frozen=True, slots=True)

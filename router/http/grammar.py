@@ -12,6 +12,8 @@ import json
 from llguidance import LLMatcher, StructTag
 
 JSON_OBJECT_SCHEMA = {"type": "object"}
+# JSON without free whitespace between tokens: with it a small model can emit spaces until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 @functools.lru_cache(maxsize=256)
@@ -33,7 +35,7 @@ def json_schema(schema: dict | bool | str) -> str:
     if not isinstance(schema, dict | bool):
         raise ValueError("a JSON schema must be an object or a boolean")
     try:
-        return _checked(LLMatcher.grammar_from_json_schema(schema))
+        return _checked(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS))
     except ValueError as e:
         raise ValueError(f"invalid JSON schema: {e}") from None
 

@@ -40,12 +40,15 @@ class RecordingShards:
 
 
 def _fields(p: ShardSampling) -> dict:
-    return dataclasses.asdict(p)
+    """The parameters, with the logit bias as a flat dict (approx compares no nested structure)."""
+    fields = dataclasses.asdict(p)
+    logit_bias = fields.pop("logit_bias")
+    return {**fields, **{f"logit_bias[{i}]": bias for i, bias in logit_bias}}
 
 
 def _approx(**fields):
     """The shard's parameters with these fields set: floats as the float32 the proto carries."""
-    return pytest.approx(dataclasses.asdict(ShardSampling(**fields)), rel=1e-6)
+    return pytest.approx(_fields(ShardSampling(**fields)), rel=1e-6)
 
 
 async def _sampling_received(tokenizer: Tokenizer, path: str, body: dict) -> ShardSampling:
@@ -94,7 +97,11 @@ async def test_tgi_parameters_reach_the_shard(tiny_tokenizer):
 
 async def test_openai_parameters_reach_the_shard(tiny_tokenizer):
     body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0.5, "top_p": 0.8, "frequency_penalty": -0.5}
-    received = await _sampling_received(tiny_tokenizer, "/v1/completions", {**body, "seed": 7, "logprobs": 2})
+    extensions = {"presence_penalty": 1.5, "min_p": 0.05, "logit_bias": {"3": -100, "5": 2.5}}
+    received = await _sampling_received(
+        tiny_tokenizer, "/v1/completions", {**body, **extensions, "seed": 7, "logprobs": 2}
+    )
     expected = dict(do_sample=True, temperature=0.5, top_p=0.8, frequency_penalty=-0.5, seed=7, top_n_tokens=2)
     expected["raw_logprobs"] = True  # OpenAI's logprobs are the model's own; TGI's the processed ones
+    expected.update(presence_penalty=1.5, min_p=0.05, logit_bias=((3, -100.0), (5, 2.5)))
     assert _fields(received) == _approx(**expected)

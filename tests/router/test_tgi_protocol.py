@@ -180,12 +180,12 @@ def test_sampling_without_a_seed_draws_one():
 @pytest.mark.parametrize(
     ("grammar", "expected"),
     [
-        ({"type": "json", "value": {"type": "integer"}}, '"json_schema": {"type":"integer"}'),
-        ({"type": "json", "value": '{"type": "integer"}'}, '"json_schema": {"type":"integer"}'),
-        ({"type": "json_object", "value": {"type": "integer"}}, '"json_schema": {"type":"integer"}'),
+        ({"type": "json", "value": {"type": "integer"}}, '"json_schema":{"type":"integer"'),
+        ({"type": "json", "value": '{"type": "integer"}'}, '"json_schema":{"type":"integer"'),
+        ({"type": "json_object", "value": {"type": "integer"}}, '"json_schema":{"type":"integer"'),
         (
             {"type": "json_schema", "value": {"name": "n", "schema": {"type": "integer"}}},
-            '"json_schema": {"type":"integer"}',
+            '"json_schema":{"type":"integer"',
         ),
         ({"type": "regex", "value": "[0-9]{3}"}, "[0-9]{3}"),
     ],

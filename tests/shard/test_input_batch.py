@@ -86,28 +86,54 @@ def test_sampling_rows_gathered_from_a_table_equal_rows_built_alone():
     params = [
         SamplingParams(),
         SamplingParams(do_sample=True, temperature=0.7, top_k=5, seed=3),
-        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, top_n_tokens=2),
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, top_n_tokens=2, logit_bias=((3, 1.0),)),
         SamplingParams(do_sample=True, top_p=0.8, typical_p=0.9, watermark=True, seed=2**64 - 1),
+        SamplingParams(do_sample=True, min_p=0.1, presence_penalty=0.5, logit_bias=((1, -1.0), (2, 2.0), (4, 0.5))),
     ]
-    histories = [[1, 2], [3, 4, 5], [6, 6, 7, 8], [9]]
+    histories = [[1, 2], [3, 4, 5], [6, 6, 7, 8], [9], [2, 3]]
     table = SamplingTable(1, torch.device("cpu"))
     table.grow(8)
     tokens = np.zeros((8, 6), dtype=np.int64)
     num_tokens, num_prompt = np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.int64)
-    rows = [6, 0, 3, 5]  # scattered rows, in batch order
+    rows = [6, 0, 3, 5, 2]  # scattered rows, in batch order
     for row, p, h in zip(rows, params, histories):
         table.set_row(row, p)
         tokens[row, : len(h)] = h
         num_tokens[row], num_prompt[row] = len(h), 1
-    for subset in ([0, 1, 2, 3], [2, 0], [0]):
+    for subset in ([0, 1, 2, 3, 4], [2, 0], [0], [4, 1]):
         got = table.gather(np.array([rows[i] for i in subset]), tokens, num_tokens, num_prompt)
         want = sampling_batch([params[i] for i in subset], [histories[i] for i in subset], [1] * len(subset))
-        for field in ("do_sample", "temperature", "top_k", "top_p", "typical_p", "seeds", "positions"):
+        for field in ("do_sample", "temperature", "top_k", "top_p", "typical_p", "seeds", "positions", "min_p"):
             a, b = getattr(got, field), getattr(want, field)
             assert (a is None) == (b is None) and (a is None or a.tolist() == b.tolist()), field
         assert got.max_top_n == want.max_top_n
         assert (got.penalties is None) == (want.penalties is None)
         if got.penalties is not None:
-            for field in ("repetition", "frequency", "rows", "tokens", "generated"):
+            for field in ("repetition", "frequency", "presence", "rows", "tokens", "generated"):
                 a, b = getattr(got.penalties, field), getattr(want.penalties, field)
                 assert (a is None) == (b is None) and (a is None or a.tolist() == b.tolist()), field
+        assert (got.logit_bias is None) == (want.logit_bias is None)
+        if got.logit_bias is not None:  # the table is wider than this subset needs: compare as sets
+            for i in range(len(subset)):
+                a = dict(zip(got.logit_bias.tokens[i].tolist(), got.logit_bias.values[i].tolist()))
+                b = dict(zip(want.logit_bias.tokens[i].tolist(), want.logit_bias.values[i].tolist()))
+                assert (
+                    {k: v for k, v in a.items() if v}
+                    == {k: v for k, v in b.items() if v}
+                    == dict(params[subset[i]].logit_bias)
+                )
+
+
+def test_a_reused_row_forgets_its_previous_logit_bias():
+    table = SamplingTable(2, torch.device("cpu"))
+    tokens, num_tokens, num_prompt = np.zeros((2, 1), dtype=np.int64), np.ones(2, dtype=np.int64), np.ones(2)
+
+    def bias_of_row_0():
+        return table.gather(np.array([0]), tokens, num_tokens, num_prompt).logit_bias
+
+    table.set_row(0, SamplingParams(logit_bias=((5, 2.0), (6, 1.0))))
+    table.set_row(1, SamplingParams(logit_bias=tuple((t, 1.0) for t in range(10))))  # widens the table
+    table.set_row(0, SamplingParams(logit_bias=((7, -1.0),)))
+    assert bias_of_row_0().tokens.tolist() == [[7]] and bias_of_row_0().values.tolist() == [[-1.0]]
+    table.set_row(0, SamplingParams())
+    assert bias_of_row_0() is None and not table.bias_tokens[0].any() and not table.bias_values[0].any()

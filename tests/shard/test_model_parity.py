@@ -107,6 +107,31 @@ def test_prompt_logprobs_match_transformers_across_chunks(tiny_model_dir):
     torch.testing.assert_close(torch.tensor(a.logprobs + b.logprobs), expected, atol=ATOL, rtol=0)
 
 
+def test_prompt_top_tokens_are_transformers_most_likely_across_chunks(tiny_model_dir):
+    """With prompt_top_n, each prompt position also gets its n most likely tokens, in order, under
+    the model's own distribution: the request's temperature and penalties do not touch them."""
+    from shard.step import NewRequest, RunningRequest, StepInput
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = _runner(tiny_model_dir)
+    ids = torch.randint(2, 384, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    sampling = SamplingParams(do_sample=True, temperature=0.3, repetition_penalty=2.0, logit_bias=((5, 50.0),))
+    new = NewRequest(9, ids, 0, 25, [4, 2, 7], sampling, True, prompt_top_n=5)
+    first = runner.step(StepInput(0, new_requests=[new, NewRequest(8, ids[:10], 0, 10, [3], SamplingParams(), True)]))
+    second = runner.step(StepInput(1, running_requests=[RunningRequest(9, 15, [])]))
+    (a,), (b,) = [p for p in first.prompt_logprobs if p.req_id == 9], second.prompt_logprobs
+    other = next(p for p in first.prompt_logprobs if p.req_id == 8)
+    assert len(a.top_tokens) == 25 and len(b.top_tokens) == 14 and other.top_tokens == []
+    logprobs = _hf_logits(hf, ids).log_softmax(-1)[:-1]  # [39, vocab]: position p predicts token p + 1
+    top = a.top_tokens + b.top_tokens
+    top_ids = torch.tensor([[t for t, _ in position] for position in top])
+    top_values = torch.tensor([[lp for _, lp in position] for position in top])
+    torch.testing.assert_close(top_values, logprobs.topk(5).values, atol=ATOL, rtol=0)  # the 5 largest, in order
+    torch.testing.assert_close(logprobs.gather(-1, top_ids), top_values, atol=ATOL, rtol=0)  # of those tokens
+    chosen = logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(a.logprobs + b.logprobs), chosen, atol=ATOL, rtol=0)
+
+
 def test_a_sliding_window_caps_the_positions_served(tmp_path):
     import json
 

@@ -5,7 +5,7 @@ import math
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from shard.sampler import Sampler, SamplerConfig, SamplingParams, watermark_greenlist
+from shard.sampler import Sampler, SamplerConfig, SamplingParams, hash_uniform, watermark_greenlist
 from shard.sampling_table import sampling_batch
 
 VOCAB = 16
@@ -146,3 +146,115 @@ def test_watermarked_text_is_detected_and_plain_text_is_not():
             tokens.append(_sample(sampler, logits, [p], [tokens], [1]).token_ids.item())
         z = _z_score(tokens, gamma)
         assert (z > 4) if watermark else (abs(z) < 3), (watermark, z)
+
+
+def _processed_logprobs(logits: torch.Tensor, params, histories, num_prompt_tokens) -> torch.Tensor:
+    """[N, vocab] the processed log-distribution each row samples from, -inf where filtered out."""
+    vocab = logits.shape[-1]
+    params = [SamplingParams(**{**_fields(p), "top_n_tokens": vocab}) for p in params]
+    out = _sample(Sampler(), logits.clone(), params, histories, num_prompt_tokens)
+    return torch.full_like(logits, float("nan")).scatter(-1, out.top_ids, out.top_logprobs)
+
+
+def test_presence_penalty_subtracts_once_per_generated_token():
+    """OpenAI's presence penalty on a torch reference: once for every token among the generated
+    ones, however often it occurs; prompt tokens (before num_prompt_tokens) are not penalized,
+    tokens generated before a preemption (after it) are. With frequency, both add up."""
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(4))
+    histories = [[4, 4, 7, 7, 7, 9], [1, 2, 3], [5, 6, 5, 6]]
+    num_prompt = [2, 1, 2]
+    params = [
+        SamplingParams(presence_penalty=0.8),
+        SamplingParams(presence_penalty=-0.5, frequency_penalty=0.25),
+        SamplingParams(),  # no penalty in a penalized batch
+    ]
+    expected = logits.clone()
+    for row, (h, n, p) in enumerate(zip(histories, num_prompt, params)):
+        counts = torch.bincount(torch.tensor(h[n:], dtype=torch.long), minlength=20).float()
+        expected[row] -= p.presence_penalty * (counts > 0).float() + p.frequency_penalty * counts
+    ours = _processed_logprobs(logits, params, histories, num_prompt)
+    torch.testing.assert_close(ours, expected.log_softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability_after_temperature():
+    """vLLM's min_p on a torch reference: probabilities after temperature, tokens below
+    min_p * max dropped, the rest renormalized."""
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(5)) * 2
+    params = [
+        SamplingParams(do_sample=True, min_p=0.1),
+        SamplingParams(do_sample=True, min_p=0.1, temperature=2.0),
+        SamplingParams(do_sample=True, min_p=0.5, temperature=0.5, top_k=3),
+        SamplingParams(do_sample=True),  # min_p 0: nothing dropped
+    ]
+    expected = []
+    for row, p in enumerate(params):
+        scaled = logits[row] / p.temperature
+        probs = scaled.softmax(-1)
+        keep = probs >= p.min_p * probs.max()
+        if p.top_k:
+            keep &= scaled >= scaled.topk(p.top_k).values[-1]
+        expected.append(scaled.masked_fill(~keep, float("-inf")).log_softmax(-1))
+    ours = _processed_logprobs(logits, params, [[0]] * 4, [1] * 4)
+    torch.testing.assert_close(ours, torch.stack(expected), atol=1e-5, rtol=0)
+    kept = sample_many(SamplingParams(do_sample=True, min_p=0.3))  # 0.3 * 0.4 = 0.12: 0.1 is dropped
+    assert kept == {0, 1, 2}
+
+
+def test_min_p_is_ignored_when_greedy():
+    """As temperature and the filters: it shapes a sampled distribution, the argmax is its own."""
+    out = _sample(Sampler(), LOGITS[None].clone(), [SamplingParams(min_p=0.9, top_n_tokens=2)], [[0]], [1])
+    assert out.top_ids[0].tolist() == [0, 1] and math.isclose(out.logprobs.item(), math.log(0.4), rel_tol=1e-5)
+
+
+def test_logit_bias_is_added_to_the_logits_and_raw_logprobs_do_not_see_it():
+    """Added before anything else: it moves the greedy pick and the processed logprobs; raw
+    logprobs (OpenAI's routes) stay the model's own, as vLLM's raw_logprobs are."""
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    bias = ((3, 100.0), (7, -2.5), (11, 1.5))
+    params = [
+        SamplingParams(logit_bias=bias),
+        SamplingParams(logit_bias=((5, 3.0),), raw_logprobs=True),
+        SamplingParams(),  # no bias in a biased batch
+    ]
+    expected = logits.clone()
+    for t, v in bias:
+        expected[0, t] += v
+    expected[1, 5] += 3.0
+    ours = _processed_logprobs(logits[[0, 2]], params[:1] + params[2:], [[0]] * 2, [1] * 2)
+    torch.testing.assert_close(ours, expected[[0, 2]].log_softmax(-1), atol=1e-5, rtol=0)
+    out = _sample(Sampler(), logits.clone(), params, [[0]] * 3, [1] * 3)
+    assert out.token_ids.tolist() == expected.argmax(-1).tolist() and out.token_ids[0] == 3
+    raw = logits[1].log_softmax(-1)
+    assert math.isclose(out.logprobs[1].item(), raw[out.token_ids[1]].item(), rel_tol=1e-5)
+
+
+def test_rows_without_the_new_features_cost_nothing_and_are_unchanged():
+    """A greedy batch gathers no penalty, min_p, bias or grammar tensors; greedy rows next to rows
+    using every new feature get exactly the tokens and logprobs they get alone."""
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
+    plain = [SamplingParams(), SamplingParams(top_n_tokens=3)]
+    batch = sampling_batch(plain, [[1, 2], [3]], [1, 1])
+    fields = ("penalties", "min_p", "logit_bias", "grammar", "do_sample", "watermark", "raw_logprobs")
+    assert all(getattr(batch, f) is None for f in fields)
+    alone = Sampler()(logits[:2].clone(), batch)
+    assert alone.token_ids.tolist() == logits[:2].argmax(-1).tolist()
+    featured = [
+        SamplingParams(do_sample=True, min_p=0.2, presence_penalty=1.0, seed=1),
+        SamplingParams(logit_bias=((0, 5.0),), presence_penalty=-1.0),
+    ]
+    mixed = _sample(Sampler(), logits.clone(), plain + featured, [[1, 2], [3], [4, 5], [6, 7]], [1, 1, 1, 1])
+    assert mixed.token_ids[:2].tolist() == alone.token_ids.tolist()
+    assert torch.equal(mixed.logprobs[:2], alone.logprobs)
+    assert torch.equal(mixed.top_ids[1, :3], alone.top_ids[1])
+    assert torch.equal(mixed.top_logprobs[1, :3], alone.top_logprobs[1])
+
+
+def test_a_filtered_token_is_never_drawn_even_where_the_uniform_is_at_its_top():
+    """Seed 134 at position 5 draws the largest 24-bit uniform for token 45433, which float32 used to
+    round to 1.0: its Exp(1) noise was 0 and its -inf logit turned NaN, which argmax picked."""
+    u = hash_uniform(torch.tensor([134]), torch.tensor([5]), 49152)
+    assert u.max() < 1 and u.argmax().item() == 45433
+    logits = torch.zeros(1, 49152)
+    logits[0, 0] = 5.0
+    out = _sample(Sampler(), logits, [SamplingParams(do_sample=True, seed=134, top_k=1)], [[1, 2, 3, 4, 5]], [5])
+    assert out.token_ids.tolist() == [0] and out.logprobs.item() == 0.0

@@ -29,8 +29,8 @@ def _state(runner) -> dict[int, tuple]:
     }
 
 
-def _new(req_id=2, token_ids=(5, 6, 7), cached=0, scheduled=3, blocks=(1,)):
-    return NewRequest(req_id, list(token_ids), cached, scheduled, list(blocks), SamplingParams())
+def _new(req_id=2, token_ids=(5, 6, 7), cached=0, scheduled=3, blocks=(1,), sampling=SamplingParams()):
+    return NewRequest(req_id, list(token_ids), cached, scheduled, list(blocks), sampling)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +43,8 @@ def _new(req_id=2, token_ids=(5, 6, 7), cached=0, scheduled=3, blocks=(1,)):
         (StepInput(1, new_requests=[_new(token_ids=range(20), scheduled=20)]), "1 blocks cannot hold 20 tokens"),
         (StepInput(1, new_requests=[_new(blocks=(16,))]), "outside the cache's 16 blocks"),
         (StepInput(1, new_requests=[_new(blocks=(-1,))]), "outside the cache's 16 blocks"),
+        (StepInput(1, new_requests=[_new(sampling=SamplingParams(logit_bias=((384, 1.0),)))]), "logit_bias token"),
+        (StepInput(1, new_requests=[_new(sampling=SamplingParams(logit_bias=((3, float("inf")),)))]), "or not finite"),
         (StepInput(1, running_requests=[RunningRequest(9, 1, [])]), "request 9 is not running"),
         (StepInput(1, running_requests=[RunningRequest(1, 2, [])]), "tokens 3..5 scheduled, 4 known"),
         (StepInput(1, running_requests=[RunningRequest(1, 1, [99])]), "outside the cache's 16 blocks"),
