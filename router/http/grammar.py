@@ -12,8 +12,9 @@ import json
 from llguidance import LLMatcher, StructTag
 
 JSON_OBJECT_SCHEMA = {"type": "object"}
-# JSON without free whitespace between tokens: with it a small model can emit spaces until max_tokens.
-JSON_OPTIONS = {"whitespace_flexible": False}
+# JSON spaced as Python's json.dumps writes it ({"a": 1, "b": [2, 3]}), the way models most often saw
+# it; free whitespace would let a small model emit spaces or newlines until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @functools.lru_cache(maxsize=256)

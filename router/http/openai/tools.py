@@ -324,7 +324,7 @@ def tool_grammar(tools: ToolPlan, specials: dict[str, int]) -> str:
     """The llguidance grammar of the output (validated; see the module docstring)."""
     fmt, lit = tools.format, (lambda text: _literal(text, specials))
     functions = [
-        f"fn_{i}: {lit(f.name + chr(34) + ', ' + json.dumps(fmt.args_keys[0]) + ': ')} %json {json.dumps(f.parameters)}"
+        f"fn_{i}: {lit(f.name + chr(34) + ', ' + json.dumps(fmt.args_keys[0]) + ': ')} %json {_compact(f.parameters)}"
         for i, f in enumerate(tools.functions)
     ]
     rules = ["fns: " + " | ".join(f"fn_{i}" for i in range(len(functions))), *functions]
@@ -347,6 +347,11 @@ def tool_grammar(tools: ToolPlan, specials: dict[str, int]) -> str:
         return grammar.lark(source)
     except ValueError as e:
         raise _tool_error(str(e)) from None
+
+
+def _compact(schema: dict) -> str:
+    """`schema` for an inline %json, without free whitespace unless the schema asks for it."""
+    return json.dumps({"x-guidance": grammar.JSON_OPTIONS, **schema})
 
 
 def _lazy_sections(tools: ToolPlan, specials: dict[str, int], lit: Callable[[str], str], more: str) -> list[str]:
