@@ -222,8 +222,8 @@ def test_streaming_completions(client):
         ("/v1/completions", {"prompt": ""}, "Input validation error: `inputs` cannot be empty", "validation"),
         (
             "/v1/completions",
-            {"prompt": "x", "presence_penalty": 0.5},
-            "Input validation error: `presence_penalty` is not supported (only 0): use `frequency_penalty`",
+            {"prompt": "x", "presence_penalty": 2.5},
+            "Input validation error: `presence_penalty` must be >= -2.0 and <= 2.0",
             "validation",
         ),
         (
@@ -250,8 +250,12 @@ def test_streaming_completions(client):
         ),
         (
             "/v1/chat/completions",
-            {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "Tool error: this model's chat template does not support tools",
+            {
+                "messages": QUESTION,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "Tool error: `tool_choice` names the function `g`, which is not in `tools`",
             "tool_error",
         ),
     ],
