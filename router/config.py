@@ -69,7 +69,11 @@ class RouterConfig:
     )
     otlp_endpoint: str | None = flag(None, "OTLP/gRPC endpoint for traces (none: no tracing)", forward=True)
     otlp_service_name: str = flag("sluice", "service name of the traces (.router, .shard appended)", forward=True)
-    shard_connect_timeout_s: float = 300.0
+    shard_connect_timeout_s: float = 300.0  # for the shards to listen, at startup and after a restart
+    await_shard_restart: bool = flag(  # the launcher sets it with --shard-restarts
+        False,
+        "when the shards are lost, keep their requests and wait for the launcher to restart them, then resume",
+    )
     step_timeout_s: float | None = flag(
         120.0,
         "seconds a step may take before its requests fail (0: no limit)",

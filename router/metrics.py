@@ -68,6 +68,13 @@ class Metrics:
         self.kv_blocks_free = Gauge("sluice_kv_blocks_free", "Free KV-cache blocks", registry=r)
         self.kv_blocks_total = Gauge("sluice_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
         self.preemptions = counter("sluice_preemptions", "Requests preempted to free KV blocks")
+        self.shard_restarts = counter(
+            "sluice_shard_restarts", "Times the shard group came back into service after it was lost (restarted)"
+        )
+        self.requests_resumed = counter(
+            "sluice_requests_resumed",
+            "Requests in flight when the shards were lost, recomputed (prompt + tokens generated) once they came back",
+        )
         self.prompt_tokens_computed = counter("sluice_prompt_tokens_computed", "Prompt tokens computed by the shards")
         self.prefix_cache_hit_tokens = counter(
             "sluice_prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache"

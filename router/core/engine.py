@@ -3,6 +3,11 @@
 `generate()` queues a validated request and yields its events; `run()` repeatedly asks the
 scheduler for a step, sends it to the shards, applies the tokens, turns them into text (the
 output processor, which also checks stop strings) and hands each request its event.
+
+When the shards are lost (a shard process died, see ShardError.lost) the engine either fails
+every request, running and waiting (the launcher then stops the server), or, given `reconnect`
+(the launcher restarts the shard group), puts the running requests back in the queue to be
+recomputed, waits for the shards to serve again, and resumes: streams continue where they were.
 """
 
 import asyncio
@@ -10,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -33,6 +38,14 @@ class GenerationError(RuntimeError):
 def _server_error(reason: object) -> GenerationError:
     """TGI's message for a generation the shards failed."""
     return GenerationError(f"Request failed during generation: Server error: {reason}")
+
+
+class ShardsNotBack(RuntimeError):
+    """The shards were lost and did not come back in time: the batching loop ends (the router exits)."""
+
+
+class _RecoveryStopped(Exception):
+    """The server stopped (stop_resuming) while the engine waited for the shards."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +109,22 @@ class Engine:
         metrics: Metrics,
         step_timeout_s: float | None = None,
         max_steps_in_flight: int = 2,
+        reconnect: Callable[[], Awaitable[int]] | None = None,
     ):
+        """`reconnect`, when the launcher restarts lost shards: waits for them to serve again (warmed
+        up) and returns their number of KV blocks, or raises once they will not (TimeoutError,
+        ShardError). Without it, losing the shards fails every request."""
         self.scheduler = scheduler
         self.max_steps_in_flight = max_steps_in_flight
         self.step_timeout_s = step_timeout_s
         self.is_healthy = True  # false after a failed step whose recovery (ClearCache) failed too
+        self.recovering = False  # the shards were lost; requests wait until they serve again
         self._reset_pending = False  # a failed step's ClearCache has not succeeded yet
+        self._reconnect = reconnect
+        self._resumes = reconnect is not None  # off once the server stops: then a loss fails requests
+        self._stop_recovery = asyncio.Event()
+        self._requeued: list[Request] = []  # put back in the queue when the shards were lost
+        self._restart_notice: str | None = None  # the launcher said it restarts the shards
         self.metrics = metrics
         self.shards = shards
         self.tokenizer = tokenizer
@@ -146,20 +169,24 @@ class Engine:
         self.metrics.request_input_length.observe(len(spec.input_ids))
         self.metrics.request_max_new_tokens.observe(spec.max_new_tokens)
         self._wake.set()
+        ended = False  # the last event (or the error) was handed over
         try:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, Exception):
+                    ended = True
                     self.metrics.request_failure.labels("generation").inc()
                     raise event
                 if event.finish_reason is not None:
+                    ended = True
                     self._record_success(handle)
                 yield event
-                if event.finish_reason is not None:
+                if ended:
                     return
         finally:
             if not request.status.is_finished:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            if not ended:  # the client left first: its request was aborted, or its last tokens went unread
                 self.metrics.request_failure.labels("dropped").inc()
             self._handles.pop(request.req_id, None)
 
@@ -200,19 +227,29 @@ class Engine:
         in_flight: deque[_InFlight] = deque()
         while True:
             try:
-                await self._advance(in_flight)
+                if self.recovering:
+                    await self._recover()
+                else:
+                    await self._advance(in_flight)
+            except ShardsNotBack:
+                raise
             except Exception as e:  # a bug here must fail the requests in flight, never hang them
                 log.exception("the engine failed a step")
                 self._fail_steps(in_flight, ShardError(f"internal error: {e!r}"))
 
     async def _advance(self, in_flight: deque[_InFlight]) -> None:
         """One turn of the loop: wait for work, send a step, or apply the oldest step's result."""
+        if self._restart_notice is not None:
+            self._abandon_steps(in_flight, ShardError(self._restart_notice, lost=True))
+            self._await_shards(self._restart_notice)
+            return
         if not in_flight and not self.scheduler.has_work:
             self._wake.clear()
             await self._wake.wait()
             return
         if self._reset_pending and not in_flight and not await self._reset_shards():
-            self._fail_waiting("the shards could not be reset")
+            if not self.recovering:
+                self._fail_waiting("the shards could not be reset")
             return
         if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work:
             plan = self.scheduler.schedule()
@@ -222,7 +259,7 @@ class Engine:
                 try:
                     await self.shards.send(plan, step.trace_context)
                 except ShardError as e:
-                    self._fail_steps(in_flight, e)
+                    await self._step_failed(in_flight, e)
                 return
             if not in_flight:
                 self._fail_unschedulable()
@@ -231,7 +268,7 @@ class Engine:
         try:
             result = await self.shards.receive(self.step_timeout_s)
         except ShardError as e:
-            self._fail_steps(in_flight, e)
+            await self._step_failed(in_flight, e)
             return
         self._finish_step(in_flight.popleft(), result)
 
@@ -265,20 +302,140 @@ class Engine:
         m.batch_forward_duration.labels(step.method).observe(result.forward_ns / 1e9)
         m.batch_decode_duration.labels(step.method).observe(time.monotonic() - received)
 
-    def _fail_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
-        """A shard failed: the steps in flight and every running request fail; the loop resets
-        the shards before its next step."""
-        log.error("step failed: %s", error)
+    async def _step_failed(self, in_flight: deque[_InFlight], error: ShardError) -> None:
+        """A step failed on the shards. If they were lost and are being restarted, the running
+        requests wait to be recomputed; otherwise they fail, and the waiting ones too when the
+        shards are gone."""
+        if self._resumes and await self._shards_lost(error):
+            steps = ", ".join(step.method for step in in_flight) or "none"
+            self._abandon_steps(in_flight, error)
+            self._await_shards(f"{error}; steps in flight: {steps}")
+            return
+        self._fail_steps(in_flight, error)
+        if error.lost:
+            self._fail_waiting(error)
+
+    async def _shards_lost(self, error: ShardError) -> bool:
+        """Whether `error` means a shard is gone. With several ranks the first error may come from
+        a survivor (its collective broke), so the ranks are asked when it does not say."""
+        if error.lost:
+            return True
+        if error.timed_out:  # stuck, not gone: the step timeout's reset handles it
+            return False
+        gone = await self.shards.unreachable()
+        if gone:
+            log.warning("%s; unreachable: %s", error, ", ".join(gone))
+        return bool(gone)
+
+    def _abandon_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
         for step in in_flight:
             step.span.record_exception(error)
             step.span.end()
             self.metrics.batch_inference_failure.labels(step.method).inc()
         in_flight.clear()
+
+    def _fail_steps(self, in_flight: deque[_InFlight], error: ShardError) -> None:
+        """A shard failed: the steps in flight and every running request fail; the loop resets
+        the shards before its next step."""
+        log.error("step failed: %s", error)
+        self._abandon_steps(in_flight, error)
         for request in self.scheduler.fail_all():
             handle = self._handles.get(request.req_id)
             if handle is not None:
                 handle.events.put_nowait(_server_error(error))
         self._reset_pending = True
+
+    # -- losing the shards, and getting them back ---------------------------------------------------
+    def shards_restarting(self) -> None:
+        """The launcher says it restarts the shard group (SIGUSR1): wait for the new one and warm it up,
+        even with nothing in flight to notice the loss (a request would otherwise meet cold shards)."""
+        if self._resumes and not self.recovering:
+            self._restart_notice = "the launcher is restarting the shards"
+            self._wake.set()
+
+    def _await_shards(self, error: object) -> None:
+        """The shards were lost: requeue the running requests and wait for the shards to be back."""
+        self._restart_notice = None
+        self._requeued = self.scheduler.requeue_all()
+        self.shards.reset_streams()
+        self.recovering = True
+        log.warning(
+            "lost the shards (%s): %d running and %d queued request(s) wait for them to be restarted",
+            error,
+            len(self._requeued),
+            len(self.scheduler.waiting) - len(self._requeued),
+        )
+
+    async def _recover(self) -> None:
+        """Wait for the restarted shards, then resume with a KV pool of their new size. If the
+        server stops meanwhile, every request fails; if the shards do not come back, too, and
+        ShardsNotBack ends the loop."""
+        started = time.monotonic()
+        try:
+            num_blocks = await self._reconnect_unless_stopped()
+        except _RecoveryStopped:
+            self._give_up("the server is stopping and the shards are gone")
+            return
+        except Exception as e:  # noqa: BLE001 - whatever kept them away, the requests must not wait forever
+            reason = f"the shards did not come back: {e or type(e).__name__}"
+            self._give_up(reason)
+            raise ShardsNotBack(reason) from e
+        kv = self.scheduler.kv_cache_manager
+        old_blocks = kv.num_blocks
+        kv.resize(num_blocks)
+        self.metrics.batch_max_total_tokens.set(num_blocks * kv.block_size)
+        resumed = [r for r in self._requeued if not r.status.is_finished]
+        self._requeued = []
+        self.metrics.shard_restarts.inc()
+        self.metrics.requests_resumed.inc(len(resumed))
+        self.recovering = False
+        self.is_healthy, self._reset_pending = True, False
+        log.info(
+            "the shards are back after %.1f s (KV cache: %d blocks, was %d); %d request(s) resume",
+            time.monotonic() - started,
+            num_blocks,
+            old_blocks,
+            len(resumed),
+        )
+        self._wake.set()
+
+    async def _reconnect_unless_stopped(self) -> int:
+        reconnect = asyncio.ensure_future(self._reconnect())
+        stopped = asyncio.ensure_future(self._stop_recovery.wait())
+        try:
+            await asyncio.wait({reconnect, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not reconnect.done():
+                reconnect.cancel()
+                await asyncio.gather(reconnect, return_exceptions=True)
+        if not reconnect.done() or reconnect.cancelled():
+            raise _RecoveryStopped()
+        return reconnect.result()
+
+    def _give_up(self, reason: str) -> None:
+        """Stop waiting for the shards: every request fails with `reason`."""
+        log.error("%s: failing %d request(s)", reason, len(self._handles))
+        self.recovering = False
+        self._resumes = False
+        self._requeued = []
+        self.is_healthy = False
+        self._reset_pending = True
+        self.abort_all(reason)
+
+    def stop_resuming(self) -> None:
+        """The server is stopping: from now on, losing the shards fails the requests, and a wait
+        for lost shards ends at once with every request failed."""
+        self._resumes = False
+        self._stop_recovery.set()
+
+    def abort_all(self, reason: str) -> None:
+        """End every request, running or waiting, now: its client gets an error with `reason`."""
+        for request in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            handle = self._handles.get(request.req_id)
+            if handle is not None:
+                handle.events.put_nowait(_server_error(reason))
 
     def _record_plan(self, plan: StepPlan) -> str:
         """Count `plan` in the step metrics; returns its method label. (The gauges of the queue,
@@ -348,6 +505,9 @@ class Engine:
         try:
             await self.shards.clear_cache(self.step_timeout_s)
         except ShardError as e:
+            if self._resumes and await self._shards_lost(e):
+                self._await_shards(e)
+                return False
             self.is_healthy = False
             log.error("resetting the shards failed; trying again before the next step: %s", e)
             return False
@@ -355,7 +515,7 @@ class Engine:
         self.is_healthy = True  # the shards answered the reset: healthy again
         return True
 
-    def _fail_waiting(self, reason: str) -> None:
+    def _fail_waiting(self, reason: object) -> None:
         """End every queued request with a server error (the shards cannot serve them)."""
         for request in list(self.scheduler.waiting):
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)

@@ -125,6 +125,12 @@ class KVCacheManager:
         self.pool.free(reversed(blocks.table))
         blocks.table, blocks.num_registered = [], 0
 
+    def resize(self, num_blocks: int) -> None:
+        """A new, empty pool of `num_blocks` (a restarted shard group sized its cache anew). No
+        request may hold blocks; preempted ones keep their hash chains."""
+        assert not any(blocks.table for blocks in self._requests.values()), "requests hold blocks"
+        self.pool = BlockPool(num_blocks)
+
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix; unused cached blocks become plain free blocks."""
         self.pool.clear_hashes()

@@ -286,13 +286,29 @@ class Scheduler:
                 return None
         return new_block_ids
 
+    def requeue_all(self) -> list[Request]:
+        """The shards were lost (and are being restarted): every running request goes back to the
+        front of the queue, oldest first, to be recomputed from its prompt and the tokens it
+        generated, as after a preemption; tokens of steps in flight are dropped, and what the shards
+        held (their request state, the prefix cache) is forgotten. Returns the requests requeued."""
+        requeued = list(self.running)
+        for request in reversed(requeued):
+            self._requeue(request)
+        self._forget.clear()  # the new shards hold nothing to forget
+        self.kv_cache_manager.clear_prefix_cache()
+        return requeued
+
     def _preempt(self, request: Request) -> None:
+        self._requeue(request)
+        self.num_preemptions += 1
+
+    def _requeue(self, request: Request) -> None:
+        """Free a running request's blocks and put it at the front of the queue, to be recomputed."""
         self._release(request)
         self.kv_cache_manager.free(request, preempted=True)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = request.num_pending_outputs = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
+        request.num_preemptions += 1  # results of the steps in flight are stale
         self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:

@@ -1,7 +1,9 @@
 """gRPC clients of the shards, and the only router module that touches `pb`.
 
 `ShardedClient` fans every call out to all ranks and answers with rank 0's reply; an error
-from any rank fails the call.
+from any rank fails the call. A `ShardError` says whether a shard was lost (its process is gone:
+the connection broke or is refused), which a restart of the shard group can mend, or whether a
+step failed or timed out on shards that are still there.
 """
 
 import asyncio
@@ -15,7 +17,42 @@ from router.pb import shard_pb2_grpc
 
 
 class ShardError(RuntimeError):
-    pass
+    """A call to the shards failed. `lost`: a shard is unreachable (its connection broke or is
+    refused: UNAVAILABLE), so the group must be restarted before it can serve again; `timed_out`: a
+    step took longer than the step timeout (the shard may be stuck, but it is there). Neither: the
+    shards answered with an error, or a stream ended; `ShardedClient.unreachable` tells whether one
+    of them is gone nonetheless (the survivors of a broken group fail their collectives first)."""
+
+    def __init__(self, message: str, *, lost: bool = False, timed_out: bool = False):
+        super().__init__(message)
+        self.lost = lost
+        self.timed_out = timed_out
+
+
+# A shard that is gone: its socket refuses connections or the connection broke mid-call.
+_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+# Reconnect soon after a shard group restarts: gRPC's default backoff grows to two minutes.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def _rpc_error(address: str, e: grpc.aio.AioRpcError) -> ShardError:
+    return ShardError(f"shard {address}: {e.details()}", lost=e.code() in _LOST_CODES)
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupSpec:
+    """What the router asks of every warmup: the largest prefill and batch, and a cap on the KV blocks (0: none)."""
+
+    max_batch_prefill_tokens: int
+    max_batch_size: int
+    max_num_blocks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +160,7 @@ class ShardClient:
 
     def __init__(self, address: str):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
-        )
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = shard_pb2_grpc.ShardStub(self.channel)
         self._stream = None
 
@@ -135,7 +169,10 @@ class ShardClient:
             self._stream = self.stub.Step()
         try:
             await self._stream.write(request)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+        except grpc.aio.AioRpcError as e:
+            self._stream = None
+            raise _rpc_error(self.address, e) from e
+        except grpc.aio.UsageError as e:  # the stream ended (a failed step aborted it, or the shard went away)
             self._stream = None
             raise ShardError(f"shard {self.address}: {e}") from e
 
@@ -147,11 +184,19 @@ class ShardClient:
             response = await self._stream.read()
         except grpc.aio.AioRpcError as e:
             self._stream = None
-            raise ShardError(f"shard {self.address}: {e.details()}") from e
-        if response is grpc.aio.EOF:
+            raise _rpc_error(self.address, e) from e
+        if response is grpc.aio.EOF:  # the shard is stopping, or the stream was ended: whether it is gone, ask
             self._stream = None
             raise ShardError(f"shard {self.address} closed its step stream")
         return response
+
+    async def is_reachable(self, timeout_s: float) -> bool:
+        """False if the shard refuses or drops a Health call (gone); True if it answers or is merely slow."""
+        try:
+            await self.stub.Health(pb.HealthRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            return e.code() not in _LOST_CODES
+        return True
 
     def reset_stream(self) -> None:
         if self._stream is not None:
@@ -167,7 +212,7 @@ class ShardedClient:
         try:
             return await asyncio.gather(*(call(c) for c in self.clients))
         except grpc.aio.AioRpcError as e:
-            raise ShardError(f"{e.code().name}: {e.details()}") from e
+            raise ShardError(f"{e.code().name}: {e.details()}", lost=e.code() in _LOST_CODES) from e
 
     async def wait_ready(self, timeout_s: float) -> None:
         await asyncio.gather(*(asyncio.wait_for(c.channel.channel_ready(), timeout_s) for c in self.clients))
@@ -188,15 +233,25 @@ class ShardedClient:
     async def health(self, timeout_s: float = 5.0) -> None:
         await self._all(lambda c: c.stub.Health(pb.HealthRequest(), timeout=timeout_s))
 
-    async def warmup(self, max_batch_prefill_tokens: int, max_batch_size: int, max_num_blocks: int) -> int:
+    async def warmup(self, spec: WarmupSpec) -> int:
         """Size every rank's KV cache; returns the number of blocks all ranks have."""
         request = pb.WarmupRequest(
-            max_batch_prefill_tokens=max_batch_prefill_tokens,
-            max_batch_size=max_batch_size,
-            max_num_blocks=max_num_blocks,
+            max_batch_prefill_tokens=spec.max_batch_prefill_tokens,
+            max_batch_size=spec.max_batch_size,
+            max_num_blocks=spec.max_num_blocks,
         )
         responses = await self._all(lambda c: c.stub.Warmup(request))
         return min(r.num_blocks for r in responses)
+
+    async def unreachable(self, timeout_s: float = 2.0) -> list[str]:
+        """The addresses of the ranks that are gone (see ShardClient.is_reachable)."""
+        reachable = await asyncio.gather(*(c.is_reachable(timeout_s) for c in self.clients))
+        return [c.address for c, ok in zip(self.clients, reachable) if not ok]
+
+    def reset_streams(self) -> None:
+        """Drop every rank's step stream (steps in flight are abandoned); the next step opens new ones."""
+        for c in self.clients:
+            c.reset_stream()
 
     async def clear_cache(self, timeout_s: float | None = 30.0) -> None:
         """Drop every rank's request state and open fresh step streams (None: no deadline)."""
@@ -215,7 +270,7 @@ class ShardedClient:
         try:
             responses = await asyncio.wait_for(asyncio.gather(*(c.receive() for c in self.clients)), timeout_s)
         except TimeoutError:
-            raise ShardError(f"a step took longer than {timeout_s:g}s") from None
+            raise ShardError(f"a step took longer than {timeout_s:g}s", timed_out=True) from None
         return result_from_pb(responses[0])
 
     async def close(self) -> None:

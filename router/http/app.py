@@ -36,9 +36,26 @@ _HEALTH_PROBE = web.AppKey("health_probe", asyncio.Lock)
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 while the shards answer; after a failed step whose reset failed too, only once a
-    generation succeeds again. As TGI does, /health then runs a one-token generation itself:
-    without it, a server that load balancers stop sending requests to (503) would stay unhealthy."""
+    """200 while the shards answer; 503 while they are being restarted, and after a failed step
+    whose reset failed too, until a generation succeeds again. As TGI does, /health then runs a
+    one-token generation itself: without it, a server that load balancers stop sending requests to
+    (503) would stay unhealthy. The readiness probe."""
+    state = request.app[STATE]
+    if state.engine.recovering:
+        return error_response(503, "the shards are restarting", "healthcheck")
+    return await _shards_health(request)
+
+
+async def live(request: web.Request) -> web.Response:
+    """The liveness probe: as /health, but 200 while the shards are being restarted. The launcher
+    bounds a restart (it exits when it gives up, as the router does when the shards do not come
+    back in time), so a restart in progress is no reason to kill the server; stuck shards are."""
+    if request.app[STATE].engine.recovering:
+        return web.Response(status=200)
+    return await _shards_health(request)
+
+
+async def _shards_health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
         await state.shards.health()
@@ -127,6 +144,7 @@ def build_app(
     add_tgi_routes(app)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/health", health)
+    app.router.add_get("/live", live)
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
     add_openai_routes(app)

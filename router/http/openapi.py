@@ -93,7 +93,12 @@ _ERRORS = {
         "overloaded",
         "Model is overloaded",
     ),
-    "503": ("Unhealthy", "A shard failed its health check.", "healthcheck", "unhealthy"),
+    "503": (
+        "Unhealthy",
+        "A shard failed its health check, or the shards are being restarted.",
+        "healthcheck",
+        "unhealthy",
+    ),
     "default": ("Error", "Any other error (404, 405, 500), in the same shape.", "internal", "Internal server error"),
 }
 
@@ -226,7 +231,10 @@ def _tgi_paths() -> dict:
         **_post("/tokenize", "tokenize", TGI, "Tokenize a prompt", tgi.TokenizeRequest,
                 _ok("The tokens, with byte offsets into `inputs`.", tokens),
                 {"text": _example("Text", {"inputs": "Hello world"})}, can_fail=False),
-        **_get("/health", "health", SERVICE, "Shard health", _ok("Healthy: an empty body."), "503"),
+        **_get("/health", "health", SERVICE, "Shard health (readiness)",
+               _ok("Healthy: an empty body. 503 while the shards are being restarted."), "503"),
+        **_get("/live", "live", SERVICE, "Liveness",
+               _ok("Alive: as /health, but also while the launcher restarts the shards."), "503"),
         **_get("/info", "get_model_info", SERVICE, "Model and limits", _ok("The model.", info)),
         **_get("/metrics", "metrics", SERVICE, "Prometheus metrics",
                _ok("TGI's `tgi_*` metrics (its counters as gauges) and Sluice's `sluice_*`.", metrics)),

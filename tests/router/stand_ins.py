@@ -44,7 +44,7 @@ def stand_in_state(max_concurrent_requests: int = 8, is_healthy: bool = True) ->
     """No engine beyond its health flag: `build_app` reads only the metrics and the concurrency
     limit, handlers the rest."""
     return ServerState(
-        engine=types.SimpleNamespace(is_healthy=True),
+        engine=types.SimpleNamespace(is_healthy=True, recovering=False),
         shards=StandInShards(is_healthy),
         tokenizer=ByteTokenizer(),
         limits=LIMITS,

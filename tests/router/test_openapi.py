@@ -37,6 +37,7 @@ EXPECTED_ROUTES = {
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/health"),
+    ("GET", "/live"),
     ("GET", "/info"),
     ("GET", "/metrics"),
     ("GET", "/v1/models"),
