@@ -17,7 +17,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 import configflags
 from launcher.config import LaunchConfig, visible_gpus
-from launcher.process import ChildFailed, Supervisor
+from launcher.process import ChildFailed, StopRequested, Supervisor
 from router.config import RouterConfig
 from shard.config import ShardConfig
 
@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     supervisor = Supervisor(config)
 
     def request_stop(signum, frame):
-        log.info("received %s: draining", signal.Signals(signum).name)
+        if supervisor.stopping:
+            log.warning("received %s again: the router ends its requests now", signal.Signals(signum).name)
+            supervisor.hurried = True
+            return
+        log.info("received %s: draining (a second one ends the requests in flight now)", signal.Signals(signum).name)
         supervisor.stopping = True
 
     signal.signal(signal.SIGINT, request_stop)
@@ -115,10 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     except ChildFailed as e:
         log.error("%s during startup", e)
         code = 1
-    except (KeyboardInterrupt, TimeoutError) as e:
-        code = 1 if isinstance(e, TimeoutError) else 0
-        if code:
-            log.error("%s", e)
+    except TimeoutError as e:
+        log.error("%s", e)
+        code = 1
+    except StopRequested:
+        code = 0
     finally:
-        supervisor.shutdown()
+        supervisor.shutdown(failed=code != 0)
+    log.info("exiting with code %d", code)
     sys.exit(code)

@@ -34,6 +34,14 @@ class LaunchConfig:
     graceful_termination_timeout_s: float = flag(
         90.0, "seconds in-flight requests may take to finish after SIGTERM", option="--graceful-termination-timeout"
     )
+    shard_restarts: int = flag(
+        0,
+        "when a shard dies, restart the whole shard group (every rank) up to this many times within "
+        "--shard-restart-window; requests in flight resume where they were (0: a dead shard stops everything)",
+    )
+    shard_restart_window_s: float = flag(
+        600.0, "seconds over which --shard-restarts are counted", option="--shard-restart-window"
+    )
     json_output: bool = flag(False, "every process logs one JSON object per line")
     api_key: str | None = flag(  # given to the router in its environment, never argv
         None, "require `Authorization: Bearer KEY` on generation routes", repr=False
@@ -44,6 +52,8 @@ class LaunchConfig:
     def __post_init__(self):
         if self.num_shard < 1:
             raise ValueError(f"--num-shard must be at least 1, got {self.num_shard}")
+        if self.shard_restarts < 0 or self.shard_restart_window_s <= 0:
+            raise ValueError("--shard-restarts must be >= 0 and --shard-restart-window > 0")
 
     @property
     def local_address(self) -> str:
@@ -92,6 +102,8 @@ class LaunchConfig:
         ]
         for rank in range(self.num_shard):
             argv += ["--shard", self.shard_address(rank)]
+        if self.shard_restarts:  # lost shards come back: the router keeps their requests meanwhile
+            argv.append("--await-shard-restart")
         return argv + ["--json-output"] if self.json_output else argv
 
     def router_env(self) -> dict[str, str]:

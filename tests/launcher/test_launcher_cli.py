@@ -61,3 +61,38 @@ def test_cuda_graph_sizes_reach_the_shards_and_parse_there(monkeypatch):
     assert shard_args(["--model-id", "m"]).cuda_graphs == (1, 2, 4, 8, 16, 32, 64, 128, 256)
     with pytest.raises(SystemExit):
         shard_args(["--model-id", "m", "--cuda-graphs", "4,-1"])
+
+
+def test_shard_restarts_make_the_router_wait_for_lost_shards(monkeypatch):
+    from router.cli import parse_args as router_args
+
+    assert "--await-shard-restart" not in parse_args([]).router_argv()
+    monkeypatch.setenv("SHARD_RESTART_WINDOW", "120")
+    config = parse_args(["--shard-restarts", "3"])
+    assert (config.shard_restarts, config.shard_restart_window_s) == (3, 120.0)
+    assert router_args(config.router_argv()[3:]).await_shard_restart is True
+    with pytest.raises(SystemExit):
+        parse_args(["--shard-restarts", "-1"])
+
+
+def test_the_restart_budget_counts_restarts_within_its_window():
+    from launcher.process import RestartBudget
+
+    budget = RestartBudget(2, window_s=60)
+    assert [budget.take(t) for t in (0, 10, 20, 61, 75, 80)] == [True, True, False, True, True, False]
+    assert not RestartBudget(0, window_s=60).take(0)
+
+
+def test_a_dead_child_is_described_by_rank_and_signal_or_exit_code():
+    from launcher.process import Child
+
+    def child(returncode: int, rank: int | None) -> Child:
+        process = subprocess.Popen([sys.executable, "-c", f"import os, sys; sys.exit({max(returncode, 0)})"])
+        process.wait()
+        process.returncode = returncode
+        return Child("router" if rank is None else f"shard-{rank}", process, rank)
+
+    shard = child(-9, 1)
+    assert shard.describe_exit() == f"shard-1 (rank 1, pid {shard.process.pid}) was killed by SIGKILL"
+    router = child(3, None)
+    assert router.describe_exit() == f"router (pid {router.process.pid}) exited with code 3"
