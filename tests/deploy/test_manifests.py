@@ -346,10 +346,13 @@ def check_target(objects: list[dict], gpus: int, model_volume: bool, components:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports.get("http") == int(env["PORT"])
 
-    # Probes on /health, and a startup allowance at least as long as the launcher's own.
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Probes: readiness (and startup) on /health, 503 while the shards restart, so a restarting pod leaves the
+    # Service; liveness on /live, 200 during a restart, so the kubelet never kills one in progress. And a
+    # startup allowance at least as long as the launcher's own.
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/health"), ("livenessProbe", "/live")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health" and get["port"] in ("http", int(env["PORT"])), f"{probe}: {get}"
+        assert get["path"] == path and get["port"] in ("http", int(env["PORT"])), f"{probe}: {get}"
+    assert int(env.get("SHARD_RESTARTS", "0")) >= 1, "a dead shard should be restarted in the pod, its requests resumed"
     startup = container["startupProbe"]
     startup_budget = startup["failureThreshold"] * startup.get("periodSeconds", 10)
     assert startup_budget >= LAUNCHER_STARTUP_S, f"startupProbe gives up after {startup_budget}s"
@@ -576,6 +579,9 @@ def test_env_reaches_the_launcher(target: str, monkeypatch):
     assert config.shard_uds_path == env["SHARD_UDS_PATH"]
     assert config.graceful_termination_timeout_s == float(env["GRACEFUL_TERMINATION_TIMEOUT"])
     assert config.json_output is True
+    assert config.shard_restarts == int(env["SHARD_RESTARTS"]) >= 1
+    assert config.shard_restart_window_s == float(env["SHARD_RESTART_WINDOW"])
+    assert "--await-shard-restart" in config.router_argv()
     if "CPU_KV_CACHE_GB" in env:
         args = list(config.shard_args)
         assert float(args[args.index("--cpu-kv-cache-gb") + 1]) == float(env["CPU_KV_CACHE_GB"])
