@@ -89,7 +89,10 @@ bench-gpu: install model $(VENV)/.bench-installed
 		--device cuda --dtype bfloat16 --baselines static --out benchmarks/out/gpu
 
 # Reliability soak: tests/reliability in full mode (thousands of fuzzed bodies, 2,000 mixed requests,
-# overload waves, a shard stopped past the router's reset deadline); `make test` runs it reduced.
+# overload waves, a shard stopped past the router's reset deadline, and the fault matrix: on a TP=3 server
+# with --shard-restarts 3 a 500-request mixed soak with 3 shard kills at random times, shards killed during
+# prefill, decode and warmup, a router killed under load, SIGTERM twice, 100 clients hanging up mid-stream,
+# a client reading one byte a second); `make test` runs it reduced.
 .PHONY: soak
 soak: install model
 	SLUICE_SOAK=full $(PY) -m pytest -q -s -p no:cacheprovider tests/reliability --durations=15

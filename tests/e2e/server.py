@@ -66,8 +66,9 @@ class LauncherProcess:
             except requests.ConnectionError:
                 pass
             time.sleep(0.25)
+        log = self.log()  # before stop() removes the directory it is in
         self.stop()
-        raise TimeoutError(f"launcher not ready in {timeout_s}s:\n{self.log()}")
+        raise TimeoutError(f"launcher not ready in {timeout_s}s:\n{log}")
 
     def log(self) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-300:])  # whole lines

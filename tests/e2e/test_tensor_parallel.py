@@ -1,11 +1,16 @@
-"""Three CPU shards over gloo serve what one shard serves; a dying shard takes the launcher down."""
+"""Three CPU shards over gloo serve what one shard serves; a dying shard fails every request in flight, with
+an error its client can read, and takes the launcher down."""
 
+import concurrent.futures
 import os
+import re
 import signal
+import threading
 import time
 
 import requests
 
+from tests.e2e import clients
 from tests.e2e.server import LauncherProcess
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
@@ -30,7 +35,14 @@ def _processes_with(fragment: str) -> dict[int, str]:
     return found
 
 
-def test_tp3_matches_tp1_and_a_killed_shard_stops_everything(server, bundled_model_dir):
+IN_FLIGHT = ["generate_stream", "generate_stream", "completions_stream", "chat_stream", "generate", "chat"]
+
+
+def test_tp3_matches_tp1_and_a_killed_shard_fails_every_request_then_stops_everything(server, bundled_model_dir):
+    """TP=3 serves what TP=1 serves. Then, with streams on TGI and OpenAI routes and non-stream requests in
+    flight, a rank is killed: every stream ends with an error event in its route's shape and every waiting
+    request gets its 424 before the processes exit; the launcher exits non-zero within 10 s, naming the shard
+    and the signal, and leaves no process behind."""
     launcher = LauncherProcess(bundled_model_dir, "--dtype", "float32", num_shard=3).start()
     try:
         assert [_greedy(launcher.url, p) for p in PROMPTS] == [_greedy(server.url, p) for p in PROMPTS]
@@ -39,10 +51,30 @@ def test_tp3_matches_tp1_and_a_killed_shard_stops_everything(server, bundled_mod
         children.pop(launcher.process.pid)
         assert len(children) == 4, children  # three shards and the router
         (shard_1,) = [pid for pid, cmd in children.items() if "-m shard" in cmd and "--rank 1 " in cmd]
-        os.kill(shard_1, signal.SIGKILL)
-        code = launcher.process.wait(timeout=10)  # raises if the launcher is still up after 10 s
+        with concurrent.futures.ThreadPoolExecutor(len(IN_FLIGHT)) as pool:
+            started = [threading.Event() for _ in IN_FLIGHT]
+            futures = [
+                pool.submit(clients.run, launcher.url, k, clients.body(k), s) for k, s in zip(IN_FLIGHT, started)
+            ]
+            for kind, event in zip(IN_FLIGHT, started):
+                assert clients.ROUTES[kind][1] is False or event.wait(120), f"{kind} did not start"
+            os.kill(shard_1, signal.SIGKILL)
+            killed_at = time.monotonic()
+            endings = [f.result(timeout=60) for f in futures]
+            code = launcher.process.wait(timeout=10)  # raises if the launcher is still up after 10 s
+        exited_s = time.monotonic() - killed_at
+        log = launcher.log()
+        print(f"\nTP=3, shard 1 killed: {[e.how for e in endings]}; launcher exited {exited_s:.1f}s later")
+        for kind, ending in zip(IN_FLIGHT, endings):
+            if kind == "generate_stream":
+                assert ending.how == "error event" and ending.is_tgi_error, (kind, ending)
+            elif kind.endswith("_stream"):
+                assert ending.how == "error event" and ending.is_openai_error, (kind, ending)
+            else:
+                assert ending.how == "status 424" and ending.is_tgi_error, (kind, ending)
+            assert ending.at < killed_at + exited_s  # reported before the router exited
         assert code != 0
-        assert "shard-1 exited with code -9" in launcher.log()
+        assert re.search(r"shard-1 \(rank 1, pid \d+\) was killed by SIGKILL", log), log[-3000:]
         deadline = time.monotonic() + 5
         while _processes_with(launcher.tmp.name) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -36,6 +36,12 @@ class Job:
     cancel_after: int = 0  # cancelled streams: events read before hanging up; non-streams: seconds * 10
 
     @property
+    def deterministic(self) -> bool:
+        """Whether the text generated is a function of the request alone (greedy, or sampled with a seed),
+        so that any undisturbed run gives the same."""
+        return self.expect == "complete" and self.kind in {"tgi", "tgi_long", "tgi_stream", "compat", "chat"}
+
+    @property
     def sequences(self) -> int:
         """Sequences the server generates for the job when it completes (best_of, prompts x n)."""
         body = self.body if isinstance(self.body, dict) else {}
@@ -56,6 +62,8 @@ class Outcome:
     detail: str = ""
     seconds: float = 0.0
     sequences: int = 1  # the job's, for a completed one
+    text: str = ""  # what a completed job generated (its choices' texts joined by "|")
+    index: int = -1  # the job's position in the list given to run_load
 
 
 def make_jobs(n: int, seed: int) -> list[Job]:
@@ -169,25 +177,41 @@ async def _run(session: aiohttp.ClientSession, url: str, job: Job, headers: dict
             body = await r.json()
             body = body[0] if isinstance(body, list) else body
             text_ok = "generated_text" in body or "choices" in body
-            return Outcome(job.kind, "complete" if text_ok else "bad_response", 200, str(body)[:200])
+            outcome = Outcome(job.kind, "complete" if text_ok else "bad_response", 200, str(body)[:200])
+            outcome.text = _body_text(body) if text_ok else ""
+            return outcome
         events = []
+        texts: dict[int, str] = {}  # by choice index
         async for line in r.content:
             line = line.decode().strip()
             if not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
             if payload == "[DONE]":
-                return Outcome(job.kind, "complete" if events else "bad_response", 200)
+                outcome = Outcome(job.kind, "complete" if events else "bad_response", 200)
+                outcome.text = "|".join(texts[i] for i in sorted(texts))
+                return outcome
             event = json.loads(payload)
             if "error" in event:
                 return Outcome(job.kind, "error_event", 200, str(event)[:200])
             events.append(event)
+            for choice in event.get("choices", []):
+                delta = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                texts[choice["index"]] = texts.get(choice["index"], "") + delta
             if job.expect == "cancelled" and len(events) >= job.cancel_after:
                 r.close()  # hang up mid-stream
                 return Outcome(job.kind, "cancelled", 200)
             if event.get("generated_text") is not None and job.path != "/v1/completions":
-                return Outcome(job.kind, "complete", 200)
+                return Outcome(job.kind, "complete", 200, text=event["generated_text"])
         return Outcome(job.kind, "bad_response", 200, f"the stream ended after {len(events)} events without its end")
+
+
+def _body_text(body: dict) -> str:
+    """The text of a non-stream response: TGI's generated_text, or the OpenAI choices' texts joined by "|"."""
+    if "generated_text" in body:
+        return body["generated_text"]
+    choices = sorted(body["choices"], key=lambda c: c["index"])
+    return "|".join(c["text"] if "text" in c else c["message"]["content"] or "" for c in choices)
 
 
 @dataclass
@@ -204,6 +228,10 @@ class Report:
     def failures(self, allowed=EXPECTED) -> list[Outcome]:
         return [o for o in self.outcomes if o.outcome not in allowed]
 
+    def texts(self) -> dict[int, str]:
+        """The text of each completed job, by its index."""
+        return {o.index: o.text for o in self.outcomes if o.outcome == "complete"}
+
 
 async def run_load(
     url: str,
@@ -217,7 +245,7 @@ async def run_load(
     report = Report()
     start = time.monotonic()
 
-    async def one(session, job):
+    async def one(session, index, job):
         async with semaphore:
             t = time.monotonic()
             try:
@@ -226,11 +254,11 @@ async def run_load(
                 outcome = Outcome(job.kind, "hung", detail=f"no end after {timeout_s:g}s")
             except Exception as e:  # noqa: BLE001 - every failure is an outcome, counted and reported
                 outcome = Outcome(job.kind, "exception", detail=f"{type(e).__name__}: {e}"[:200])
-            outcome.seconds, outcome.sequences = time.monotonic() - t, job.sequences
+            outcome.seconds, outcome.sequences, outcome.index = time.monotonic() - t, job.sequences, index
             report.outcomes.append(outcome)
 
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        await asyncio.gather(*(one(session, job) for job in jobs))
+        await asyncio.gather(*(one(session, i, job) for i, job in enumerate(jobs)))
     report.seconds = time.monotonic() - start
     return report

@@ -1,13 +1,16 @@
-"""Faults: a stuck shard, a killed shard and a restarted router. No request hangs: each one in
-flight gets an error (an error event on a stream, 424 or 5xx otherwise) within seconds.
+"""Faults: a stuck shard, a killed router and a restarted router. No request hangs: each one in
+flight gets an error (an error event on a stream, 424 or 5xx otherwise) within seconds, or, when the
+router itself is gone, sees its connection end.
 
-The stuck-shard test runs first on the module's launcher (with `--step-timeout 3`); the killed-shard
-test then kills that launcher's shard, which ends the launcher.
+The stuck-shard test runs first on the module's launcher (with `--step-timeout 3`); the killed-router
+test then kills that launcher's router, which ends the launcher. Killed shards: test_tensor_parallel
+(without restarts) and test_shard_restart (with them).
 """
 
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,28 +136,25 @@ def test_stuck_shard_fails_requests_then_recovers(fault_server):
     assert idle["sluice_kv_blocks_free"] == idle["sluice_kv_blocks_total"]
 
 
-def test_killed_shard_fails_requests_and_stops_the_launcher(fault_server):
+def test_killed_router_stops_the_launcher_with_a_clear_log(fault_server):
+    """The router killed under load: nothing can answer its clients any more, but none of them hangs (each
+    sees its connection end), and the launcher exits non-zero within 10 s, naming the router and the signal,
+    with no shard left behind. (A killed shard is test_tensor_parallel's and test_shard_restart's.)"""
     url = fault_server.url
     assert requests.get(url + "/health", timeout=20).status_code == 200
-    shard = child_pids(fault_server)["shard-0"]
+    router = child_pids(fault_server)["router"]
     with concurrent.futures.ThreadPoolExecutor(len(KINDS)) as pool:
         futures = _start_requests(pool, url)
-        os.kill(shard, signal.SIGKILL)
+        os.kill(router, signal.SIGKILL)
         killed_at = time.monotonic()
         ends = [f.result(timeout=30) for f in futures]
-    waits = [round(t - killed_at, 1) for _, t in ends]
-    print(f"\nkilled shard: {[e for e, _ in ends]} after {waits}s")
-    for (end, _), kind in zip(ends, KINDS):
-        if kind == "generate":
-            assert end.startswith("status 424") or end.startswith("status 5"), ends
-        else:
-            assert end == "error event", ends
-    assert all(w < 10 for w in waits), waits
-    code = fault_server.process.wait(timeout=60)
+        code = fault_server.process.wait(timeout=10)
+    exited_s = time.monotonic() - killed_at
     log = fault_server.log()
-    print(f"killed shard: launcher exited with {code} {time.monotonic() - killed_at:.1f}s after the kill")
+    print(f"\nkilled router: {[e for e, _ in ends]}; launcher exited with {code} {exited_s:.1f}s after the kill")
+    assert all(e.startswith("exception") or e.startswith("stream closed") for e, _ in ends), ends
     assert code != 0
-    assert "shard-0 exited with code -9" in log, log[-2000:]
+    assert re.search(r"router \(pid \d+\) was killed by SIGKILL", log), log[-2000:]
     assert not child_pids(fault_server), "a child outlived the launcher"
 
 
