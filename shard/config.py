@@ -57,6 +57,24 @@ class ShardConfig:
         choices=("auto", "float32", "float16", "bfloat16"),
         forward=True,
     )
+    quantize: str | None = flag(
+        None,
+        "quantize the weights at load (int8: weight-only, int8-dynamic: W8A8, fp8, bitsandbytes, "
+        "bitsandbytes-nf4, bitsandbytes-fp4), or name the checkpoint's own format (gptq, awq, "
+        "compressed-tensors, fp8), which is otherwise read from its config.json",
+        choices=(
+            "int8",
+            "int8-dynamic",
+            "fp8",
+            "bitsandbytes",
+            "bitsandbytes-nf4",
+            "bitsandbytes-fp4",
+            "gptq",
+            "awq",
+            "compressed-tensors",
+        ),
+        forward=True,
+    )
     block_size: int = flag(16, "tokens per KV block", forward=True)
     cuda_memory_fraction: float = flag(
         0.9, "fraction of GPU memory for weights, activations and KV cache", forward=True

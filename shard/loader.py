@@ -21,7 +21,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
     params = dict(model.named_parameters())  # tied weights appear once
     packed = getattr(model, "packed_modules_mapping", {})
-    loaded_names: set[str] = set()
+    loaded: set[tuple[str, object]] = set()  # (parameter, shard id)
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
@@ -42,7 +42,18 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                     loader(param, f.get_slice(name), shard_id) if shard_id is not None else loader(
                         param, f.get_slice(name)
                     )
-                loaded_names.add(target)
-    missing = set(params) - loaded_names
+                loaded.add((target, shard_id))
+    # A merged parameter needs every projection's tensor; `optional` ones (a format's tensors that
+    # some of its checkpoints omit) none.
+    shard_ids = {}
+    for packed_name, packed_id in packed.values():
+        shard_ids.setdefault(f".{packed_name}.", []).append(packed_id)
+    missing = [
+        name if shard_id is None else f"{name} ({shard_id})"
+        for name, param in params.items()
+        if not getattr(param, "optional", False)
+        for shard_id in next((ids for frag, ids in shard_ids.items() if frag in name), [None])
+        if (name, shard_id) not in loaded
+    ]
     if missing:
-        raise KeyError(f"parameters missing from the checkpoint: {sorted(missing)[:5]}")
+        raise KeyError(f"parameters missing from the checkpoint: {missing[:5]}")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from shard import dist, kernels
+from shard import dist, kernels, quantization
 from shard.compile import compile_forward
 from shard.config import ShardConfig
 from shard.context import forward_context
@@ -70,17 +70,26 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(config.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.device, self.hf_config)
         self.kernel_backend = kernels.select_backend(self.device, config.compile_cache_dir)
+        target = quantization.Target(self.device, self.dtype, cpu_gemm=config.cpu_gemm == "onednn")
+        self.quantization = quantization.resolve(config.quantize, self.hf_config, target)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = build_model(self.hf_config)
+                self.model = build_model(self.hf_config, self.quantization)
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, config.model_dir)
-        if self.device.type == "cpu" and config.cpu_gemm == "onednn":
-            packed = [m.pack_for_cpu() for m in self.model.modules() if hasattr(m, "pack_for_cpu")]
-            log.info("oneDNN-packed weights: %d of %d linear layers", sum(packed), len(packed))
+        for module in self.model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
+        self.weight_bytes = quantization.weight_bytes(self.model)
+        log.info(
+            "weights: %s, %.1f MiB on this rank (quantization: %s)",
+            str(self.dtype).removeprefix("torch."),
+            self.weight_bytes / 2**20,
+            self.quantization.describe(),
+        )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.compiled = self.device.type == "cpu" and not config.enforce_eager
         self._model_forward = compile_forward(self.model, config.compile_cache_dir) if self.compiled else self.model

@@ -111,6 +111,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             max_position_embeddings=r.max_positions,
             world_size=r.config.world_size,
             rank=r.config.rank,
+            quantize=r.quantization.name or "",
+            weight_bytes=r.weight_bytes,
         )
 
     async def Health(self, request, context):

@@ -65,6 +65,8 @@ class ModelInfo:
     block_size: int
     max_position_embeddings: int
     world_size: int
+    quantize: str | None  # None: full precision
+    weight_bytes: int  # summed over the ranks
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +220,8 @@ class ShardedClient:
         await asyncio.gather(*(asyncio.wait_for(c.channel.channel_ready(), timeout_s) for c in self.clients))
 
     async def info(self) -> ModelInfo:
-        r = (await self._all(lambda c: c.stub.Info(pb.InfoRequest())))[0]
+        responses = await self._all(lambda c: c.stub.Info(pb.InfoRequest()))
+        r = responses[0]
         return ModelInfo(
             r.architecture,
             r.dtype,
@@ -228,6 +231,8 @@ class ShardedClient:
             r.block_size,
             r.max_position_embeddings,
             r.world_size,
+            r.quantize or None,
+            sum(x.weight_bytes for x in responses),
         )
 
     async def health(self, timeout_s: float = 5.0) -> None:

@@ -119,6 +119,8 @@ async def info(request: web.Request) -> web.Response:
             model_id=s.model_id,
             model_dtype=s.model_info.dtype,
             model_device_type=s.model_info.device_type,
+            quantize=s.model_info.quantize,
+            model_weight_bytes=s.model_info.weight_bytes,
             max_concurrent_requests=s.max_concurrent_requests,
             max_best_of=s.limits.max_best_of,
             max_stop_sequences=s.limits.max_stop_sequences,

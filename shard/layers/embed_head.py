@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from shard import dist
-from shard.kernels import cpu_gemm
+from shard.quantization.base import LinearMethod, UnquantizedLinearMethod
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -31,22 +31,25 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to logits; the full vocab is gathered on rank 0 only."""
+    """Projects hidden states to logits; the full vocab is gathered on rank 0 only. Its weight may
+    be the embedding's (tied): `head_method` computes from its own processed copy (oneDNN-packed,
+    or quantized), and the dense weight stays for the embedding."""
 
-    packed_weight: cpu_gemm.PackedWeight | None = None
+    def __init__(self, vocab_size: int, hidden_size: int, quant: LinearMethod | None = None):
+        super().__init__(vocab_size, hidden_size)
+        self.head_method = quant or UnquantizedLinearMethod()
+        self.head: nn.Module | None = None
 
-    def pack_for_cpu(self) -> bool:
-        """Add a oneDNN-packed copy of the weight (see cpu_gemm); the dense one stays, since a tied
-        embedding reads it too. False if unsupported."""
-        if not cpu_gemm.available(self.weight):
-            return False
-        self.packed_weight = cpu_gemm.PackedWeight(self.weight.data)
-        return True
+    def process_weights_after_loading(self) -> None:
+        head = nn.Module()
+        head.weight = self.weight  # the same tensor: processing `head` leaves this module's weight in place
+        self.head_method.process_after_loading(head)
+        self.head = head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # [T, hidden] -> [T, vocab]
-        if self.packed_weight is not None:
-            logits = cpu_gemm.linear(hidden, self.packed_weight, None)
-        else:
+        if self.head is None:
             logits = nn.functional.linear(hidden, self.weight)
+        else:
+            logits = self.head_method.apply(self.head, hidden, None)
         logits = dist.gather_last_dim(logits)
         return None if logits is None else logits[:, : self.vocab_size]

@@ -5,6 +5,7 @@ from transformers import PretrainedConfig
 
 from shard import dist
 from shard.models import llama
+from shard.quantization import Quantization
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -14,12 +15,12 @@ REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(config: PretrainedConfig) -> nn.Module:
+def build_model(config: PretrainedConfig, quant: Quantization) -> nn.Module:
     arch = (config.architectures or ["?"])[0]
     if arch not in REGISTRY:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(sorted(REGISTRY))}")
     _check_divisible(config)
-    return REGISTRY[arch](config)
+    return REGISTRY[arch](config, quant)
 
 
 def _check_divisible(config: PretrainedConfig) -> None:

@@ -15,6 +15,7 @@ from shard.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from shard.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shard.layers.norm import RMSNorm
 from shard.layers.rotary import RotaryEmbedding, apply_rotary
+from shard.quantization import Quantization
 
 
 def _head_dim(config: PretrainedConfig) -> int:
@@ -33,7 +34,7 @@ def _rotary(config: PretrainedConfig) -> RotaryEmbedding:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int):
+    def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization):
         super().__init__()
         head_dim = _head_dim(config)
         is_qwen2 = config.model_type == "qwen2"
@@ -43,12 +44,14 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads,
             config.num_key_value_heads,
             bias=is_qwen2 or getattr(config, "attention_bias", False),
+            quant=quant.linear_method(),
         )
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * head_dim,
             config.hidden_size,
             bias=getattr(config, "attention_bias", False) and not is_qwen2,
+            quant=quant.linear_method(),
         )
         self.has_qk_norm = config.model_type == "qwen3"
         if self.has_qk_norm:
@@ -69,11 +72,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, quant: Quantization):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias, quant.linear_method()
+        )
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, quant.linear_method())
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +86,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int):
+    def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_index, quant)
+        self.mlp = LlamaMLP(config, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -99,11 +104,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, quant: Quantization):
         super().__init__()
         self.rotary = _rotary(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, quant) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -125,10 +130,10 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, quant: Quantization):
         super().__init__()
-        self.model = LlamaModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.model = LlamaModel(config, quant)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant.head_method())
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

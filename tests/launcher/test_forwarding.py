@@ -24,6 +24,7 @@ SAMPLES = {  # for a flag of its own type, or where sample() would break the con
     "--cpu-kv-cache-gb": "0.5",
     "--cuda-memory-fraction": "0.5",
     "--dtype": "float16",
+    "--quantize": "int8",
     "--cuda-graphs": "8,1",
     "--step-timeout": "0",
 }

@@ -48,7 +48,7 @@ def stand_in_state(max_concurrent_requests: int = 8, is_healthy: bool = True) ->
         shards=StandInShards(is_healthy),
         tokenizer=ByteTokenizer(),
         limits=LIMITS,
-        model_info=ModelInfo("LlamaForCausalLM", "float32", "cpu", 256, [2], 16, 2048, 1),
+        model_info=ModelInfo("LlamaForCausalLM", "float32", "cpu", 256, [2], 16, 2048, 1, None, 1000),
         model_id="test-model",
         max_concurrent_requests=max_concurrent_requests,
         metrics=Metrics(max_input_tokens=16, max_total_tokens=32),

@@ -9,7 +9,7 @@ import pytest
 from router.core import shard_setup
 from router.core.shard_client import ModelInfo, ShardError, WarmupSpec
 
-INFO = ModelInfo("LlamaForCausalLM", "float32", "cpu", 256, [2], 16, 2048, 3)
+INFO = ModelInfo("LlamaForCausalLM", "float32", "cpu", 256, [2], 16, 2048, 3, None, 1000)
 SPEC = WarmupSpec(64, 4, 0)
 
 
@@ -65,7 +65,7 @@ def test_shards_answering_with_an_error_are_not_waited_for():
 
 
 def test_a_group_serving_another_model_is_refused():
-    other = ModelInfo("Qwen2ForCausalLM", "float32", "cpu", 256, [2], 16, 2048, 3)
+    other = ModelInfo("Qwen2ForCausalLM", "float32", "cpu", 256, [2], 16, 2048, 3, None, 1000)
     with pytest.raises(ValueError, match="another model"):
         asyncio.run(shard_setup.reconnect(Restarting(down=0, info=other), INFO, SPEC, timeout_s=5))
 

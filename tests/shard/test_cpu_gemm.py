@@ -24,14 +24,16 @@ def test_packed_linear_matches_f_linear(rows, bias):
         layer.bias.data.copy_(torch.randn(80, generator=g))
     x = torch.randn(rows, 192, generator=g)[:, ::2]  # strided input, as a slice of a wider tensor
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert layer.pack_for_cpu()
+    layer.process_weights_after_loading()
+    assert layer.packed_weight is not None
     assert not hasattr(layer, "weight")  # the dense copy is released
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_weights_stay_dense():
     layer = ReplicatedLinear(8, 8).to(torch.float64)
-    assert not layer.pack_for_cpu() and layer.packed_weight is None and layer.weight.shape == (8, 8)
+    layer.process_weights_after_loading()
+    assert layer.packed_weight is None and layer.weight.shape == (8, 8)
 
 
 def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
@@ -39,7 +41,8 @@ def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
     logits = []
     for gemm in ("aten", "onednn"):
         runner = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", dtype="float32", cpu_gemm=gemm))
-        packed = [m.packed_weight is not None for m in runner.model.modules() if hasattr(m, "pack_for_cpu")]
+        layers = [m for m in runner.model.modules() if hasattr(m, "quant_method")]
+        packed = [m.packed_weight is not None for m in layers] + [runner.model.lm_head.head.packed_weight is not None]
         assert all(packed) if gemm == "onednn" else not any(packed)
         runner.warmup(64, 4, max_num_blocks=8)
         state = RequestState(0, ids, len(ids), 0, [1, 2, 3], SamplingParams())

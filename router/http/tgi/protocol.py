@@ -464,6 +464,10 @@ class Info(ResponseBody):
     """e.g. `bfloat16`."""
     model_device_type: str
     """e.g. `cuda` or `cpu`."""
+    quantize: str | None
+    """The quantization scheme served (`--quantize`, or the checkpoint's own), null for none."""
+    model_weight_bytes: int
+    """Bytes of the weights as served (quantized, packed), over all shards."""
     model_pipeline_tag: Literal["text-generation"] = "text-generation"
     max_concurrent_requests: int
     max_best_of: int
