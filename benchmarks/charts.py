@@ -14,6 +14,7 @@ from benchmarks.report import order_key
 
 COLORS = {
     "sluice": "tab:blue",
+    "sluice-int8": "tab:cyan",
     "vllm": "tab:red",
     "pipeline": "tab:gray",
     "static": "tab:orange",

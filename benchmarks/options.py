@@ -8,9 +8,14 @@ from pathlib import Path
 from benchmarks import baselines
 from benchmarks.loadgen import APIS
 from benchmarks.long_prompt import ProbeConfig
+from benchmarks.ratios import SLUICE_INT8, VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("vllm",)
+COMPETITORS = ("vllm",)  # other servers, compared with Sluice in the peer tables
+# and Sluice's VARIANTS, Sluice itself started otherwise (SLUICE_INT8: `--quantize int8`): only the first pairing's
+# interleaved load runs (no Poisson runs, probes or profile), compared only with that pairing's unquantized Sluice
+# (ratios.quantization).
+PEERS = COMPETITORS + VARIANTS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -67,7 +72,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         nargs="*",
         default=[],
         choices=PEERS,
-        help="other servers measured like Sluice, on the same workload (none: Sluice and the baselines only)",
+        help="other servers measured like Sluice, on the same workload (none: Sluice and the baselines only); "
+        f"{SLUICE_INT8}: Sluice with `--quantize int8`, in the first pairing only, for issue 16's table",
     )
     p.add_argument("--vllm-venv", type=Path, default=ROOT / ".venv-vllm", help="vLLM's venv, created if missing")
     p.add_argument("--vllm-url", help="attach to a running vLLM instead of starting one (development)")
@@ -120,6 +126,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     args = p.parse_args(argv)
     args.dtypes = args.dtypes or [args.dtype]
+    args.peers = list(dict.fromkeys(args.peers))
     return args
 
 

@@ -11,6 +11,8 @@ With every server of the pairing started and resident:
    contention runs again); then Poisson runs if asked (A B); then the memory bandwidth again;
 3. in the first pairing only: the long-prompt probe on each server (Sluice, then the peers), then
    the constrained-decoding probe on Sluice (constrained.py, if asked), then the py-spy profile of Sluice;
+   a variant of Sluice (ratios.VARIANTS: "sluice-int8", first pairing only) runs only the closed-loop
+   loads of step 2, interleaved with the others, and stays resident, idle, through the rest;
 4. every server stopped, on success, errors, Ctrl-C and SIGTERM alike (an ExitStack unwinds them).
 
 A server whose warm-up, run or probe fails is stopped at once and left out of the rest of the
@@ -27,6 +29,7 @@ from benchmarks.constrained import probe_specs
 from benchmarks.measure import Phases, log
 from benchmarks.options import constrained_requests, probe_config
 from benchmarks.pair_servers import Collected, start_servers
+from benchmarks.ratios import VARIANTS
 from benchmarks.schedule import interleave, run_name
 from benchmarks.server_runs import constrained_run, levels, load_run, probe_run, profile_run, warm
 from benchmarks.workload import RequestSpec
@@ -39,8 +42,9 @@ class _Pairing:
         self.request, self.out = request, out
         self.live = {server.system: (server, stop) for server, stop in started}
 
-    def servers(self) -> list:
-        return [server for server, _ in self.live.values()]
+    def servers(self, variants: bool = True) -> list:
+        """The servers still in the pairing; without Sluice's variants (ratios.VARIANTS) unless `variants`."""
+        return [server for server, _ in self.live.values() if variants or server.system not in VARIANTS]
 
     def resident(self, system: str | None = None) -> dict[str, int]:
         """The processes of the pairing's servers other than `system` (idle while it runs); all of them for None."""
@@ -81,7 +85,7 @@ def _loads(args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], p
 
         pair.attempt(server, run_name(c, slot.phase, slot.round), one)
     for rate in args.rates:
-        for server in pair.servers():
+        for server in pair.servers(variants=False):
 
             def poisson(server=server, rate=rate):
                 resident = pair.resident(server.system)
@@ -97,10 +101,10 @@ def _loads(args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], p
 def _probes(
     args: argparse.Namespace, pair: _Pairing, specs: list[RequestSpec], plan: dict[int, int], phases: Phases
 ) -> None:
-    """The long-prompt probe on each server, then Sluice's constrained-decoding probe and profile (first pairing
-    only)."""
+    """The long-prompt probe on each server but Sluice's variants, then Sluice's constrained-decoding probe and
+    profile (first pairing only)."""
     out, request, probe = pair.out, pair.request, probe_config(args)
-    for server in pair.servers() if probe is not None else []:
+    for server in pair.servers(variants=False) if probe is not None else []:
 
         def one(server=server):
             entry = probe_run(args, server, probe, pair.resident(server.system))

@@ -5,6 +5,8 @@ starts a server with that request, or reuses an earlier start that already resol
 asked for (its runs stand for both pairings; the systems that do start then run without it), or,
 attached to a running server that an earlier pairing used, is not run again. Starts are one after
 the other, so each startup time is measured alone; the servers already started stay resident, idle.
+A variant of Sluice (ratios.VARIANTS: "sluice-int8") starts in the first pairing only, and only
+where it has load runs there.
 
 A server's stop is registered on the caller's ExitStack before it starts, so that every server is
 stopped whatever happens (error, Ctrl-C, SIGTERM), and runs at most once: right away when the server
@@ -21,8 +23,9 @@ from pathlib import Path
 from benchmarks import pairing
 from benchmarks.measure import Phases, log
 from benchmarks.options import probe_config
+from benchmarks.ratios import SLUICE, SLUICE_INT8, VARIANTS
 from benchmarks.server_runs import levels
-from benchmarks.servers import SluiceServer, VllmServer
+from benchmarks.servers import SluiceInt8Server, SluiceServer, VllmServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,16 +62,27 @@ class Stop:
             self.phases.timed(self.name, self.server.stop)
 
 
+def attach_url(args: argparse.Namespace, system: str) -> str | None:
+    """The running server `system` attaches to (`--url`, `--vllm-url`), or None: started fresh."""
+    return {SLUICE: args.url, "vllm": args.vllm_url}.get(system)
+
+
 def make_server(args: argparse.Namespace, system: str, request: str):
     """A not yet started server of `system` for the dtype `request` (attached where a URL was given)."""
-    if system == "sluice":
+    if system == SLUICE:
         return SluiceServer(ROOT / args.model_dir, request, args.launcher_args.split(), args.out, args.url)
+    if system == SLUICE_INT8:  # the same launcher flags as Sluice, and `--quantize int8`
+        return SluiceInt8Server(ROOT / args.model_dir, request, args.launcher_args.split(), args.out)
     return VllmServer(args.vllm_venv, ROOT / args.model_dir, request, args.vllm_args.split(), args.out, args.vllm_url)
 
 
 def wanted(args: argparse.Namespace, system: str, first: bool) -> bool:
-    """Whether `system` has anything to run in a pairing (`first`: the pairing that probes and profiles)."""
-    sluice_extras = system == "sluice" and (bool(args.profile) or args.constrained > 0)
+    """Whether `system` has anything to run in a pairing (`first`: the pairing that probes and profiles).
+
+    A variant (ratios.VARIANTS) runs only the first pairing's closed-loop loads."""
+    if system in VARIANTS:
+        return first and bool(levels(args, system))
+    sluice_extras = system == SLUICE and (bool(args.profile) or args.constrained > 0)
     extras = first and (probe_config(args) is not None or sluice_extras)
     return bool(levels(args, system) or args.rates or extras)
 
@@ -92,20 +106,21 @@ def start_servers(
 ) -> list[tuple[object, Stop]]:
     """Start the pairing's servers in order; [(server, its stop)] for those that started."""
     started, reused = [], []
-    for system in ("sluice", *args.peers):
+    for system in (SLUICE, *args.peers):
         if not wanted(args, system, first):
             continue
         if _reuse(out, system, request):
             reused.append(system)
             continue
-        attached = (args.url if system == "sluice" else args.vllm_url) is not None
+        attached = attach_url(args, system) is not None
         if attached and any(s["system"] == system for s in out.servers):
             out.notes.append(f"{system} --dtype {request}: not run (attached to one running server)")
             continue
         server = make_server(args, system, request)
         stop = Stop(server, request, phases)
         stack.callback(stop)
-        log(f"{system}: attaching to {server.url}" if attached else f"{system}: starting with --dtype {request}")
+        passed = " ".join(server.passed_args()) if hasattr(server, "passed_args") else f"--dtype {request}"
+        log(f"{system}: attaching to {server.url}" if attached else f"{system}: starting with {passed}")
         try:
             phases.timed(f"{system} {request} start", server.start, args.startup_timeout)
         except Exception as e:  # one server's failure leaves the others' figures; main exits non-zero

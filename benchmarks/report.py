@@ -1,5 +1,6 @@
-"""The printed summary: Markdown tables ready for RESULTS.md (the machine's drift, runs, ratios, cold start,
-long prompt, constrained decoding, server starts, Sluice's step time, the profile and the time each phase took)."""
+"""The printed summary: Markdown tables ready for RESULTS.md (the machine's drift, runs, ratios, quantization,
+cold start, long prompt, constrained decoding, server starts, Sluice's step time, the profile and the time each
+phase took)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import math
 
 from benchmarks import drift
 from benchmarks.pairing import pairing_name
-from benchmarks.ratios import compared_runs, label
+from benchmarks.ratios import (
+    QUANT_THROUGHPUT_C,
+    QUANT_THROUGHPUT_TARGET,
+    QUANT_TPOT_C,
+    QUANT_TPOT_TARGET,
+    SLUICE_INT8,
+    compared_runs,
+    label,
+)
 from benchmarks.schedule import run_name
 
-SYSTEMS = ("sluice", "vllm", "pipeline", "static", "continuous")
+SYSTEMS = ("sluice", SLUICE_INT8, "vllm", "pipeline", "static", "continuous")
 DTYPE_ORDER = ("bfloat16", "float16", "float32")
 
 
@@ -80,6 +89,39 @@ def peer_table(rows: list[dict]) -> str:
             f"| {r['pairing']} | {r['concurrency']} | {r['requests']} | {r['sluice']} | {r['peer']} "
             f"| {r['sluice_tok_s']:.1f} | {r['peer_tok_s']:.1f} | {_x(r['throughput'])} "
             f"| {_ms(r['sluice_tpot_s'])} / {_ms(r['peer_tpot_s'])} | {_x(r['tpot'])} | {_x(r['ttft'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _met(ratio: float, target: float, met: bool | None, sign: str) -> str:
+    verdict = "not measured" if met is None else "met" if met else "missed"
+    return f"{_x(ratio)} (target {sign} {target:.2f}x: {verdict})"
+
+
+def quantization_table(rows: list[dict]) -> str:
+    """Issue 16: unquantized Sluice and sluice-int8 of the same pairing, their weights and figures, and the ratios
+    int8 ÷ unquantized against the issue's targets (ratios.quantization)."""
+    lines = [
+        f"| pairing | Sluice | quantize | weights MiB | TPOT ms at C={QUANT_TPOT_C} "
+        f"| out tok/s at C={QUANT_THROUGHPUT_C} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for scheme in (r["unquantized"], r["quantized"]):
+            tok_s = "-" if scheme["tok_s"] is None else f"{scheme['tok_s']:.1f}"
+            lines.append(
+                f"| {r['pairing']} | {scheme['label']} | {scheme['quantize'] or 'none'} "
+                f"| {_mib(scheme['weight_bytes'])} | {_ms(scheme['tpot_s'])} | {tok_s} |"
+            )
+        name = f"{r['quantized']['quantize'] or r['quantized']['label'].split()[0]} ÷ unquantized"
+        lines.append(
+            f"| {r['pairing']} | {name} | | {_x(r['weight_ratio'])} "
+            f"| {_met(r['tpot_ratio'], r['tpot_target'], r['tpot_met'], '≤')} "
+            f"| {_met(r['throughput_ratio'], r['throughput_target'], r['throughput_met'], '≥')} |"
         )
     return "\n".join(lines)
 
@@ -235,6 +277,21 @@ def drift_lines(result: dict) -> list[str]:
     return lines
 
 
+def _partial_systems(runs: list[dict], systems: list[str]) -> str:
+    """Which interleaved servers ran in only some of the pairings (sluice-int8: the first one), e.g.
+    " (sluice-int8 in the default pairing only)"; "" where each ran in all of them."""
+    done = {s: {r.get("pairing") for r in runs if r["system"] == s and r.get("round")} for s in systems}
+    every = set().union(*done.values())
+    if len(every) < 2 or None in every:
+        return ""
+    partial = [
+        f"{s} in the {', '.join(pairing_name(p) for p in sorted(done[s]))} pairing only"
+        for s in systems
+        if done[s] != every
+    ]
+    return f" ({'; '.join(partial)})" if partial else ""
+
+
 def runs_caption(runs: list[dict], largest: int | None) -> str:
     """What the runs table's rows are: which run at the largest C, and how repeated runs were combined."""
     text = f"Runs (servers at C={largest}: the repeat run, see cold start"
@@ -246,6 +303,7 @@ def runs_caption(runs: list[dict], largest: int | None) -> str:
             if len(systems) > 1
             else "one run after the other"
         )
+        turns += _partial_systems(runs, systems)
         text += (
             f"; at the other concurrencies each server ran twice, {turns}, and its row is the "
             + " or ".join(sorted({r["combined"] for r in figures}))
@@ -281,6 +339,16 @@ def summary_text(result: dict) -> str:
         peer_table(result.get("peer_ratios", [])),
     )
     parts += _section("Sluice against the transformers baselines:", ratio_table(result["ratios"]))
+    asked = SLUICE_INT8 in (result["args"].get("peers") or [])
+    parts += _section(
+        f"Quantization (issue 16): unquantized Sluice and Sluice with `--quantize int8` (weight-only int8; "
+        f"{SLUICE_INT8} in the tables), resident together in the first pairing, their runs interleaved; weights as "
+        f"served (/info model_weight_bytes, over all shards); the figures of the runs table; targets int8 ÷ "
+        f"unquantized: TPOT at C={QUANT_TPOT_C} ≤ {QUANT_TPOT_TARGET}x, throughput at C={QUANT_THROUGHPUT_C} "
+        f"≥ {QUANT_THROUGHPUT_TARGET}x:",
+        quantization_table(result.get("quantization", [])),
+        f"{SLUICE_INT8} was not measured (see the notes above)" if asked else "",
+    )
     parts += _section(
         f"Cold start: each server's first run at C={largest} right after one warm-up request, against the "
         "same load repeated:",

@@ -12,7 +12,9 @@ interleaved, A B A B at the largest concurrency and A B B A at the others, again
 drift (pair_runs.py, schedule.py); the memory bandwidth before and after each pairing's runs
 shows how much the machine drifted (drift.py); the first pairing then probes each server with a
 long prompt (long_prompt.py) and, with `--constrained`, Sluice with JSON-schema constrained
-requests (constrained.py). The baselines run once at `--dtype`, after the servers. Writes
+requests (constrained.py). `--peers sluice-int8` adds Sluice started with `--quantize int8` to
+the first pairing's load runs only, for issue 16's table of int8 against unquantized Sluice
+(ratios.quantization). The baselines run once at `--dtype`, after the servers. Writes
 `benchmarks/out/results.json` (every run, plus a timestamped copy), prints the tables (report.py;
 a server's repeated runs of a load make one figure, combine.py) and saves `throughput.png` and
 `latency_cdf.png` next to it (charts.py). Every server started is stopped, also on errors, Ctrl-C
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
         "table_figures": [{k: v for k, v in r.items() if k != "records"} for r in ratios.compared_runs(runs)],
         "ratios": ratios.baseline_ratios(runs, baselines.BASELINES),
-        "peer_ratios": [row for peer in args.peers for row in ratios.peer_ratios(runs, pairs, peer)],
+        "peer_ratios": ratios.competitor_ratios(runs, pairs, args.peers),
+        "quantization": ratios.quantization(runs, pairs, out.servers),
         "cold_start": ratios.cold_starts(runs),
         "long_prompt": out.long_prompt,
         "constrained": out.constrained,

@@ -19,6 +19,7 @@ from benchmarks import constrained, long_prompt, probes
 from benchmarks.loadgen import run_load, warm_up
 from benchmarks.measure import log, measure
 from benchmarks.metrics import summarize
+from benchmarks.ratios import SLUICE, SLUICE_INT8
 from benchmarks.schedule import run_name
 from benchmarks.workload import RequestSpec
 
@@ -64,10 +65,11 @@ def load_run(
 ) -> dict:
     """One measured run of `specs` on `server` (closed loop of `c` clients, or Poisson at `rate`).
 
-    `tags` (round, order, pairing) go into the entry as they are; a Sluice entry also has `server_steps`.
+    `tags` (round, order, pairing) go into the entry as they are; a Sluice entry (sluice-int8 too) also has
+    `server_steps`.
     """
     url, system, dtype, pids = server.url, server.system, server.dtype, server.pids
-    scrape = system == "sluice"
+    scrape = system in (SLUICE, SLUICE_INT8)
 
     def one():
         before = probes.scrape(url) if scrape else {}

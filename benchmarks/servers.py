@@ -2,9 +2,11 @@
 
 Every server here has the same interface: `start()` (until `/health` answers; records
 `startup_s`, launch to healthy), `url`, `pids` (its processes, named, for `probes.CpuMonitor`),
-`describe()` (system, the dtype request, what was passed, what the server used, startup time),
-and `stop()` (always safe to call; stops every process of the server). An attached server (a
-`url` given) is neither started nor stopped.
+`describe()` (system, the dtype request, what was passed, what the server used, startup time;
+for Sluice also `/info`'s `quantize` and `model_weight_bytes`), and `stop()` (always safe to
+call; stops every process of the server). An attached server (a `url` given) is neither started
+nor stopped. `SluiceInt8Server` is Sluice started with `--quantize int8` (weight-only int8), the
+"sluice-int8" system that issue 16's figures compare with unquantized Sluice.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from benchmarks import probes, procs
+from benchmarks.ratios import SLUICE, SLUICE_INT8
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +41,8 @@ _LOG_DTYPE = re.compile(r"\bdtype=torch\.(\w+)")
 class SluiceServer:
     """sluice-launcher (via the tests' `LauncherProcess`), or a running Sluice at `url`."""
 
-    system = "sluice"
+    system = SLUICE
+    quantize: str | None = None  # `--quantize` passed to the launcher (None: not passed)
 
     def __init__(self, model_dir: Path, request: str, launcher_args: list[str], log_dir: Path, url: str | None = None):
         self.model_dir, self.request, self.launcher_args, self.log_dir = model_dir, request, launcher_args, log_dir
@@ -47,18 +51,25 @@ class SluiceServer:
         self.startup_s: float | None = None
         self.pids: dict[str, int] = {}
         self.dtype: str | None = None
+        self.quantize_used: str | None = None  # /info `quantize` (None: full precision)
+        self.weight_bytes: int | None = None  # /info `model_weight_bytes`: the weights as served, over all shards
         self._launcher = None
         self._tree = []
 
+    def passed_args(self) -> list[str]:
+        """The launcher flags this benchmark chooses (`--launcher-args` follow them)."""
+        return ["--dtype", self.request] + (["--quantize", self.quantize] if self.quantize else [])
+
     def start(self, timeout_s: float = 600) -> None:
-        """Start the launcher with `--dtype <request>` (or attach), then read back `/info`'s `model_dtype`."""
+        """Start the launcher with `--dtype <request>` (and `--quantize`, if any) or attach, then read back `/info`'s
+        `model_dtype`, `quantize` and `model_weight_bytes`."""
         if self.attached:
             self._find_attached()
         else:
             sys.path.insert(0, str(ROOT))
             from tests.e2e.server import LauncherProcess
 
-            self._launcher = LauncherProcess(self.model_dir, "--dtype", self.request, *self.launcher_args)
+            self._launcher = LauncherProcess(self.model_dir, *self.passed_args(), *self.launcher_args)
             started = time.perf_counter()
             self._launcher.start(timeout_s=timeout_s)
             self.startup_s = time.perf_counter() - started
@@ -66,7 +77,16 @@ class SluiceServer:
             self._tree = procs.tree(self._launcher.process.pid)
             self.pids = probes.server_processes(self._launcher.process.pid) | {"launcher": self._launcher.process.pid}
         with urllib.request.urlopen(self.url + "/info", timeout=10) as resp:
-            self.dtype = json.loads(resp.read())["model_dtype"]
+            self.read_info(json.loads(resp.read()))
+
+    def read_info(self, info: dict) -> None:
+        """What the server says it serves (`quantize` and `model_weight_bytes` absent from an older router: None)."""
+        self.dtype = info["model_dtype"]
+        self.quantize_used = info.get("quantize")
+        self.weight_bytes = info.get("model_weight_bytes")
+        if self.quantize and self.quantize_used != self.quantize:
+            said = self.quantize_used
+            raise RuntimeError(f"{self.system}: passed --quantize {self.quantize} but /info says quantize={said!r}")
 
     def _find_attached(self) -> None:
         router = procs.listener(urlparse(self.url).port or 80)
@@ -78,9 +98,12 @@ class SluiceServer:
         return {
             "system": self.system,
             "request": self.request,
-            "passed": None if self.attached else f"--dtype {self.request}",
+            "passed": None if self.attached else " ".join(self.passed_args()),
             "dtype": self.dtype,
             "dtype_source": "GET /info model_dtype",
+            "quantize": self.quantize_used,
+            "weight_bytes": self.weight_bytes,
+            "weight_bytes_source": "GET /info model_weight_bytes",
             "startup_s": self.startup_s,
             "attached": self.attached,
         }
@@ -91,7 +114,7 @@ class SluiceServer:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self._launcher.log_path.exists():
-            shutil.copy(self._launcher.log_path, self.log_dir / f"sluice-{self.request}.log")
+            shutil.copy(self._launcher.log_path, self.log_dir / f"{self.system}-{self.request}.log")
         process = self._launcher.process
         seen = {p.pid: p for p in [*self._tree, *(procs.tree(process.pid) if process else [])]}
         try:
@@ -99,6 +122,17 @@ class SluiceServer:
         finally:
             procs.stop_survivors(list(seen.values()))
             self._launcher = None
+
+
+class SluiceInt8Server(SluiceServer):
+    """Sluice started with `--quantize int8` (weight-only int8 weights, activations in the dtype asked for):
+    issue 16's quantized scheme, measured beside unquantized Sluice in the same pairing. Never attached."""
+
+    system = SLUICE_INT8
+    quantize = "int8"
+
+    def __init__(self, model_dir: Path, request: str, launcher_args: list[str], log_dir: Path):
+        super().__init__(model_dir, request, launcher_args, log_dir, None)
 
 
 class VllmServer:

@@ -10,8 +10,8 @@ from benchmarks.measure import Phases
 from benchmarks.options import parse_args
 from benchmarks.pair_servers import Collected
 
-DEFAULTS = {"sluice": "float32", "vllm": "bfloat16"}  # what each resolves `auto` to here
-PIDS = {"sluice": {"router": 11, "shard-0": 12}, "vllm": {"vllm:serve": 21}}
+DEFAULTS = {"sluice": "float32", "vllm": "bfloat16", "sluice-int8": "float32"}  # what each resolves `auto` to here
+PIDS = {"sluice": {"router": 11, "shard-0": 12}, "vllm": {"vllm:serve": 21}, "sluice-int8": {"router": 31}}
 
 
 class FakeServer:
@@ -191,3 +191,60 @@ def test_a_stop_runs_once_even_when_asked_twice():
         stack.callback(stop)
         stop()
     assert log == [("stop", "vllm", "auto")]
+
+
+def test_sluice_int8_runs_only_the_first_pairings_loads_interleaved_with_the_others(fake):
+    out = run_all(["--peers", "vllm", "sluice-int8", "--dtypes", "auto", "float32", "--profile", "32"])
+    starts = [e for e in fake.log if e[0] in ("start", "stop")]
+    assert starts == [
+        ("start", "sluice", "auto"),
+        ("start", "vllm", "auto"),
+        ("start", "sluice-int8", "auto"),
+        ("stop", "sluice-int8", "auto"),
+        ("stop", "vllm", "auto"),
+        ("stop", "sluice", "auto"),
+        ("start", "vllm", "float32"),  # Sluice's `auto` resolved to float32 here: its runs stand for both
+        ("stop", "vllm", "float32"),
+    ]
+    first = fake.log[: fake.log.index(("stop", "sluice-int8", "auto"))]
+    s, v, i = ("sluice", "float32"), ("vllm", "bfloat16"), ("sluice-int8", "float32")
+    assert runs(first)[:6] == [
+        (*s, 32, "first", 1),
+        (*v, 32, "first", 1),
+        (*i, 32, "first", 1),
+        (*s, 32, "repeat", 2),
+        (*v, 32, "repeat", 2),
+        (*i, 32, "repeat", 2),
+    ]
+    assert runs(first)[6:12] == [(*s, 8, None, 1), (*v, 8, None, 1), (*i, 8, None, 1)] + [
+        (*i, 8, None, 2),
+        (*v, 8, None, 2),
+        (*s, 8, None, 2),
+    ]
+    assert len(runs(fake.log, "sluice-int8")) == 6  # two per concurrency, nothing else
+    assert ("probe", "sluice-int8") not in fake.log and ("probe", "vllm") in fake.log
+    assert fake.resident["sluice"]["sluice-int8:router"] == 31  # resident (idle) during the others' runs
+    assert out.resolved["sluice-int8"] == {"auto": "float32"} and not out.errors
+
+
+def test_a_failed_sluice_int8_start_is_reported_and_plain_sluice_still_runs(fake):
+    fake.failing_starts.add(("sluice-int8", "auto"))
+    out = run_all(["--peers", "sluice-int8", "--dtypes", "auto"])
+    assert fake.log[:3] == [
+        ("start", "sluice", "auto"),
+        ("start", "sluice-int8", "auto"),
+        ("stop", "sluice-int8", "auto"),
+    ]
+    assert {e[0] for e in runs(fake.log)} == {"sluice"} and len(runs(fake.log)) == 6
+    assert len(out.errors) == 1 and out.errors[0].startswith("ERROR: sluice-int8 --dtype auto (start): RuntimeError")
+    assert "sluice-int8" not in {s["system"] for s in out.servers}
+
+
+def test_sluice_int8_is_not_started_without_load_runs_in_the_first_pairing():
+    args = parse_args(["--peers", "sluice-int8", "--concurrency", "1", "--skip", "sluice-int8:1"])
+    assert not pair_servers.wanted(args, "sluice-int8", first=True)
+    args = parse_args(["--peers", "sluice-int8", "--concurrency", "1", "--rates", "2"])
+    assert pair_servers.wanted(args, "sluice-int8", first=True)
+    assert not pair_servers.wanted(args, "sluice-int8", first=False)
+    assert pair_servers.wanted(args, "sluice", first=False)  # the Poisson runs
+    assert pair_servers.attach_url(parse_args(["--url", "http://x", "--vllm-url", "http://y"]), "sluice-int8") is None

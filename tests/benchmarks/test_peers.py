@@ -236,3 +236,117 @@ def test_flags_default_to_the_old_behaviour_and_take_peers_and_dtypes():
     assert (new.peers, new.dtypes) == (["vllm"], ["auto", "float32"])
     assert requests_plan(new) == {1: 4, 8: 16, 32: 64}
     assert parse_args(["--peers"]).peers == []
+
+
+# Issue 16: Sluice with `--quantize int8` beside unquantized Sluice in the default pairing (bfloat16 here).
+QUANT_RUNS = [
+    entry("sluice", "bfloat16", 32, 700.0, 0.040, 1.0, phase="first"),
+    entry("sluice", "bfloat16", 32, 730.0, 0.040, 1.0, phase="repeat"),
+    entry("sluice", "bfloat16", 1, 66.0, 0.0150, 0.1, n=4, round_=1),
+    entry("sluice", "bfloat16", 1, 74.0, 0.0130, 0.1, n=4, round_=2),
+    entry("sluice-int8", "bfloat16", 32, 900.0, 0.030, 1.0, phase="first"),
+    entry("sluice-int8", "bfloat16", 32, 1000.0, 0.030, 0.9, phase="repeat"),
+    entry("sluice-int8", "bfloat16", 1, 120.0, 0.0080, 0.1, n=4, round_=1),
+    entry("sluice-int8", "bfloat16", 1, 110.0, 0.0090, 0.1, n=4, round_=2),
+    entry("vllm", "bfloat16", 32, 550.0, 0.050, 1.0, phase="repeat"),
+    entry("vllm", "bfloat16", 1, 55.0, 0.018, 0.1, n=4),
+    entry("sluice", "float32", 32, 400.0, 0.070, 1.5, phase="repeat"),
+]
+QUANT_PAIRS = pairing.pairings(
+    ["auto", "float32"],
+    {
+        "sluice": {"auto": "bfloat16", "float32": "float32"},
+        "vllm": {"auto": "bfloat16"},
+        "sluice-int8": {"auto": "bfloat16"},  # the first pairing only
+    },
+)
+MIB = 2**20
+QUANT_SERVERS = [
+    {"system": "sluice", "request": "auto", "quantize": None, "weight_bytes": 256 * MIB, "serves": ["auto"]},
+    {"system": "vllm", "request": "auto", "serves": ["auto"]},
+    {"system": "sluice-int8", "request": "auto", "quantize": "int8", "weight_bytes": 144 * MIB, "serves": ["auto"]},
+    {"system": "sluice", "request": "float32", "quantize": None, "weight_bytes": 512 * MIB, "serves": ["float32"]},
+]
+
+
+def test_quantization_compares_int8_with_unquantized_sluice_of_the_same_pairing_against_issue_16s_targets():
+    (row,) = ratios.quantization(QUANT_RUNS, QUANT_PAIRS, QUANT_SERVERS)  # float32 has no sluice-int8
+    ref, quant = row["unquantized"], row["quantized"]
+    assert row["pairing"] == "default"
+    assert (ref["label"], ref["quantize"], ref["weight_bytes"]) == ("sluice bfloat16", None, 256 * MIB)
+    assert (quant["label"], quant["quantize"], quant["weight_bytes"]) == ("sluice-int8 bfloat16", "int8", 144 * MIB)
+    assert ref["tpot_s"] == pytest.approx(0.014) and quant["tpot_s"] == pytest.approx(0.0085)  # mean of the 2 runs
+    assert (ref["tok_s"], quant["tok_s"]) == (730.0, 1000.0)  # the repeats, as in the runs table
+    assert row["weight_ratio"] == pytest.approx(144 / 256)
+    assert row["tpot_ratio"] == pytest.approx(0.0085 / 0.014) and row["tpot_met"] is False  # 0.61 > 0.6
+    assert row["throughput_ratio"] == pytest.approx(1000 / 730) and row["throughput_met"] is True
+    assert (row["tpot_concurrency"], row["tpot_target"]) == (1, 0.6)
+    assert (row["throughput_concurrency"], row["throughput_target"]) == (32, 1.3)
+
+
+def test_quantization_marks_figures_it_lacks_not_measured():
+    only_c1 = [r for r in QUANT_RUNS if r["concurrency"] == 1]
+    old_router = [{k: v for k, v in s.items() if k not in ("quantize", "weight_bytes")} for s in QUANT_SERVERS]
+    (row,) = ratios.quantization(only_c1, QUANT_PAIRS, old_router)
+    assert row["throughput_met"] is None and math.isnan(row["throughput_ratio"]) and row["tpot_met"] is False
+    assert row["quantized"]["weight_bytes"] is None and math.isnan(row["weight_ratio"])
+    text = report.quantization_table([row])
+    assert "| default | sluice-int8 bfloat16 | none | - | 8 | - |" in text
+    assert "| n/a (target ≥ 1.30x: not measured) |" in text
+    assert ratios.quantization(QUANT_RUNS, PAIRS, QUANT_SERVERS) == []  # no sluice-int8 in the pairing: no row
+
+
+def test_the_quantization_table_gives_weights_figures_and_both_verdicts():
+    text = report.quantization_table(ratios.quantization(QUANT_RUNS, QUANT_PAIRS, QUANT_SERVERS))
+    assert text.splitlines() == [
+        "| pairing | Sluice | quantize | weights MiB | TPOT ms at C=1 | out tok/s at C=32 |",
+        "|---|---|---|---|---|---|",
+        "| default | sluice bfloat16 | none | 256.0 | 14 | 730.0 |",
+        "| default | sluice-int8 bfloat16 | int8 | 144.0 | 8 | 1000.0 |",
+        "| default | int8 ÷ unquantized | | 0.56x | 0.61x (target ≤ 0.60x: missed) | 1.37x (target ≥ 1.30x: met) |",
+    ]
+
+
+def test_sluice_int8_is_no_competitor_in_the_peer_tables_and_gets_its_own_section():
+    rows = ratios.competitor_ratios(QUANT_RUNS, QUANT_PAIRS, ["vllm", "sluice-int8"])
+    assert rows == ratios.peer_ratios(QUANT_RUNS, QUANT_PAIRS, "vllm")  # vLLM's rows exactly as without int8
+    assert {r["peer"] for r in rows} == {"vllm bfloat16"} and {r["sluice"] for r in rows} == {"sluice bfloat16"}
+    assert ratios.baseline_ratios(QUANT_RUNS, ("pipeline", "static")) == []
+    result = {
+        "meta": {"date": "d", "git_commit": "c", "git_dirty": False, "elapsed_s": 1.0},
+        "args": {"num_requests": 64, "workload": "random", "peers": ["vllm", "sluice-int8"]},
+        "requests_per_concurrency": {1: 4, 32: 64},
+        "runs": QUANT_RUNS,
+        "ratios": [],
+        "peer_ratios": rows,
+        "quantization": ratios.quantization(QUANT_RUNS, QUANT_PAIRS, QUANT_SERVERS),
+    }
+    text = report.summary_text(result)
+    peers = text[text.index("Sluice against its peers") : text.index("Quantization (issue 16)")]
+    assert "sluice-int8" not in peers and "| default | 32 | 64 | sluice bfloat16 | vllm bfloat16 |" in peers
+    assert "| default | int8 ÷ unquantized |" in text[text.index("Quantization (issue 16)") :]
+    table = report.table(QUANT_RUNS)
+    assert table.index("| 1 | sluice bfloat16 |") < table.index("| 1 | sluice-int8 bfloat16 |")
+    assert table.index("| 1 | sluice-int8 bfloat16 |") < table.index("| 1 | vllm bfloat16 |")
+    failed = result | {"quantization": []}
+    assert "sluice-int8 was not measured (see the notes above)" in report.summary_text(failed)
+    unasked = failed | {"args": result["args"] | {"peers": ["vllm"]}}
+    assert "Quantization (issue 16)" not in report.summary_text(unasked)
+
+
+def test_the_runs_caption_says_which_server_ran_in_the_first_pairing_only():
+    runs = [
+        entry(system, dtype, 8, 300.0, 0.03, 0.8, round_=r) | {"pairing": request}
+        for request, systems in (("auto", ("sluice", "vllm", "sluice-int8")), ("float32", ("sluice", "vllm")))
+        for r in (1, 2)
+        for system in systems
+        for dtype in ["bfloat16" if request == "auto" else "float32"]
+    ]
+    caption = report.runs_caption(runs, 32)
+    assert "sluice, vllm, sluice-int8, sluice-int8, vllm, sluice (sluice-int8 in the default pairing only)" in caption
+    assert "pairing only" not in report.runs_caption([r for r in runs if r["system"] != "sluice-int8"], 32)
+
+
+def test_sluice_int8_is_a_peer_choice_and_listed_once():
+    args = parse_args(["--peers", "vllm", "sluice-int8", "sluice-int8", "--dtypes", "auto", "float32"])
+    assert args.peers == ["vllm", "sluice-int8"]
