@@ -96,3 +96,9 @@ bench-gpu: install model $(VENV)/.bench-installed
 .PHONY: soak
 soak: install model
 	SLUICE_SOAK=full $(PY) -m pytest -q -s -p no:cacheprovider tests/reliability --durations=15
+
+# Quality of every quantization scheme and 4-bit checkpoint format on the bundled model: perplexity over
+# tests/data/perplexity_text.txt against the unquantized model (~6 min); `make test` runs int8 only.
+.PHONY: quality
+quality: install model
+	SLUICE_QUALITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/shard/test_perplexity.py

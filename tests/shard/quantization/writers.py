@@ -57,6 +57,14 @@ def dense_model(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
     return model
 
 
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """The state dict as a checkpoint holds it: a tied LM head is the embedding, stored once."""
+    tensors = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
 def linear_names(model) -> list[str]:
     return [f"model.layers.{i}.{kind}" for i in range(model.config.num_hidden_layers) for kind in LINEARS]
 
@@ -142,10 +150,13 @@ def gptq_tensors(q, scales, zeros, g_idx, v1: bool = True) -> dict[str, torch.Te
     }
 
 
-def gptq_checkpoint(out: Path, group_size=32, desc_act=False, sym=False, v1=True, seed=0, drop=(), **config):
-    """A GPTQ checkpoint of a random tiny Llama; returns (dir, the model with its dequantized weights)."""
-    model = dense_model(seed)
-    tensors = {k: v for k, v in model.state_dict().items()}
+def gptq_checkpoint(
+    out: Path, group_size=32, desc_act=False, sym=False, v1=True, seed=0, drop=(), model=None, **config
+):
+    """A GPTQ checkpoint of `model` (default: a random tiny Llama); returns (dir, the model with its
+    dequantized weights)."""
+    model = model or dense_model(seed)
+    tensors = _tensors(model)
     g = torch.Generator().manual_seed(seed + 1)
     orders = {}
     for name in linear_names(model):
@@ -198,9 +209,9 @@ def awq_tensors(q, scales, zeros) -> dict[str, torch.Tensor]:
     }
 
 
-def awq_checkpoint(out: Path, group_size=32, seed=0, drop=(), **config):
-    model = dense_model(seed)
-    tensors = {k: v for k, v in model.state_dict().items()}
+def awq_checkpoint(out: Path, group_size=32, seed=0, drop=(), model=None, **config):
+    model = model or dense_model(seed)
+    tensors = _tensors(model)
     for name in linear_names(model):
         w = tensors.pop(f"{name}.weight")
         q, scales, zeros, g_idx = quantize_int4(w, group_size, sym=False)
@@ -248,10 +259,12 @@ def fp8_checkpoint(out: Path, block=None, scale_name=None, static_input=False, s
 # -- compressed-tensors, by the library ----------------------------------------------------------
 
 
-def ct_checkpoint(out: Path, weights: dict, input_activations: dict | None, fmt: str, seed=0, ignore=("lm_head",)):
+def ct_checkpoint(
+    out: Path, weights: dict, input_activations: dict | None, fmt: str, seed=0, ignore=("lm_head",), model=None
+):
     """Quantize a random tiny Llama with compressed_tensors (min-max scales from its calculate_qparams,
     quantization and packing by its compressor for `fmt`) and save it as llm-compressor does.
-    Returns (dir, the library's QuantizationScheme)."""
+    `model`: quantize that one instead. Returns (dir, the library's QuantizationScheme)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -261,7 +274,7 @@ def ct_checkpoint(out: Path, weights: dict, input_activations: dict | None, fmt:
     )
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    model = dense_model(seed)
+    model = model or dense_model(seed)
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(**weights),
@@ -296,7 +309,7 @@ def ct_checkpoint(out: Path, weights: dict, input_activations: dict | None, fmt:
     compressor.compress_model(model)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in _tensors(model).items()}
     save_file(state, out / "model.safetensors")
     compressor.update_config(str(out))
     return out, scheme
