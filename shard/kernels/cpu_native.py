@@ -1,7 +1,7 @@
 """C++ CPU kernels (csrc/), compiled once per machine for its vector ISA and cached on disk.
 
 `load(cache_dir)` builds them with torch's extension builder into `cache_dir/extensions` (the
-first time on a machine: ~10-20 s; later starts only load the library) and registers the ops
+first time on a machine: ~30 s on 2 cores; later starts only load the library) and registers the ops
 under `torch.ops.sluice_cpu`. The ISA comes from `torch.backends.cpu.get_cpu_capability()`, so
 a cache shared by different machines keeps one build per ISA.
 """
@@ -15,7 +15,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / f"cpu_{name}.cpp" for name in ("attention", "extend", "step", "sampling", "linear")]
+_SOURCES = [_CSRC / f"cpu_{name}.cpp" for name in ("attention", "extend", "step", "sampling", "linear", "int8")]
 _ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -65,6 +65,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("sluice_cpu::packed_linear")
     def _(x, handle, out_features, bias):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("sluice_cpu::int8_linear")
+    def _(x, handle, out_features, bias, act_quant_min_rows):
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake("sluice_cpu::attention")

@@ -1,0 +1,781 @@
+// Int8 linear layers for the CPU: weights quantized per output channel (symmetric int8, one fp32
+// scale a column), packed once and named by an integer handle (as cpu_linear.cpp does for oneDNN
+// weights: a compiled graph calls the op with a constant int), and one op with two matmuls:
+//
+//  - weight-only (W8): activations stay bf16/fp32; int8 weights become exact bf16/fp32 values and
+//    are multiplied with AVX-512 BF16 dot products (bf16 activations) or FMAs (fp32). Up to 4 rows
+//    (decoding few sequences: reading the weight is the cost, and int8 reads half of bf16's bytes)
+//    the weight is converted in registers as it streams in, by byte-table lookups (AVX512-VBMI);
+//    with more rows a thread converts a chunk of 64 output columns into a small scratch once and
+//    runs every row against it, while prefetching its next chunk.
+//  - dynamic (W8A8): each activation row is quantized to u8 with its own scale and zero point and
+//    the integer matmul runs on VNNI (vpdpbusd: u8 x s8, 64 multiply-adds an instruction, twice the
+//    rate of bf16), the zero point corrected with the weight's column sums:
+//      out[m, n] = sx[m] * sw[n] * (sum_k q[m, k] w[n, k] - zp[m] * sum_k w[n, k]) + bias[n]
+//
+// int8_linear(x, handle, out_features, bias, act_quant_min_rows) takes the W8A8 path when x has at
+// least act_quant_min_rows rows (0: always; a huge number: never, pure weight-only).
+//
+// Packed layout, read by both paths: int8 [Np/16][Kp/4][16][4], one 64-byte vector per 16 output
+// columns x 4 consecutive k (VNNI order); N and K are zero-padded to multiples of 16 and 4.
+//
+// The SIMD kernels carry target attributes and are chosen at run time from the CPU's features
+// (AVX-512 VNNI for W8A8, AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8); scalar loops over the
+// same layout serve other CPUs, slowly but with the same results up to summation order.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SLUICE_X86 1
+#include <immintrin.h>
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
+#define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+#define TARGET_BF16_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16,avx512vbmi")))
+#else
+#define SLUICE_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kCols = 16;  // output columns per vector block
+constexpr int kMaxNR = 4;      // column blocks per micro-tile: 64 columns
+constexpr int kMaxMR = 6;      // rows per micro-tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers
+constexpr int kMaxFusedMR = 4;  // rows up to which weight-only converts the weight in registers, without scratch
+// How far ahead (bytes) a memory-bound tile (up to 4 rows) prefetches each of its weight streams;
+// a stream runs into the next block, which follows in memory, so this stays useful.
+constexpr int64_t kPrefetch = 1024;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Packed weights, by handle
+
+struct PackedInt8 {
+  at::Tensor packed;    // int8 [Np/16, Kp/4, 16, 4]
+  at::Tensor scales;    // float32 [Np], zero past N
+  at::Tensor col_sums;  // int32 [Np]: sum_k w[n, k], for the activations' zero point
+  int64_t n = 0, k = 0;
+  int64_t blocks() const { return packed.size(0); }
+  int64_t k4() const { return packed.size(1); }
+  const int8_t* block(int64_t b) const { return packed.const_data_ptr<int8_t>() + b * k4() * 64; }
+};
+
+std::mutex registry_mutex;
+std::deque<std::shared_ptr<const PackedInt8>> registry;  // released slots hold nullptr
+
+int64_t pack_int8_weight(const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.scalar_type() == at::kChar,
+              "weight must be a CPU int8 [out, in] matrix");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0) && scales.is_floating_point(),
+              "scales must be a float [out] vector");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(k > 0, "weight has no inputs");
+  // Symmetric int8 (what quantize_per_channel makes): the bf16 kernels look magnitudes up in a
+  // 128-entry table, so -128 has no entry.
+  TORCH_CHECK(n == 0 || weight.min().item<int8_t>() >= -127, "int8 weights must lie in [-127, 127]");
+  const int64_t np = round_up(n, kCols), kp = round_up(k, 4);
+  auto padded = at::zeros({np, kp}, weight.options());  // [Np, Kp]
+  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  auto p = std::make_shared<PackedInt8>();
+  p->packed = padded.view({np / kCols, kCols, kp / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  p->col_sums = padded.sum({1}, false, at::kInt);
+  p->scales = at::zeros({np}, scales.options().dtype(at::kFloat));
+  p->scales.narrow(0, 0, n).copy_(scales);
+  p->n = n;
+  p->k = k;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry.push_back(std::move(p));
+  return static_cast<int64_t>(registry.size()) - 1;
+}
+
+void release_int8_weight(int64_t handle) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no int8 weight ", handle);
+  registry[handle] = nullptr;
+}
+
+std::shared_ptr<const PackedInt8> lookup(int64_t handle) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no int8 weight ", handle);
+  TORCH_CHECK(registry[handle], "int8 weight ", handle, " was released");
+  return registry[handle];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which kernels this CPU runs
+
+struct Isa {
+  bool avx512 = false, vnni = false, bf16 = false, vbmi = false;
+};
+
+std::atomic<bool> force_generic{false};  // tests check the scalar kernels on any machine
+
+Isa detect() {
+  Isa isa;
+#if SLUICE_X86
+  isa.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  isa.vnni = isa.avx512 && __builtin_cpu_supports("avx512vnni");
+  isa.bf16 = isa.avx512 && __builtin_cpu_supports("avx512bf16");
+  isa.vbmi = isa.avx512 && __builtin_cpu_supports("avx512vbmi");
+#endif
+  return isa;
+}
+
+Isa isa() {
+  static const Isa detected = detect();
+  return force_generic ? Isa{} : detected;
+}
+
+std::string int8_kernels() {
+  const Isa i = isa();
+  if (!i.avx512) return "generic";
+  return std::string("avx512") + (i.vnni ? "+vnni" : "") + (i.bf16 ? "+bf16" : "") + (i.vbmi ? "+vbmi" : "");
+}
+
+void int8_force_generic(bool generic) { force_generic = generic; }
+
+// ---------------------------------------------------------------------------------------------
+// What both paths share
+
+// A matmul's output [M, N] (float32 or bfloat16) and its epilogue: * scale[n] (+ bias[n]).
+struct Output {
+  void* data;
+  int64_t n;           // columns (N), also the row stride
+  bool bf16;
+  const float* scale;  // [Np], the weight's per-column scales
+  const float* bias;   // [N], or null
+};
+
+// Activation rows quantized to u8: q[m, k] = clamp(round(x[m, k] / scale[m]) + zero_point[m], 0, 255),
+// with scale = (max(x, 0) - min(x, 0)) / 255 and zero_point = round(-min(x, 0) / scale).
+struct QuantRows {
+  const uint8_t* q;  // [M, Kp], zero past K
+  int64_t ld;        // Kp
+  const float* scale;
+  const int32_t* zero_point;  // [M]
+};
+
+float row_scale(float lo, float hi) {
+  const float s = (hi - lo) / 255.f;
+  return s > 0.f ? s : 1.f;  // an all-zero row: any scale
+}
+
+// Per-thread scratch, grown as needed and kept (OpenMP threads persist), 64-byte aligned.
+template <typename T>
+T* scratch(int64_t count) {
+  struct alignas(64) Line {
+    char bytes[64];
+  };
+  thread_local std::vector<Line> buffer;
+  const size_t lines = static_cast<size_t>((count * static_cast<int64_t>(sizeof(T)) + 63) / 64);
+  if (buffer.size() < lines) buffer.resize(lines);
+  return reinterpret_cast<T*>(buffer.data());
+}
+
+// Column blocks handed to threads in contiguous ranges; a range is walked in chunks of up to
+// kMaxNR blocks (64 columns), the unit a chunk's tiles share. Small problems stay on one thread.
+template <typename F>
+void for_each_chunk(int64_t blocks, int64_t rows, int64_t kp, const F& chunk) {
+  const int64_t work_per_block = std::max<int64_t>(1, rows * kp * kCols);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work_per_block);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += kMaxNR) chunk(b, static_cast<int>(std::min<int64_t>(kMaxNR, end - b)));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar kernels (CPUs without AVX-512, and the reference the SIMD kernels match)
+
+int8_t packed_at(const PackedInt8& w, int64_t n, int64_t k) {
+  return w.block(n / kCols)[(k / 4) * 64 + (n % kCols) * 4 + k % 4];
+}
+
+template <typename T>
+void quantize_row_generic(const T* x, int64_t k, uint8_t* q, int64_t kp, float* scale, int32_t* zero_point) {
+  float lo = 0.f, hi = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    lo = std::min(lo, static_cast<float>(x[i]));
+    hi = std::max(hi, static_cast<float>(x[i]));
+  }
+  const float s = row_scale(lo, hi);
+  const int32_t zp = static_cast<int32_t>(std::nearbyint(-lo / s));
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[i]) / s)) + zp;
+    q[i] = static_cast<uint8_t>(std::clamp(v, 0, 255));
+  }
+  std::fill(q + k, q + kp, uint8_t{0});
+  *scale = s;
+  *zero_point = zp;
+}
+
+template <typename T>
+void store_generic(const Output& o, int64_t m, int64_t n, float v) {
+  T* out = static_cast<T*>(o.data);
+  out[m * o.n + n] = static_cast<T>(v + (o.bias ? o.bias[n] : 0.f));
+}
+
+template <typename T>
+void w8_generic(const T* x, int64_t ldx, int64_t m_rows, const PackedInt8& w, const Output& o) {
+  at::parallel_for(0, w.n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < m_rows; ++m) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < w.k; ++k) acc += static_cast<float>(x[m * ldx + k]) * packed_at(w, n, k);
+        const float v = acc * o.scale[n];
+        o.bf16 ? store_generic<at::BFloat16>(o, m, n, v) : store_generic<float>(o, m, n, v);
+      }
+  });
+}
+
+void w8a8_generic(const QuantRows& a, int64_t m_rows, const PackedInt8& w, const Output& o) {
+  const int32_t* col_sums = w.col_sums.const_data_ptr<int32_t>();
+  at::parallel_for(0, w.n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < m_rows; ++m) {
+        int32_t acc = 0;
+        for (int64_t k = 0; k < w.k; ++k) acc += int32_t{a.q[m * a.ld + k]} * packed_at(w, n, k);
+        acc -= a.zero_point[m] * col_sums[n];
+        const float v = static_cast<float>(acc) * (a.scale[m] * o.scale[n]);
+        o.bf16 ? store_generic<at::BFloat16>(o, m, n, v) : store_generic<float>(o, m, n, v);
+      }
+  });
+}
+
+#if SLUICE_X86
+// ---------------------------------------------------------------------------------------------
+// AVX-512 helpers
+
+TARGET_AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(left, 0)) - 1);
+}
+
+TARGET_AVX512 inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// 16 floats (bf16 or fp32 source, masked lanes read as 0).
+TARGET_AVX512 inline __m512 load_f32(const at::BFloat16* p, __mmask16 mask) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+TARGET_AVX512 inline __m512 load_f32(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+// fp32 -> bf16 rounded to nearest even, NaN kept (as c10::BFloat16 does), without AVX512-BF16.
+TARGET_AVX512 inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// out[m, col:col+16] = v * scale (* row_scale) + bias, the columns past N masked off.
+TARGET_AVX512 inline void store16(const Output& o, int64_t m, int64_t col, __m512 v, float row_scale = 1.f) {
+  const __mmask16 mask = tail_mask(o.n - col);
+  if (!mask) return;  // a padding block
+  __m512 s = _mm512_loadu_ps(o.scale + col);
+  if (row_scale != 1.f) s = _mm512_mul_ps(s, _mm512_set1_ps(row_scale));
+  v = _mm512_mul_ps(v, s);
+  if (o.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.bias + col));
+  if (o.bf16)
+    _mm256_mask_storeu_epi16(static_cast<at::BFloat16*>(o.data) + m * o.n + col, mask, to_bf16(v));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(o.data) + m * o.n + col, mask, v);
+}
+
+// One 64-byte weight vector (16 columns x 4 k, int8) as 4 fp32 vectors, f[j] = column values at k+j.
+TARGET_AVX512 inline void widen(__m512i v, __m512 f[4]) {
+  f[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+  f[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+  f[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+  f[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+}
+
+// Two exact fp32 integers (|v| <= 128: 8 significant bits, low 16 bits zero) as bf16 pairs: the
+// low word of each lane from `lo`, the high word from `hi`, the order vdpbf16ps multiplies pairs in.
+TARGET_AVX512 inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16), _mm512_castps_si512(hi));
+}
+
+// The same conversion by table lookup (AVX512-VBMI byte permutes), 6 instructions for 64 weights
+// instead of widen + bf16_pairs' 15: what lets weight-only decoding keep up with memory. The low
+// and high bytes of bf16(|v|) come from 128-entry tables (two registers each), the sign is or-ed
+// into the high byte, and two byte permutes interleave them into the k0k1 and k2k3 pairs.
+struct Bf16Tables {
+  alignas(64) uint8_t lo[128], hi[128], pick_k01[64], pick_k23[64];
+  Bf16Tables() {
+    for (int i = 0; i < 128; ++i) {
+      const float f = static_cast<float>(i);
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof bits);
+      lo[i] = static_cast<uint8_t>(bits >> 16);
+      hi[i] = static_cast<uint8_t>(bits >> 24);
+    }
+    for (int c = 0; c < 16; ++c)
+      for (int j = 0; j < 2; ++j) {  // column c's k = j (k01) or 2 + j (k23): low byte, then high byte
+        pick_k01[4 * c + 2 * j] = static_cast<uint8_t>(4 * c + j);
+        pick_k01[4 * c + 2 * j + 1] = static_cast<uint8_t>(64 + 4 * c + j);
+        pick_k23[4 * c + 2 * j] = static_cast<uint8_t>(4 * c + 2 + j);
+        pick_k23[4 * c + 2 * j + 1] = static_cast<uint8_t>(64 + 4 * c + 2 + j);
+      }
+  }
+};
+
+const Bf16Tables& bf16_tables() {
+  static const Bf16Tables tables;
+  return tables;
+}
+
+struct Bf16Lut {
+  __m512i lo0, lo1, hi0, hi1, pick_k01, pick_k23, sign;
+};
+
+TARGET_BF16_VBMI inline Bf16Lut load_lut() {
+  const Bf16Tables& t = bf16_tables();
+  return {_mm512_load_si512(t.lo),       _mm512_load_si512(t.lo + 64),       _mm512_load_si512(t.hi),
+          _mm512_load_si512(t.hi + 64),  _mm512_load_si512(t.pick_k01),      _mm512_load_si512(t.pick_k23),
+          _mm512_set1_epi8(static_cast<char>(0x80))};
+}
+
+// One 64-byte weight vector (16 columns x 4 k) -> bf16 pairs (k0, k1) and (k2, k3) of each column.
+TARGET_BF16_VBMI inline void lut_pairs(const Bf16Lut& t, __m512i v, __m512i& k01, __m512i& k23) {
+  const __m512i mag = _mm512_abs_epi8(v);
+  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, mag, t.lo1);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, mag, t.hi1), v, t.sign, 0xf8);
+  k01 = _mm512_permutex2var_epi8(lo, t.pick_k01, hi);  // 0xf8 above: hi | (v & 0x80)
+  k23 = _mm512_permutex2var_epi8(lo, t.pick_k23, hi);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight-only: dequantize a chunk into scratch, then tiles of rows against it
+
+// Chunk of nr blocks -> bf16 [Kp/2][nr][16 columns][2 k] (pairs of k per column, for vdpbf16ps).
+TARGET_AVX512 void dequant_bf16(const PackedInt8& w, int64_t b0, int nr, uint16_t* out) {
+  const int64_t k4 = w.k4();
+  for (int b = 0; b < nr; ++b) {
+    const int8_t* src = w.block(b0 + b);
+    for (int64_t i = 0; i < k4; ++i) {
+      __m512 f[4];
+      widen(_mm512_loadu_si512(src + i * 64), f);
+      _mm512_storeu_si512(out + ((2 * i) * nr + b) * 32, bf16_pairs(f[0], f[1]));
+      _mm512_storeu_si512(out + ((2 * i + 1) * nr + b) * 32, bf16_pairs(f[2], f[3]));
+    }
+  }
+}
+
+TARGET_BF16_VBMI void dequant_bf16_lut(const PackedInt8& w, int64_t b0, int nr, uint16_t* out) {
+  const Bf16Lut lut = load_lut();
+  const int64_t k4 = w.k4();
+  for (int b = 0; b < nr; ++b) {
+    const int8_t* src = w.block(b0 + b);
+    for (int64_t i = 0; i < k4; ++i) {
+      __m512i k01, k23;
+      lut_pairs(lut, _mm512_loadu_si512(src + i * 64), k01, k23);
+      _mm512_storeu_si512(out + ((2 * i) * nr + b) * 32, k01);
+      _mm512_storeu_si512(out + ((2 * i + 1) * nr + b) * 32, k23);
+    }
+  }
+}
+
+// Chunk of nr blocks -> fp32 [Kp][nr][16 columns].
+TARGET_AVX512 void dequant_f32(const PackedInt8& w, int64_t b0, int nr, float* out) {
+  const int64_t k4 = w.k4();
+  for (int b = 0; b < nr; ++b) {
+    const int8_t* src = w.block(b0 + b);
+    for (int64_t i = 0; i < k4; ++i) {
+      __m512 f[4];
+      widen(_mm512_loadu_si512(src + i * 64), f);
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + ((4 * i + j) * nr + b) * 16, f[j]);
+    }
+  }
+}
+
+// A tile working on scratch streams the thread's next chunk (the packed bytes that follow, same
+// size) into L2 meanwhile, `bytes` an iteration: otherwise each chunk's dequantization would wait
+// on memory with nothing to overlap it.
+TARGET_AVX512 inline void prefetch_span(const int8_t* p, int bytes) {
+  for (int b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p + b), _MM_HINT_T1);
+}
+
+// The tiles below only accumulate, and store their MR x NR accumulator vectors to `acc`
+// ([MR][NR][16]) for an epilogue: with the scaling and stores inside, GCC kept a copy of every
+// accumulator on the stack, one store per multiply-add (half the speed).
+
+// Rows x the chunk's NR blocks, bf16 activations: x [MR rows, ldx] with Kp readable k (the caller
+// pads K to a multiple of 4), w the chunk from dequant_bf16(_lut).
+template <int MR, int NR>
+TARGET_BF16 void w8_bf16_tile(const at::BFloat16* x, int64_t ldx, const uint16_t* w, int64_t k_pairs,
+                              const int8_t* next, float* acc_out) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k_pairs; ++p) {
+    if (next) prefetch_span(next + p * NR * 32, NR * 32);
+    __m512bh wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (p * NR + j) * 32);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(load_i32(x + m * ldx + 2 * p));
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, wv[j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(acc_out + (m * NR + j) * 16, acc[m][j]);
+}
+
+// Few rows (one tile): the weight converted in registers as it streams in, no scratch. x [MR rows,
+// ldx] with Kp readable k (the caller pads K to a multiple of 4), w the first of NR packed blocks.
+// With one or two rows the k01 and k23 products go to separate accumulators, so that the
+// multiply-adds do not wait on each other (latency, not throughput, would bound them).
+template <int MR, int NR>
+TARGET_BF16_VBMI void w8_bf16_fused_tile(const at::BFloat16* x, int64_t ldx, const int8_t* w, int64_t k4,
+                                         float* acc_out) {
+  constexpr int S = MR <= 2 ? 2 : 1;
+  const Bf16Lut lut = load_lut();
+  __m512 acc[S][MR][NR];
+#pragma GCC unroll 2
+  for (int h = 0; h < S; ++h)
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[h][m][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k4; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* wv = w + (j * k4 + i) * 64;
+      if constexpr (MR <= 4) _mm_prefetch(reinterpret_cast<const char*>(wv + kPrefetch), _MM_HINT_T0);
+      __m512i k01, k23;
+      lut_pairs(lut, _mm512_loadu_si512(wv), k01, k23);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const at::BFloat16* xm = x + m * ldx + 4 * i;
+        acc[0][m][j] = _mm512_dpbf16_ps(acc[0][m][j], (__m512bh)_mm512_set1_epi32(load_i32(xm)), (__m512bh)k01);
+        acc[S - 1][m][j] =
+            _mm512_dpbf16_ps(acc[S - 1][m][j], (__m512bh)_mm512_set1_epi32(load_i32(xm + 2)), (__m512bh)k23);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j)
+      _mm512_storeu_ps(acc_out + (m * NR + j) * 16, S == 2 ? _mm512_add_ps(acc[0][m][j], acc[S - 1][m][j]) : acc[0][m][j]);
+}
+
+// The same with fp32 activations and FMAs, w the chunk from dequant_f32.
+template <int MR, int NR>
+TARGET_AVX512 void w8_f32_tile(const float* x, int64_t ldx, const float* w, int64_t k, const int8_t* next,
+                               float* acc_out) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    if (next) prefetch_span(next + kk * NR * 16, NR * 16);
+    __m512 wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + (kk * NR + j) * 16);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * ldx + kk]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(acc_out + (m * NR + j) * 16, acc[m][j]);
+}
+
+// Weight-only epilogue: out[m0 + m, col0 + 16 j + c] = acc[m][j][c] * scale (+ bias).
+TARGET_AVX512 void finish_w8(const float* acc, int mr, int nr, const Output& o, int64_t m0, int64_t col0) {
+  for (int m = 0; m < mr; ++m)
+    for (int j = 0; j < nr; ++j) store16(o, m0 + m, col0 + j * kCols, _mm512_loadu_ps(acc + (m * nr + j) * 16));
+}
+
+// ---------------------------------------------------------------------------------------------
+// W8A8: quantize rows, then u8 x s8 tiles straight from the packed weight
+
+template <typename T>
+TARGET_AVX512 void quantize_row(const T* x, int64_t k, uint8_t* q, int64_t kp, float* scale, int32_t* zero_point) {
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();  // masked-off lanes load 0: no effect
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m512 v = load_f32(x + i, tail_mask(k - i));
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+  }
+  const float lowest = _mm512_reduce_min_ps(lo);
+  const float s = row_scale(lowest, _mm512_reduce_max_ps(hi));
+  const int32_t zp = static_cast<int32_t>(std::nearbyint(-lowest / s));
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i vzp = _mm512_set1_epi32(zp), zero = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kp; i += 16) {
+    const __mmask16 mask = tail_mask(k - i);
+    // Division, not a multiply by 1/s, and round-to-nearest-even: bit-identical to the reference.
+    __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(load_f32(x + i, mask), vs)), vzp);
+    r = _mm512_maskz_max_epi32(mask, r, zero);  // padding past K: 0
+    _mm_mask_storeu_epi8(q + i, tail_mask(kp - i), _mm512_cvtusepi32_epi8(r));  // saturates at 255
+  }
+  *scale = s;
+  *zero_point = zp;
+}
+
+// Rows x NR blocks from the packed weight (the blocks follow each other, k4 * 64 bytes apart):
+// int32 sums of q[m, k] * w[n, k], stored to acc_out [MR][NR][16].
+template <int MR, int NR>
+TARGET_VNNI void w8a8_tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t k4, int32_t* acc_out) {
+  __m512i acc[MR][NR];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k4; ++i) {
+    __m512i wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      if constexpr (MR <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + (j * k4 + i) * 64 + kPrefetch), _MM_HINT_T0);
+      wv[j] = _mm512_loadu_si512(w + (j * k4 + i) * 64);
+    }
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xb = _mm512_set1_epi32(load_i32(x + m * ldx + 4 * i));
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xb, wv[j]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) _mm512_storeu_si512(acc_out + (m * NR + j) * 16, acc[m][j]);
+}
+
+// W8A8 epilogue: (acc - zp[m] * col_sums[n]) * sx[m] * sw[n] (+ bias), the zero point's share
+// taken out exactly in int32.
+TARGET_AVX512 void finish_w8a8(const int32_t* acc, int mr, int nr, const QuantRows& a, const int32_t* col_sums,
+                               const Output& o, int64_t m0, int64_t col0) {
+  for (int m = 0; m < mr; ++m) {
+    const __m512i zp = _mm512_set1_epi32(a.zero_point[m0 + m]);
+    for (int j = 0; j < nr; ++j) {
+      const __m512i sums = _mm512_loadu_si512(col_sums + col0 + j * kCols);
+      const __m512i v = _mm512_sub_epi32(_mm512_loadu_si512(acc + (m * nr + j) * 16), _mm512_mullo_epi32(zp, sums));
+      store16(o, m0 + m, col0 + j * kCols, _mm512_cvtepi32_ps(v), a.scale[m0 + m]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile dispatch: a table of the MR x NR instantiations, indexed by the rows and blocks left.
+
+#define SLUICE_TILE_ROW(fn, mr) {&fn<mr, 1>, &fn<mr, 2>, &fn<mr, 3>, &fn<mr, 4>}
+#define SLUICE_TILE_TABLE(fn)                                                                          \
+  {SLUICE_TILE_ROW(fn, 1), SLUICE_TILE_ROW(fn, 2), SLUICE_TILE_ROW(fn, 3), SLUICE_TILE_ROW(fn, 4), \
+   SLUICE_TILE_ROW(fn, 5), SLUICE_TILE_ROW(fn, 6)}
+
+// Rows in as few tiles as kMaxMR allows, of near-equal heights (8 rows: 4 + 4, not 6 + 2: a short
+// tile reloads the weights for few multiply-adds).
+template <typename F>
+void for_each_tile(int64_t rows, const F& tile) {  // tile(m0, mr)
+  const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR, base = rows / tiles, taller = rows % tiles;
+  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+    const int mr = static_cast<int>(base + (t < taller));
+    tile(m0, mr);
+    m0 += mr;
+  }
+}
+
+// The nr blocks after chunk [b0, b0 + nr), to prefetch, if the weight has them.
+const int8_t* next_chunk(const PackedInt8& w, int64_t b0, int nr) {
+  return b0 + 2 * nr <= w.blocks() ? w.block(b0 + nr) : nullptr;
+}
+
+// x [rows, ldx] bf16 with Kp readable k (zero past K).
+void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o, bool vbmi) {
+  const int64_t k4 = w.k4();
+  if (vbmi && rows <= kMaxFusedMR) {
+    using Fused = void (*)(const at::BFloat16*, int64_t, const int8_t*, int64_t, float*);
+    static constexpr Fused fused[kMaxFusedMR][kMaxNR] = {SLUICE_TILE_ROW(w8_bf16_fused_tile, 1),
+                                                         SLUICE_TILE_ROW(w8_bf16_fused_tile, 2),
+                                                         SLUICE_TILE_ROW(w8_bf16_fused_tile, 3),
+                                                         SLUICE_TILE_ROW(w8_bf16_fused_tile, 4)};
+    return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
+      alignas(64) float acc[kMaxFusedMR * kMaxNR * kCols];
+      fused[rows - 1][nr - 1](x, ldx, w.block(b0), k4, acc);
+      finish_w8(acc, static_cast<int>(rows), nr, o, 0, b0 * kCols);
+    });
+  }
+  using Tile = void (*)(const at::BFloat16*, int64_t, const uint16_t*, int64_t, const int8_t*, float*);
+  static constexpr Tile tiles[kMaxMR][kMaxNR] = SLUICE_TILE_TABLE(w8_bf16_tile);
+  const int64_t k_pairs = k4 * 2;
+  for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
+    uint16_t* chunk = scratch<uint16_t>(k4 * 4 * nr * kCols);
+    vbmi ? dequant_bf16_lut(w, b0, nr, chunk) : dequant_bf16(w, b0, nr, chunk);
+    alignas(64) float acc[kMaxMR * kMaxNR * kCols];
+    for_each_tile(rows, [&](int64_t m0, int mr) {
+      tiles[mr - 1][nr - 1](x + m0 * ldx, ldx, chunk, k_pairs, m0 == 0 ? next_chunk(w, b0, nr) : nullptr, acc);
+      finish_w8(acc, mr, nr, o, m0, b0 * kCols);
+    });
+  });
+}
+
+void w8_f32(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
+  using Tile = void (*)(const float*, int64_t, const float*, int64_t, const int8_t*, float*);
+  static constexpr Tile tiles[kMaxMR][kMaxNR] = SLUICE_TILE_TABLE(w8_f32_tile);
+  for_each_chunk(w.blocks(), rows, w.k4() * 4, [&](int64_t b0, int nr) {
+    float* chunk = scratch<float>(w.k4() * 4 * nr * kCols);
+    dequant_f32(w, b0, nr, chunk);
+    alignas(64) float acc[kMaxMR * kMaxNR * kCols];
+    for_each_tile(rows, [&](int64_t m0, int mr) {
+      tiles[mr - 1][nr - 1](x + m0 * ldx, ldx, chunk, w.k, m0 == 0 ? next_chunk(w, b0, nr) : nullptr, acc);
+      finish_w8(acc, mr, nr, o, m0, b0 * kCols);
+    });
+  });
+}
+
+void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Output& o) {
+  using Tile = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*);
+  static constexpr Tile tiles[kMaxMR][kMaxNR] = SLUICE_TILE_TABLE(w8a8_tile);
+  const int32_t* col_sums = w.col_sums.const_data_ptr<int32_t>();
+  const int64_t k4 = w.k4();
+  for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
+    alignas(64) int32_t acc[kMaxMR * kMaxNR * kCols];
+    for_each_tile(rows, [&](int64_t m0, int mr) {
+      tiles[mr - 1][nr - 1](a.q + m0 * a.ld, a.ld, w.block(b0), k4, acc);
+      finish_w8a8(acc, mr, nr, a, col_sums, o, m0, b0 * kCols);
+    });
+  });
+}
+#endif  // SLUICE_X86
+
+// ---------------------------------------------------------------------------------------------
+// The op
+
+// x [M, K] (rows contiguous) -> u8 rows [M, Kp] with their scales and zero points.
+struct QuantBuffers {
+  at::Tensor q, scale, zero_point;
+};
+
+template <typename T>
+void quantize_rows_into(const T* x, int64_t ldx, int64_t rows, int64_t k, int64_t kp, bool simd, QuantBuffers& b) {
+  uint8_t* q = b.q.data_ptr<uint8_t>();
+  float* scale = b.scale.data_ptr<float>();
+  int32_t* zp = b.zero_point.data_ptr<int32_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+#if SLUICE_X86
+      if (simd) {
+        quantize_row(x + m * ldx, k, q + m * kp, kp, scale + m, zp + m);
+        continue;
+      }
+#endif
+      quantize_row_generic(x + m * ldx, k, q + m * kp, kp, scale + m, zp + m);
+    }
+  });
+}
+
+QuantBuffers quantize_rows(const at::Tensor& x, int64_t kp, bool simd) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  QuantBuffers b{at::empty({rows, kp}, x.options().dtype(at::kByte)), at::empty({rows}, x.options().dtype(at::kFloat)),
+                 at::empty({rows}, x.options().dtype(at::kInt))};
+  if (x.scalar_type() == at::kBFloat16)
+    quantize_rows_into(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, k, kp, simd, b);
+  else
+    quantize_rows_into(x.const_data_ptr<float>(), x.stride(0), rows, k, kp, simd, b);
+  return b;
+}
+
+void w8a8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
+  const Isa cpu = isa();
+  const int64_t rows = x.size(0);
+  const QuantBuffers qb = quantize_rows(x, w.k4() * 4, cpu.avx512);
+  const QuantRows a{qb.q.const_data_ptr<uint8_t>(), w.k4() * 4, qb.scale.const_data_ptr<float>(),
+                    qb.zero_point.const_data_ptr<int32_t>()};
+#if SLUICE_X86
+  if (cpu.vnni) return w8a8_vnni(a, rows, w, o);
+#endif
+  w8a8_generic(a, rows, w, o);
+}
+
+void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
+  const Isa cpu = isa();
+  const int64_t rows = x.size(0), k = x.size(1);
+#if SLUICE_X86
+  if (cpu.bf16 && x.scalar_type() == at::kBFloat16) {
+    // The kernels read k in groups of 4 (the packing's): K % 4 != 0 gets zero columns, so that
+    // nothing past a row (NaN, say, where the weight's padding is 0) is read.
+    const int64_t kp = w.k4() * 4;
+    const at::Tensor xe = k < kp ? at::constant_pad_nd(x, {0, kp - k}) : x;
+    return w8_bf16(xe.const_data_ptr<at::BFloat16>(), xe.stride(0), rows, w, o, cpu.vbmi);
+  }
+  if (cpu.avx512) {
+    const at::Tensor xf = x.to(at::kFloat);  // bf16 -> fp32 is exact
+    return w8_f32(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
+  }
+#endif
+  if (x.scalar_type() == at::kBFloat16) return w8_generic(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, w, o);
+  w8_generic(x.const_data_ptr<float>(), x.stride(0), rows, w, o);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features,
+                       const std::optional<at::Tensor>& bias, int64_t act_quant_min_rows) {
+  const auto w = lookup(handle);
+  TORCH_CHECK(out_features == w->n, "int8 weight ", handle, " has ", w->n, " outputs, not ", out_features);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w->k, "x [..., ", w->k, "] expected, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  auto x2 = x.reshape({-1, w->k});  // [M, K]
+  if (x2.stride(-1) != 1 || (x2.size(0) > 1 && x2.stride(0) < w->k)) x2 = x2.contiguous();
+  const int64_t rows = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w->n;
+  auto out = at::empty({rows, w->n}, x.options());  // [M, N]
+  if (rows == 0 || w->n == 0) return out.view(out_shape);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == w->n, "bias must have ", w->n, " elements");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const Output o{out.data_ptr(), w->n, x.scalar_type() == at::kBFloat16, w->scales.const_data_ptr<float>(),
+                 b.defined() ? b.const_data_ptr<float>() : nullptr};
+  if (rows >= act_quant_min_rows)
+    w8a8(x2, *w, o);
+  else
+    w8(x2, *w, o);
+  return out.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
+  m.def("pack_int8_weight(Tensor weight, Tensor scales) -> int", &pack_int8_weight);
+  m.def("release_int8_weight(int handle) -> ()", &release_int8_weight);
+  m.def("int8_kernels() -> str", &int8_kernels);
+  m.def("int8_force_generic(bool generic) -> ()", &int8_force_generic);
+  m.def("int8_linear(Tensor x, int handle, int out_features, Tensor? bias, int act_quant_min_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("int8_linear", &int8_linear); }

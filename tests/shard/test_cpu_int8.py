@@ -1,0 +1,187 @@
+"""The CPU int8 linears (shard/kernels/cpu_int8.py) compute what their float64 references do,
+within the rounding their arithmetic allows, on the SIMD kernels and on the generic C++ loops.
+
+Tolerances are bounds, not guesses. The kernels multiply exact values (bf16/fp32 x, int8 weights
+as exact bf16/fp32, or u8 x s8 in exact int32) and accumulate K products in fp32, so an entry
+differs from the exact sum by at most gamma * sum_k |x_k w_k| (gamma = (K + 3) * 2^-24: K additions,
+the scale multiply, the bias add); a bf16 output adds its rounding, half a unit in the last
+place (2^-9 relative; 2^-8 allowed, to cover that and the fp32 noise before it).
+"""
+
+import pytest
+import torch
+
+from shard.config import default_cache_dir
+from shard.kernels import cpu_int8, cpu_native
+
+cpu_native.load(default_cache_dir())  # a machine that cannot build the C++ kernels fails here
+
+SHAPES = [(80, 96), (33, 70), (130, 257), (960, 576)]  # [N, K]: K % 64 != 0, K odd, N % 16 != 0; a real qkv
+ROWS = [1, 3, 17, 64]
+
+
+@pytest.fixture(params=["simd", "generic"])
+def kernels(request):
+    """Each test runs on this CPU's SIMD kernels and on the scalar loops other CPUs get."""
+    if request.param == "simd" and torch.ops.sluice_cpu.int8_kernels() == "generic":
+        pytest.skip("no AVX-512 on this CPU")
+    torch.ops.sluice_cpu.int8_force_generic(request.param == "generic")
+    yield request.param
+    torch.ops.sluice_cpu.int8_force_generic(False)
+
+
+def _weight(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w8, scales = cpu_int8.quantize_per_channel(torch.randn(n, k, generator=g) * 0.05)
+    return w8, scales, torch.randn(n, generator=g) * 0.1
+
+
+def _dequantized(w8, scales):  # [N, K] float64
+    return w8.double() * scales.double()[:, None]
+
+
+def _quantize_rows(x):
+    """linear_w8a8's activation quantization, in torch ops (same float32 arithmetic, so the same q)."""
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True).clamp(max=0), xf.amax(-1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / 255
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    zp = torch.round(-lo / s)
+    return (torch.round(xf / s) + zp).clamp(0, 255), s, zp
+
+
+def _assert_within(out, expected, magnitude, k):
+    """|out - expected| <= gamma * magnitude (+ the output's rounding), elementwise; magnitude =
+    sum_k |x_k w_k| + |bias|, the scale of the fp32 accumulation error."""
+    bound = (k + 3) * 2.0**-24 * magnitude
+    if out.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * expected.abs()
+    err = (out.double() - expected).abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound + 1e-30).all(), f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
+
+
+def _check_w8(out, x, w8, scales, bias):
+    w = _dequantized(w8, scales)
+    expected = x.double() @ w.T + (bias.double() if bias is not None else 0)
+    magnitude = x.double().abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
+    _assert_within(out, expected, magnitude, x.shape[-1])
+
+
+def _check_w8a8(out, x, w8, scales, bias):
+    q, s, zp = _quantize_rows(x)
+    w = _dequantized(w8, scales)
+    xq = (q.double() - zp.double()) * s.double()  # what the integer matmul multiplies, exactly
+    expected = xq @ w.T + (bias.double() if bias is not None else 0)
+    magnitude = xq.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
+    _assert_within(out, expected, magnitude, x.shape[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("scheme", ["w8", "w8a8"])
+def test_matches_reference(kernels, scheme, n, k, dtype):
+    w8, scales, bias = _weight(n, k)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    linear, check = (cpu_int8.linear_w8, _check_w8) if scheme == "w8" else (cpu_int8.linear_w8a8, _check_w8a8)
+    g = torch.Generator().manual_seed(n + k)
+    for rows in ROWS:
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        for b in (None, bias.to(dtype)):
+            out = linear(x, weight, b)
+            assert out.shape == (rows, n) and out.dtype == dtype
+            check(out, x, w8, scales, b)
+
+
+def test_w8a8_is_close_to_the_weight_only_result():
+    """Quantizing activations per row costs about 1/255 of each row's range: a few tenths of a
+    percent relative error on Gaussian activations (the accuracy the VNNI path trades for speed)."""
+    w8, scales, _ = _weight(960, 576)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(1))
+    exact = cpu_int8.linear_w8(x, weight)
+    rel = (cpu_int8.linear_w8a8(x, weight) - exact).norm() / exact.norm()
+    assert 1e-4 < rel < 1e-2
+
+
+def test_act_quant_min_rows_switches_to_w8a8(kernels):
+    w8, scales, bias = _weight(80, 96)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    x = torch.randn(17, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+    below, at = x[:16], x
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(
+        cpu_int8.linear_w8(below, weight, bias, 17), cpu_int8.linear_w8(below, weight, bias), **exact
+    )
+    torch.testing.assert_close(
+        cpu_int8.linear_w8(at, weight, bias, 17), cpu_int8.linear_w8a8(at, weight, bias), **exact
+    )
+
+
+@pytest.mark.parametrize("linear", [cpu_int8.linear_w8, cpu_int8.linear_w8a8])
+def test_leading_dims_strided_and_empty_inputs(linear):
+    w8, scales, bias = _weight(80, 96)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    x = torch.randn(2, 3, 192, generator=torch.Generator().manual_seed(3)).bfloat16()[..., ::2]  # strided
+    out = linear(x, weight, bias)
+    assert out.shape == (2, 3, 80)
+    torch.testing.assert_close(out, linear(x.contiguous().view(6, 96), weight, bias).view(2, 3, 80), rtol=0, atol=0)
+    wide = torch.randn(5, 200).bfloat16()  # rows of a wider tensor: a row stride, no copy
+    torch.testing.assert_close(linear(wide[:, 100:196], weight), linear(wide[:, 100:196].contiguous(), weight))
+    assert linear(torch.empty(0, 96), weight).shape == (0, 80)
+
+
+def test_real_shapes_single_row():
+    """Decode-sized calls on the model's own shapes (N, K multiples of 64; the LM head's N = 49152)."""
+    for n, k in [(3072, 576), (576, 1536), (49152, 576)]:
+        w8, scales, _ = _weight(n, k)
+        weight = cpu_int8.Int8Weight(w8, scales)
+        x = torch.randn(1, k).bfloat16()
+        _check_w8(cpu_int8.linear_w8(x, weight), x, w8, scales, None)
+        _check_w8a8(cpu_int8.linear_w8a8(x, weight), x, w8, scales, None)
+
+
+def test_bad_arguments_are_rejected():
+    w8, scales, _ = _weight(80, 96)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    with pytest.raises(RuntimeError, match="x \\[..., 96\\] expected"):
+        cpu_int8.linear_w8(torch.randn(2, 95), weight)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_int8.linear_w8(torch.randn(2, 96, dtype=torch.float64), weight)
+    with pytest.raises(RuntimeError, match="int8"):
+        cpu_int8.Int8Weight(w8.float(), scales)
+    w8[3, 5] = -128  # symmetric weights only: the bf16 kernels' table has no -128
+    with pytest.raises(RuntimeError, match="\\[-127, 127\\]"):
+        cpu_int8.Int8Weight(w8, scales)
+
+
+def test_released_handles_are_refused():
+    w8, scales, _ = _weight(80, 96)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    handle = weight.handle
+    del weight  # __del__ releases the packed copy
+    with pytest.raises(RuntimeError, match="was released"):
+        torch.ops.sluice_cpu.int8_linear(torch.randn(1, 96), handle, 80, None, 0)
+
+
+def test_available_names_the_kernels():
+    ok, kernels = cpu_int8.available()
+    assert ok
+    assert kernels == torch.ops.sluice_cpu.int8_kernels() or kernels.startswith("generic")
+
+
+def test_torch_compile_fullgraph():
+    """The op traces (fake impl in cpu_native) into one Inductor graph with a dynamic row count."""
+    w8, scales, bias = _weight(80, 96)
+    up, down = cpu_int8.Int8Weight(w8, scales), cpu_int8.Int8Weight(*_weight(96, 80, seed=1)[:2])
+
+    class Block(torch.nn.Module):
+        def forward(self, x):  # [T, 96] -> [T, 96]
+            h = torch.relu(cpu_int8.linear_w8(x, up, bias))
+            return cpu_int8.linear_w8a8(h * 2, down) + 1
+
+    block = Block()
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    for rows in (5, 9):
+        x = torch.randn(rows, 96).bfloat16()
+        torch.testing.assert_close(compiled(x), block(x), rtol=0, atol=0)
