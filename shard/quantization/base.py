@@ -7,6 +7,7 @@ inputs (`ParamDims`), and whether values are packed along one of them, so that t
 shard/layers/linear.py slice any scheme's tensors for tensor parallelism the same way.
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -62,21 +63,22 @@ class LayerShape:
         return self.input_size != self.input_size_full
 
 
-class LinearMethod:
-    """A quantization scheme's linear layer (the base is the interface; see UnquantizedLinearMethod)."""
+class LinearMethod(ABC):
+    """A quantization scheme's linear layer (see UnquantizedLinearMethod)."""
 
     name = "none"
 
+    @abstractmethod
     def create_weights(self, layer: nn.Module, shape: LayerShape) -> None:
         """Register on `layer` the parameters this rank loads, sized for it (add_param)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def process_after_loading(self, layer: nn.Module) -> None:
         """Turn the loaded parameters into what `apply` reads (quantize, repack, dequantize...)."""
 
+    @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
-        raise NotImplementedError
 
     def weight_bytes(self, layer: nn.Module) -> int:
         """Bytes the layer's weights take once processed (for /info and the startup log)."""

@@ -13,6 +13,7 @@ load so that they are: the layer keeps `perm` and gathers the input's features t
 """
 
 import logging
+from abc import abstractmethod
 
 import torch
 from torch import nn
@@ -178,8 +179,9 @@ class Int4LinearMethod(LinearMethod):
         self.dense = UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm)
         self.use_kernels = target.device.type != "cpu"
 
+    @abstractmethod
     def read(self, layer: nn.Module) -> Int4Weights:
-        raise NotImplementedError
+        """The layer's loaded checkpoint tensors as Int4Weights."""
 
     def checkpoint_params(self, layer: nn.Module) -> list[str]:
         return [n for n in layer._parameters if n != "bias"]
