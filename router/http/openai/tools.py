@@ -30,6 +30,7 @@ whitespace separates calls: whitespace around calls is not content. Output that 
 then the content, with no calls; a stream has already sent what it had.
 """
 
+import contextlib
 import json
 import re
 import uuid
@@ -291,10 +292,8 @@ def _decoded_arguments(message: dict) -> dict:
     for call in message["tool_calls"]:
         arguments = call["function"]["arguments"]
         if isinstance(arguments, str):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # not JSON: left as the client wrote it
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass  # left as the client wrote it
         calls.append({**call, "function": {**call["function"], "arguments": arguments}})
     return {**message, "tool_calls": calls}
 
