@@ -56,11 +56,59 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     _store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
-def attention_extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+def attention_extend(
+    query,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    context_lens,
+    block_tables,
+    scale,
+    sliding_window=0,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    if sliding_window or softcap or alibi_slopes is not None:
+        return reference.attention_extend(
+            query,
+            k_cache,
+            v_cache,
+            cu_seqlens_q,
+            context_lens,
+            block_tables,
+            scale,
+            sliding_window,
+            softcap,
+            alibi_slopes,
+        )
     return _extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
-def attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len):
+def attention_decode(
+    query,
+    k_cache,
+    v_cache,
+    context_lens,
+    block_tables,
+    scale,
+    max_context_len,
+    sliding_window=0,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    if sliding_window or softcap or alibi_slopes is not None:
+        return reference.attention_decode(
+            query,
+            k_cache,
+            v_cache,
+            context_lens,
+            block_tables,
+            scale,
+            max_context_len,
+            sliding_window,
+            softcap,
+            alibi_slopes,
+        )
     return _decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len)
 
 
@@ -76,38 +124,61 @@ def begin_step(ctx: ForwardContext) -> None:
         cpu_native.set_step(ctx)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_index: int, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_index: int,
+    scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]: store the step's K/V in the layer's cache,
-    then attend. One opaque op, so a compiled forward calls it as a unit."""
-    if _native_step:
+    then attend. One opaque op, so a compiled forward calls it as a unit.
+
+    The layer's features, as in reference.attention_decode: `sliding_window` > 0 limits each
+    query to its last that many positions, `softcap` > 0 soft-caps the scores, `alibi_slopes`
+    [Hq] float32 adds ALiBi biases."""
+    if _native_step and not (sliding_window or softcap or alibi_slopes is not None):
         return torch.ops.sluice_cpu.attention(q, k, v, layer_index, scale)
-    return _context_attention(q, k, v, layer_index, scale)
+    return _context_attention(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes)
 
 
 @torch.library.custom_op("sluice::attention", mutates_args=())
 def _context_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_index: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_index: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
 ) -> torch.Tensor:
     """paged_attention for the backends without a step of their own: reads the forward context."""
     ctx = get_context()
     k_cache, v_cache = ctx.kv_caches[layer_index]
     store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    features = (sliding_window, softcap, alibi_slopes)
     e, d = ctx.extend, ctx.decode
     if e is None:
-        return attention_decode(q, k_cache, v_cache, d.context_lens, d.block_tables, scale, d.max_context_len)
+        return attention_decode(
+            q, k_cache, v_cache, d.context_lens, d.block_tables, scale, d.max_context_len, *features
+        )
     extend = attention_extend(
-        q[: e.num_tokens], k_cache, v_cache, e.cu_seqlens_q, e.context_lens, e.block_tables, scale
+        q[: e.num_tokens], k_cache, v_cache, e.cu_seqlens_q, e.context_lens, e.block_tables, scale, *features
     )
     if d is None:
         return extend
     out = torch.empty_like(q)  # mixed step: prompt chunks first, then single tokens
     out[: e.num_tokens] = extend
     out[e.num_tokens :] = attention_decode(
-        q[e.num_tokens :], k_cache, v_cache, d.context_lens, d.block_tables, scale, d.max_context_len
+        q[e.num_tokens :], k_cache, v_cache, d.context_lens, d.block_tables, scale, d.max_context_len, *features
     )
     return out
 
 
 @_context_attention.register_fake
-def _(q, k, v, layer_index, scale):
+def _(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes):
     return torch.empty_like(q)

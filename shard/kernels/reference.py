@@ -39,6 +39,29 @@ def _attend(q, k, v, mask, scale):
     )
 
 
+def _attend_with_features(q, k, v, q_pos, k_valid, scale, sliding_window, softcap, alibi_slopes):
+    """Attention with the per-layer features SDPA has no argument for, written out in float32.
+
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; q_pos [B, Lq] each query's position, k_valid [B, Lk]
+    which key positions exist -> [B, Hq, Lq, D]. Key j is seen by query i when j <= i and, with a
+    window W, i - j < W; scores are soft-capped (softcap * tanh(s / softcap)) before ALiBi's
+    slope * (j - i) is added.
+    """
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    rel = torch.arange(k.shape[2], device=q.device)[None, None, :] - q_pos[:, :, None]  # [B, Lq, Lk]: j - i
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.float()[None, :, None, None] * rel[:, None]
+    seen = (rel <= 0) & k_valid[:, None, :]
+    if sliding_window:
+        seen &= rel > -sliding_window
+    scores = scores.masked_fill(~seen[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
 _DECODE_GROUPS, _MIN_DECODE_GROUP = 4, 8  # decode rows go in up to 4 length-sorted groups of at least 8
 
 
@@ -50,12 +73,24 @@ def attention_decode(
     block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
     scale: float,
     max_context_len: int,
+    sliding_window: int = 0,  # > 0: each query sees only its last `sliding_window` positions
+    softcap: float = 0.0,  # > 0: scores soft-capped at +-softcap (Gemma 2)
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32: ALiBi (BLOOM)
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of one new token per request over its whole cached sequence.
 
     The gathered K/V are padded to the longest row, so rows sorted by length (the runner orders
     a step's decodes so) go in a few groups, each padded to its own longest: with lengths spread
     over 100-400 tokens that is ~30% less memory traffic at batch 32."""
+    if sliding_window or softcap or alibi_slopes is not None:
+        k = _gather_kv(k_cache, block_tables, max_context_len).transpose(1, 2)
+        v = _gather_kv(v_cache, block_tables, max_context_len).transpose(1, 2)
+        k_valid = torch.arange(max_context_len, device=query.device)[None, :] < context_lens[:, None]
+        q_pos = (context_lens.long() - 1)[:, None]
+        out = _attend_with_features(
+            query.unsqueeze(2), k, v, q_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+        )
+        return out.squeeze(2)
     lens = context_lens.tolist()
     group = max(_MIN_DECODE_GROUP, -(-len(lens) // _DECODE_GROUPS))
     if len(lens) <= group or lens != sorted(lens):
@@ -86,6 +121,9 @@ def attention_extend(
     context_lens: torch.Tensor,  # [num_reqs] int32, cached prefix + new tokens
     block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
     scale: float,
+    sliding_window: int = 0,  # as attention_decode
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new tokens over its cached prefix and themselves.
 
@@ -99,6 +137,13 @@ def attention_extend(
         q_len = q.shape[0]
         k = _gather_kv(k_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
         v = _gather_kv(v_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
+        if sliding_window or softcap or alibi_slopes is not None:
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[None]
+            k_valid = torch.ones(1, ctx_len, dtype=torch.bool, device=q.device)
+            out[starts[i] : starts[i + 1]] = _attend_with_features(
+                q.transpose(0, 1)[None], k, v, q_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+            )[0].transpose(0, 1)
+            continue
         if q_len == ctx_len:  # no cached prefix: plain causal attention, SDPA's fastest path
             mask = None
         else:

@@ -12,11 +12,37 @@ from shard import kernels
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_index: int):
+    """This rank's heads of one attention layer over the paged KV cache.
+
+    Per-layer features: `sliding_window` (each query sees its last that many positions, Mistral,
+    Gemma's local layers), `softcap` (scores capped to +-softcap by tanh, Gemma 2) and
+    `alibi_slopes` ([num_heads] float32, this rank's heads' ALiBi slopes, BLOOM)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        layer_index: int,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.layer_index = layer_index  # which of the step's KV caches is this layer's
+        self.sliding_window, self.softcap = sliding_window or 0, softcap or 0.0
+        self.alibi_slopes: torch.Tensor | None
+        if alibi_slopes is None:
+            self.alibi_slopes = None
+        else:
+            assert alibi_slopes.shape == (num_heads,), alibi_slopes.shape
+            self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
-        return kernels.paged_attention(q, k, v, self.layer_index, self.scale).reshape(q.shape[0], -1)
+        out = kernels.paged_attention(
+            q, k, v, self.layer_index, self.scale, self.sliding_window, self.softcap, self.alibi_slopes
+        )
+        return out.reshape(q.shape[0], -1)
