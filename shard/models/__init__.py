@@ -1,17 +1,22 @@
-"""Registry of supported architectures, keyed by `config.architectures[0]`."""
+"""Registry of supported architectures, keyed by `config.architectures[0]`.
+
+Each entry names the module (under shard.models) and class that implement it; the module is
+imported only when a checkpoint asks for it.
+"""
+
+import importlib
 
 from torch import nn
 from transformers import PretrainedConfig
 
 from shard import dist
-from shard.models import llama
 from shard.quantization import Quantization
 
-REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": llama.LlamaForCausalLM,
-    "MistralForCausalLM": llama.LlamaForCausalLM,
-    "Qwen2ForCausalLM": llama.LlamaForCausalLM,
-    "Qwen3ForCausalLM": llama.LlamaForCausalLM,
+REGISTRY: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
 }
 
 
@@ -20,15 +25,17 @@ def build_model(config: PretrainedConfig, quant: Quantization) -> nn.Module:
     if arch not in REGISTRY:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(sorted(REGISTRY))}")
     _check_divisible(config)
-    return REGISTRY[arch](config, quant)
+    module, cls = REGISTRY[arch]
+    return getattr(importlib.import_module(f"shard.models.{module}"), cls)(config, quant)
 
 
 def _check_divisible(config: PretrainedConfig) -> None:
-    """Fail early, naming the numbers, when the heads cannot be split over the shards."""
+    """Fail early, naming the numbers, when the heads cannot be split over the shards.
+
+    A model with fewer KV heads than ranks (multi-query attention) replicates them instead."""
     tp = dist.tp_size()
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        if getattr(config, name) % tp:
-            raise ValueError(
-                f"{config.architectures[0]} has {name}={getattr(config, name)}, "
-                f"which does not divide by --num-shard {tp}"
-            )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if value % tp and not (name == "num_key_value_heads" and tp % value == 0):
+            raise ValueError(f"{config.architectures[0]} has {name}={value}, which does not divide by --num-shard {tp}")
