@@ -66,7 +66,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --num-requests 64 --prompt-len 32 256 --output-len 128 128 \
-		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 \
+		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 --static-max-batches 1 \
 		--baselines pipeline static --peers $(BENCH_PEERS) sluice-int8 --dtypes auto float32 \
 		--long-prompt-tokens 2000 --constrained 2 --profile 32 --profile-requests 32
 

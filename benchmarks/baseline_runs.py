@@ -42,14 +42,17 @@ def baseline_runs(
             "baseline model load", baselines.load_model, args.model_dir, args.device, getattr(torch, args.dtype)
         )
         for c in wanted.get("static", []):
+            n = min(plan[c], c * args.static_max_batches) if args.static_max_batches else plan[c]
+            if n < plan[c]:
+                notes.append(f"static C={c}: the first {n} requests ({n // c} batch(es) of {c})")
             (records, duration), cpu = phases.timed(
                 f"static C={c}",
                 measure,
                 args,
                 f"static C={c}",
-                lambda c=c: baselines.static_batches(model, tok, specs[: plan[c]], c),
+                lambda c=c, n=n: baselines.static_batches(model, tok, specs[:n], c),
             )
-            runs.append(run_entry("static", args.dtype, c, specs[: plan[c]], records, duration, cpu))
+            runs.append(run_entry("static", args.dtype, c, specs[:n], records, duration, cpu))
         for c in wanted.get("continuous", []):
             (records, duration), cpu = phases.timed(
                 f"continuous C={c}",

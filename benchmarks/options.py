@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         default=None,
         help="pipeline serves at most this many requests; concurrencies needing more skip it",
     )
+    p.add_argument(
+        "--static-max-batches",
+        type=int,
+        default=None,
+        help="static batching serves at most this many batches per concurrency (its throughput is per batch)",
+    )
     p.add_argument("--cb-max-batch-tokens", type=int, default=512, help="transformers continuous batching budget")
     p.add_argument("--device", default="cpu", help="for the baselines (Sluice picks its own)")
     p.add_argument(

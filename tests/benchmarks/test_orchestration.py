@@ -248,3 +248,17 @@ def test_sluice_int8_is_not_started_without_load_runs_in_the_first_pairing():
     assert not pair_servers.wanted(args, "sluice-int8", first=False)
     assert pair_servers.wanted(args, "sluice", first=False)  # the Poisson runs
     assert pair_servers.attach_url(parse_args(["--url", "http://x", "--vllm-url", "http://y"]), "sluice-int8") is None
+
+
+def test_static_max_batches_limits_each_concurrency_to_that_many_full_batches(monkeypatch):
+    from benchmarks import baseline_runs, baselines
+
+    served = []
+    monkeypatch.setattr(baselines, "load_model", lambda *a: (None, None))
+    monkeypatch.setattr(baselines, "static_batches", lambda m, t, specs, c: served.append((c, len(specs))) or ([], 1.0))
+    monkeypatch.setattr(baseline_runs, "measure", lambda args, name, fn: (fn(), 0.0))
+    monkeypatch.setattr(baseline_runs, "run_entry", lambda *a: a[:4])
+    args = parse_args(["--baselines", "static", "--concurrency", "1", "8", "32", "--static-max-batches", "1"])
+    runs, notes = baseline_runs.baseline_runs(args, list(range(64)), {1: 4, 8: 16, 32: 64}, Phases())
+    assert served == [(1, 1), (8, 8), (32, 32)]
+    assert "static C=32: the first 32 requests (1 batch(es) of 32)" in notes
