@@ -6,6 +6,8 @@
 - "cpu" on a CPU: the C++ kernels (cpu_native): KV store, prompt (extend) and decode attention
   reading the paged cache in place, and the greedy reductions;
 - "reference" elsewhere, or on a CPU where the C++ kernels cannot be built (no compiler).
+Every backend implements the per-layer features (sliding window, soft-cap, ALiBi; see
+paged_attention) itself, and none reads the KV blocks wholly before a query's window.
 """
 
 import logging
@@ -68,20 +70,9 @@ def attention_extend(
     softcap=0.0,
     alibi_slopes=None,
 ):
-    if sliding_window or softcap or alibi_slopes is not None:
-        return reference.attention_extend(
-            query,
-            k_cache,
-            v_cache,
-            cu_seqlens_q,
-            context_lens,
-            block_tables,
-            scale,
-            sliding_window,
-            softcap,
-            alibi_slopes,
-        )
-    return _extend(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return _extend(
+        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
+    )
 
 
 def attention_decode(
@@ -96,20 +87,18 @@ def attention_decode(
     softcap=0.0,
     alibi_slopes=None,
 ):
-    if sliding_window or softcap or alibi_slopes is not None:
-        return reference.attention_decode(
-            query,
-            k_cache,
-            v_cache,
-            context_lens,
-            block_tables,
-            scale,
-            max_context_len,
-            sliding_window,
-            softcap,
-            alibi_slopes,
-        )
-    return _decode(query, k_cache, v_cache, context_lens, block_tables, scale, max_context_len)
+    return _decode(
+        query,
+        k_cache,
+        v_cache,
+        context_lens,
+        block_tables,
+        scale,
+        max_context_len,
+        sliding_window,
+        softcap,
+        alibi_slopes,
+    )
 
 
 def argmax_logsumexp(logits):
@@ -139,9 +128,9 @@ def paged_attention(
 
     The layer's features, as in reference.attention_decode: `sliding_window` > 0 limits each
     query to its last that many positions, `softcap` > 0 soft-caps the scores, `alibi_slopes`
-    [Hq] float32 adds ALiBi biases."""
-    if _native_step and not (sliding_window or softcap or alibi_slopes is not None):
-        return torch.ops.sluice_cpu.attention(q, k, v, layer_index, scale)
+    [Hq] float32 adds ALiBi biases. Blocks wholly before a query's window are never read."""
+    if _native_step:
+        return torch.ops.sluice_cpu.attention(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes)
     return _context_attention(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes)
 
 

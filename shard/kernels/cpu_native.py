@@ -72,7 +72,7 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake("sluice_cpu::attention")
-    def _(q, k, v, layer, scale):
+    def _(q, k, v, layer, scale, sliding_window, softcap, alibi_slopes):
         return torch.empty_like(q)
 
 
@@ -100,9 +100,15 @@ def attention_decode(
     block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
     scale: float,
     max_context_len: int,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
-    """reference.attention_decode, reading each row's K/V in place through its block table."""
-    return torch.ops.sluice_cpu.paged_attention_decode(query, k_cache, v_cache, block_tables, context_lens, scale)
+    """reference.attention_decode, features included, reading each row's K/V in place through its
+    block table: only the positions in its window."""
+    return torch.ops.sluice_cpu.paged_attention_decode(
+        query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap, alibi_slopes
+    )
 
 
 def attention_extend(
@@ -113,10 +119,14 @@ def attention_extend(
     context_lens: torch.Tensor,  # [num_reqs] int32, cached prefix + new tokens
     block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
     scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """reference.attention_extend, reading the cached prefix and the new tokens in place."""
+    """reference.attention_extend, features included, reading the cached prefix and the new tokens
+    in place (from the start of each query block's window)."""
     return torch.ops.sluice_cpu.paged_attention_extend(
-        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale
+        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
     )
 
 

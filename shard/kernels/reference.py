@@ -3,6 +3,10 @@
 KV cache layout (per layer, K and V alike): [num_blocks, block_size, num_kv_heads, head_dim];
 the slot of position p of a sequence is block_table[p // block_size] * block_size
 + p % block_size.
+
+With a sliding window W, a query at position i sees positions i - W + 1 .. i only, and the
+blocks wholly before its window are never read: the router may already have given them to
+another sequence (every backend keeps to this; the tests poison those blocks).
 """
 
 import torch
@@ -32,6 +36,14 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> 
     return blocks.view(num_reqs, num_blocks * block_size, *cache.shape[2:])[:, :length]
 
 
+def _gather_positions(cache: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[num_reqs, L, num_kv_heads, head_dim]: row r's K or V at positions [r, :] ([num_reqs, L] int64),
+    looked up slot by slot, so only the blocks holding those positions are read."""
+    block_size = cache.shape[1]
+    blocks = block_tables.long().gather(1, positions // block_size)
+    return cache.view(-1, *cache.shape[2:])[blocks * block_size + positions % block_size]
+
+
 def _attend(q, k, v, mask, scale):
     """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask [B, 1, Lq, Lk] bool or None for causal -> [B, Hq, Lq, D]."""
     return F.scaled_dot_product_attention(
@@ -39,20 +51,20 @@ def _attend(q, k, v, mask, scale):
     )
 
 
-def _attend_with_features(q, k, v, q_pos, k_valid, scale, sliding_window, softcap, alibi_slopes):
+def _attend_with_features(q, k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes):
     """Attention with the per-layer features SDPA has no argument for, written out in float32.
 
-    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; q_pos [B, Lq] each query's position, k_valid [B, Lk]
-    which key positions exist -> [B, Hq, Lq, D]. Key j is seen by query i when j <= i and, with a
-    window W, i - j < W; scores are soft-capped (softcap * tanh(s / softcap)) before ALiBi's
-    slope * (j - i) is added.
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; q_pos [B, Lq] each query's position, k_pos [B, Lk] each
+    key's, k_valid [B, Lk] which keys exist -> [B, Hq, Lq, D]. Key j is seen by query i when j <= i
+    and, with a window W, i - j < W; scores are soft-capped (softcap * tanh(s / softcap)) before
+    ALiBi's slope * (j - i) is added.
     """
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    rel = torch.arange(k.shape[2], device=q.device)[None, None, :] - q_pos[:, :, None]  # [B, Lq, Lk]: j - i
+    rel = k_pos[:, None, :] - q_pos[:, :, None]  # [B, Lq, Lk]: j - i
     if alibi_slopes is not None:
         scores = scores + alibi_slopes.float()[None, :, None, None] * rel[:, None]
     seen = (rel <= 0) & k_valid[:, None, :]
@@ -60,6 +72,26 @@ def _attend_with_features(q, k, v, q_pos, k_valid, scale, sliding_window, softca
         seen &= rel > -sliding_window
     scores = scores.masked_fill(~seen[:, None], float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def _decode_with_features(
+    query, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
+):
+    """attention_decode with the features: each row reads only its window's positions
+    [max(0, len - W), len), so blocks wholly before the window are never touched."""
+    lens = context_lens.long()  # [num_reqs]
+    first = (lens - sliding_window).clamp(min=0) if sliding_window else torch.zeros_like(lens)
+    span = int((lens - first).max()) if lens.numel() else 0
+    k_pos = first[:, None] + torch.arange(span, device=query.device)  # [num_reqs, span]
+    k_valid = k_pos < lens[:, None]
+    read = torch.minimum(k_pos, (lens - 1).clamp(min=0)[:, None])  # padding keys re-read the row's last one
+    k = _gather_positions(k_cache, block_tables, read).transpose(1, 2)
+    v = _gather_positions(v_cache, block_tables, read).transpose(1, 2)
+    q_pos = (lens - 1)[:, None]
+    out = _attend_with_features(
+        query.unsqueeze(2), k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+    )
+    return out.squeeze(2)
 
 
 _DECODE_GROUPS, _MIN_DECODE_GROUP = 4, 8  # decode rows go in up to 4 length-sorted groups of at least 8
@@ -81,16 +113,12 @@ def attention_decode(
 
     The gathered K/V are padded to the longest row, so rows sorted by length (the runner orders
     a step's decodes so) go in a few groups, each padded to its own longest: with lengths spread
-    over 100-400 tokens that is ~30% less memory traffic at batch 32."""
+    over 100-400 tokens that is ~30% less memory traffic at batch 32. With a feature set, each row
+    reads only its window's positions, slot by slot."""
     if sliding_window or softcap or alibi_slopes is not None:
-        k = _gather_kv(k_cache, block_tables, max_context_len).transpose(1, 2)
-        v = _gather_kv(v_cache, block_tables, max_context_len).transpose(1, 2)
-        k_valid = torch.arange(max_context_len, device=query.device)[None, :] < context_lens[:, None]
-        q_pos = (context_lens.long() - 1)[:, None]
-        out = _attend_with_features(
-            query.unsqueeze(2), k, v, q_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+        return _decode_with_features(
+            query, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
         )
-        return out.squeeze(2)
     lens = context_lens.tolist()
     group = max(_MIN_DECODE_GROUP, -(-len(lens) // _DECODE_GROUPS))
     if len(lens) <= group or lens != sorted(lens):
@@ -128,22 +156,28 @@ def attention_extend(
     """Causal attention of each request's new tokens over its cached prefix and themselves.
 
     Query row j of a request with q_len new tokens and context_len in all sits at position
-    context_len - q_len + j and sees positions 0..that position.
+    context_len - q_len + j and sees positions 0..that position (the last `sliding_window` of
+    them with a window: keys are read from the first row's window on).
     """
     out = torch.empty_like(query)
     starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, ctx_len in enumerate(lens):
         q = query[starts[i] : starts[i + 1]]  # [q_len, Hq, D]
         q_len = q.shape[0]
-        k = _gather_kv(k_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
-        v = _gather_kv(v_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
         if sliding_window or softcap or alibi_slopes is not None:
+            # keys from the first query's window on: blocks wholly before it are never read
+            first = max(0, ctx_len - q_len - sliding_window + 1) if sliding_window else 0
+            k_pos = torch.arange(first, ctx_len, device=q.device)[None]  # [1, Lk]
+            k = _gather_positions(k_cache, block_tables[i : i + 1], k_pos).transpose(1, 2)
+            v = _gather_positions(v_cache, block_tables[i : i + 1], k_pos).transpose(1, 2)
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[None]
-            k_valid = torch.ones(1, ctx_len, dtype=torch.bool, device=q.device)
+            k_valid = torch.ones_like(k_pos, dtype=torch.bool)
             out[starts[i] : starts[i + 1]] = _attend_with_features(
-                q.transpose(0, 1)[None], k, v, q_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+                q.transpose(0, 1)[None], k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
             )[0].transpose(0, 1)
             continue
+        k = _gather_kv(k_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
+        v = _gather_kv(v_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)
         if q_len == ctx_len:  # no cached prefix: plain causal attention, SDPA's fastest path
             mask = None
         else:

@@ -16,15 +16,23 @@ attention_extend (prefill over a cached prefix, vLLM "unified attention" layout)
 computed from shapes only (no host sync). A program binary-searches cu_seqlens_q for its request and
 exits if its block lies past that request's q_len. Query j of a request sits at position
 context_len - q_len + j; the program streams KV tiles (cached prefix and new tokens alike, all through
-the block table) from position 0 to its last query position with a causal mask and an online softmax
+the block table) from its first query's first visible position (0, or the start of that query's
+sliding window) to its last query position with a causal (and window) mask and an online softmax
 (exp2 domain; fp32 running max, denominator and accumulator).
 
 attention_decode (flash-decoding / split-KV): stage 1 grid (num_reqs, Hkv, NUM_KV_SPLITS) is static
-(no sequence lengths in it), so it can be captured in a CUDA graph. Each request's context is cut into
-NUM_KV_SPLITS chunks of ceil(context_len / NUM_KV_SPLITS) positions rounded up to BLOCK_N; a program whose
+(no sequence lengths in it), so it can be captured in a CUDA graph. Each request's visible range
+[first, context_len) (first = 0, or max(0, context_len - W) with a sliding window W) is cut into
+NUM_KV_SPLITS chunks of ceil(range / NUM_KV_SPLITS) positions rounded up to BLOCK_N; a program whose
 chunk starts past the context exits at once, the others write a normalised partial output and its
 log-sum-exp (fp32). Stage 2, grid (num_reqs, Hq), recomputes which chunks are non-empty and merges them
 with LSE weights. A request with context_len 0 (a CUDA-graph padding row) gets zeros.
+
+Per-layer features (semantics as reference.attention_decode): the sliding window is a runtime int
+(0 = none; one compiled kernel serves local and global layers), the soft-cap a float behind the
+HAS_SOFTCAP constexpr and ALiBi a slopes pointer behind HAS_ALIBI, so a layer without them compiles
+to the plain kernel. Neither kernel loads a block-table entry or KV block lying wholly before a
+query's window: the router may have handed those blocks to another sequence.
 """
 
 import torch
@@ -36,6 +44,7 @@ EXTEND_BLOCK_M = 64  # packed query rows (BLOCK_Q tokens x GROUP_PAD heads) per 
 BLOCK_N = 32  # KV positions per inner-loop tile (two pages of 16, one of 32)
 MIN_DECODE_ROWS = 16  # tl.dot needs M >= 16: decode pads the packed group of heads up to this
 _LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(_LOG2E)  # for the kernels (a plain global float is not visible to them)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -77,16 +86,21 @@ def _attend_tile(
     k_cache_ptr,
     v_cache_ptr,
     block_table_ptr,  # block_table_ptr: this request's row [max_blocks] int32
-    start,
-    kv_end,
-    kv_limit,  # tile start; positions >= kv_end are not loaded; row r sees pos < kv_limit[r]
+    start,  # the tile's first position
+    kv_end,  # positions >= kv_end are not loaded
+    kv_first,
+    q_pos,  # [M]: row r is the query at q_pos[r] and sees positions kv_first[r] .. q_pos[r]
+    alibi_log2,  # [M] fp32: row r's ALiBi slope in log2 units (HAS_ALIBI)
     kv_head,
     scale_log2,
+    softcap_log2,  # the soft-cap in log2 units (HAS_SOFTCAP)
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """One online-softmax step over KV positions [start, start + BLOCK_N), gathered through the block table."""
     pos = start + tl.arange(0, BLOCK_N)  # [N]
@@ -97,7 +111,11 @@ def _attend_tile(
     k_t = tl.load(k_cache_ptr + row[None, :] + d[:, None], mask=in_range[None, :], other=0.0)  # [D, N]
     v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=in_range[:, None], other=0.0)  # [N, D]
     qk = tl.dot(q, k_t, input_precision=DOT_PREC) * scale_log2  # [M, N], log2 units
-    visible = (pos[None, :] < kv_limit[:, None]) & in_range[None, :]
+    if HAS_SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 2 sigmoid(2x) - 1 (scaling by log2(e) commutes)
+        qk = softcap_log2 * (2.0 * tl.sigmoid(qk * (2.0 / softcap_log2)) - 1.0)
+    if HAS_ALIBI:
+        qk += alibi_log2[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
+    visible = (pos[None, :] >= kv_first[:, None]) & (pos[None, :] <= q_pos[:, None]) & in_range[None, :]
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # m_i starts finite (-1e30): no inf - inf
     alpha = tl.exp2(m_i - m_new)
@@ -130,7 +148,10 @@ def _extend_kernel(
     cu_seqlens_q_ptr,  # [num_reqs + 1] int32
     context_lens_ptr,  # [num_reqs] int32
     block_tables_ptr,  # [num_reqs, max_blocks] int32
+    alibi_ptr,  # [Hq] fp32 ALiBi slopes (HAS_ALIBI)
     scale_log2,
+    softcap_log2,
+    window,  # sliding window in positions, 0: none
     num_reqs,
     stride_qt,
     stride_qh,
@@ -143,6 +164,8 @@ def _extend_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -163,13 +186,18 @@ def _extend_kernel(
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)  # [M, D]
 
-    kv_limit = prefix + tok + 1  # [M] causal: row sees positions <= its own
+    q_pos = prefix + tok  # [M] causal: row sees positions <= its own
+    kv_first = tl.where(window > 0, tl.maximum(q_pos - window + 1, 0), 0)  # [M] and, with a window, its last W
+    kv_start = tl.where(window > 0, tl.maximum(prefix + first_tok - window + 1, 0), 0)  # the first row's first
     kv_end = tl.minimum(ctx_len, prefix + first_tok + BLOCK_Q)  # last query position of the block + 1
+    alibi_log2 = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    if HAS_ALIBI:
+        alibi_log2 = tl.load(alibi_ptr + head, mask=row_ok, other=0.0) * LOG2E
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q,
             acc,
@@ -180,14 +208,19 @@ def _extend_kernel(
             bt_row,
             start,
             kv_end,
-            kv_limit,
+            kv_first,
+            q_pos,
+            alibi_log2,
             kv_head,
             scale_log2,
+            softcap_log2,
             NUM_KV_HEADS,
             HEAD_DIM,
             BLOCK_SIZE,
             BLOCK_N,
             DOT_PREC,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
         )
     out_row = (q_start + tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head  # [M] out is contiguous
     out_off = out_row[:, None] * HEAD_DIM + d[None, :]
@@ -195,9 +228,15 @@ def _extend_kernel(
 
 
 @triton.jit
-def _split_len(ctx_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Positions per decode chunk: ceil(ctx_len / NUM_SPLITS) rounded up to a whole tile."""
-    return tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+def _decode_first(ctx_len, window):
+    """The first position a decode query sees: 0, or with a sliding window max(0, ctx_len - window)."""
+    return tl.where(window > 0, tl.maximum(ctx_len - window, 0), 0)
+
+
+@triton.jit
+def _split_len(span, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Positions per decode chunk of a `span`-position range: ceil(span / NUM_SPLITS) rounded up to a whole tile."""
+    return tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -209,7 +248,10 @@ def _decode_stage1_kernel(
     mid_lse_ptr,  # [num_reqs, Hq, NUM_SPLITS] fp32: log2-sum-exp2 of each chunk's scores
     context_lens_ptr,  # [num_reqs] int32
     block_tables_ptr,  # [num_reqs, max_blocks] int32
+    alibi_ptr,  # [Hq] fp32 ALiBi slopes (HAS_ALIBI)
     scale_log2,
+    softcap_log2,
+    window,  # sliding window in positions, 0: none
     stride_qb,
     stride_qh,
     stride_bt,
@@ -221,13 +263,16 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens_ptr + req)
-    split_len = _split_len(ctx_len, NUM_SPLITS, BLOCK_N)
-    split_start = split * split_len
+    first = _decode_first(ctx_len, window)  # the chunks cut [first, ctx_len) only
+    split_len = _split_len(ctx_len - first, NUM_SPLITS, BLOCK_N)
+    split_start = first + split * split_len
     if split_start >= ctx_len:  # empty chunk (also every chunk when ctx_len == 0)
         return
     split_end = tl.minimum(split_start + split_len, ctx_len)
@@ -239,7 +284,11 @@ def _decode_stage1_kernel(
     q_off = req.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)  # [M, D]
 
-    kv_limit = tl.zeros([GROUP_PAD], tl.int32) + split_end  # [M] every row sees the whole chunk
+    kv_first = tl.zeros([GROUP_PAD], tl.int32) + first  # [M] every row sees [first, ctx_len): the whole chunk
+    q_pos = tl.zeros([GROUP_PAD], tl.int32) + (ctx_len - 1)  # [M]
+    alibi_log2 = tl.zeros([GROUP_PAD], tl.float32)
+    if HAS_ALIBI:
+        alibi_log2 = tl.load(alibi_ptr + head, mask=row_ok, other=0.0) * LOG2E
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -255,14 +304,19 @@ def _decode_stage1_kernel(
             bt_row,
             start,
             split_end,
-            kv_limit,
+            kv_first,
+            q_pos,
+            alibi_log2,
             kv_head,
             scale_log2,
+            softcap_log2,
             NUM_KV_HEADS,
             HEAD_DIM,
             BLOCK_SIZE,
             BLOCK_N,
             DOT_PREC,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
         )
     mid = (req * (NUM_KV_HEADS * GROUP) + head) * NUM_SPLITS + split  # [M]
     tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=row_ok[:, None])
@@ -275,6 +329,7 @@ def _decode_stage2_kernel(
     mid_lse_ptr,  # [num_reqs, Hq, NUM_SPLITS] fp32
     out_ptr,  # [num_reqs, Hq, D], contiguous
     context_lens_ptr,  # [num_reqs] int32
+    window,  # sliding window in positions, 0: none
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -283,8 +338,9 @@ def _decode_stage2_kernel(
     req = tl.program_id(0)
     head = tl.program_id(1)
     ctx_len = tl.load(context_lens_ptr + req)
+    span = ctx_len - _decode_first(ctx_len, window)
     s = tl.arange(0, NUM_SPLITS)
-    valid = s * _split_len(ctx_len, NUM_SPLITS, BLOCK_N) < ctx_len  # chunks stage 1 wrote
+    valid = s * _split_len(span, NUM_SPLITS, BLOCK_N) < span  # chunks stage 1 wrote
     base = (req * NUM_HEADS + head) * NUM_SPLITS
     d = tl.arange(0, HEAD_DIM)
     lse = tl.load(mid_lse_ptr + base + s, mask=valid, other=float("-inf"))  # [S]
@@ -314,6 +370,19 @@ def _check_index(t: torch.Tensor, name: str, ndim: int, rows: int) -> None:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # no TF32 rounding for fp32 inputs
+
+
+def _features(
+    query: torch.Tensor, sliding_window: int, softcap: float, alibi_slopes: torch.Tensor | None
+) -> tuple[int, float, torch.Tensor | None]:
+    """The kernels' (window, softcap_log2, slopes [Hq] fp32 contiguous or None), checked."""
+    assert sliding_window >= 0, f"sliding_window {sliding_window}: 0 (none) or a positive number of positions"
+    assert softcap >= 0, f"softcap {softcap}: 0 (none) or positive"
+    if alibi_slopes is not None:
+        assert alibi_slopes.shape == (query.shape[1],) and alibi_slopes.dtype == torch.float32, alibi_slopes.shape
+        assert alibi_slopes.device == query.device, (alibi_slopes.device, query.device)
+        alibi_slopes = alibi_slopes.contiguous()
+    return int(sliding_window), float(softcap) * _LOG2E, alibi_slopes
 
 
 def store_kv(
@@ -356,9 +425,14 @@ def attention_extend(
     context_lens: torch.Tensor,  # [num_reqs] int32, cached prefix + new tokens
     block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
     scale: float,
+    sliding_window: int = 0,  # > 0: each query sees only its last `sliding_window` positions
+    softcap: float = 0.0,  # > 0: scores soft-capped at +-softcap
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32: ALiBi
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Causal attention of each request's new tokens (the last q_len positions) over its whole context."""
+    """Causal attention of each request's new tokens (the last q_len positions) over its context
+    (the window of each query with a sliding window)."""
     _check_cache(k_cache, v_cache, query.dtype)
+    window, softcap_log2, alibi_slopes = _features(query, sliding_window, softcap, alibi_slopes)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_reqs = context_lens.shape[0]
@@ -382,7 +456,10 @@ def attention_extend(
         cu_seqlens_q.contiguous(),
         context_lens.contiguous(),
         block_tables,
+        alibi_slopes,
         scale * _LOG2E,
+        softcap_log2,
+        window,
         num_reqs,
         query.stride(0),
         query.stride(1),
@@ -395,6 +472,8 @@ def attention_extend(
         BLOCK_Q=block_q,
         BLOCK_N=BLOCK_N,
         DOT_PREC=_dot_precision(query.dtype),
+        HAS_SOFTCAP=softcap_log2 > 0,
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=4 if head_dim <= 64 else 8,
     )
     return out
@@ -408,10 +487,14 @@ def attention_decode(
     block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
     scale: float,
     max_context_len: int,  # unused: the grid must not depend on lengths (CUDA graphs)
+    sliding_window: int = 0,  # as attention_extend
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
-    """Attention of one new token per request over its whole cached sequence (split-KV)."""
+    """Attention of one new token per request over its cached sequence, or the window of it (split-KV)."""
     del max_context_len
     _check_cache(k_cache, v_cache, query.dtype)
+    window, softcap_log2, alibi_slopes = _features(query, sliding_window, softcap, alibi_slopes)
     num_reqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0, (query.shape, k_cache.shape)
@@ -433,7 +516,10 @@ def attention_decode(
         mid_lse,
         context_lens,
         block_tables,
+        alibi_slopes,
         scale * _LOG2E,
+        softcap_log2,
+        window,
         query.stride(0),
         query.stride(1),
         block_tables.stride(0),
@@ -445,6 +531,8 @@ def attention_decode(
         BLOCK_N=BLOCK_N,
         NUM_SPLITS=NUM_KV_SPLITS,
         DOT_PREC=_dot_precision(query.dtype),
+        HAS_SOFTCAP=softcap_log2 > 0,
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=4,
         num_stages=2,
     )
@@ -453,6 +541,7 @@ def attention_decode(
         mid_lse,
         out,
         context_lens,
+        window,
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
         BLOCK_N=BLOCK_N,

@@ -5,10 +5,12 @@ call: the graph passes q, k and v, and the op finds the step's metadata and this
 the step the runner set up, like vLLM's unified attention op.
 """
 
+import math
+
 import torch
 from torch import nn
 
-from shard import kernels
+from shard import dist, kernels
 
 
 class Attention(nn.Module):
@@ -38,7 +40,7 @@ class Attention(nn.Module):
             self.alibi_slopes = None
         else:
             assert alibi_slopes.shape == (num_heads,), alibi_slopes.shape
-            self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
+            self.register_buffer("alibi_slopes", alibi_slopes.float().contiguous(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
@@ -46,3 +48,18 @@ class Attention(nn.Module):
             q, k, v, self.layer_index, self.scale, self.sliding_window, self.softcap, self.alibi_slopes
         )
         return out.reshape(q.shape[0], -1)
+
+
+def alibi_slopes(total_heads: int) -> torch.Tensor:
+    """This rank's heads' ALiBi slopes ([total_heads / tp] float32), as BLOOM and Falcon compute
+    them for `total_heads`: powers of one base for the largest power of two of heads, then every
+    other power of the next power of two's base for the rest."""
+    closest = 2 ** math.floor(math.log2(total_heads))
+    base = torch.full((), 2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != total_heads:
+        extra_base = torch.full((), 2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        extra = min(closest, total_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32))])
+    per_rank = total_heads // dist.tp_size()
+    return slopes[dist.tp_rank() * per_rank : (dist.tp_rank() + 1) * per_rank]

@@ -1,11 +1,14 @@
-"""The C++ CPU kernels: decode attention reads the paged cache in place and gives the torch
-reference's rows; the greedy argmax and log-sum-exp give torch's."""
+"""The C++ CPU kernels: decode and extend attention read the paged cache in place and give the
+torch reference's rows, with the per-layer features (sliding window, soft-cap, ALiBi) too and
+without reading the blocks before a window; the greedy argmax and log-sum-exp give torch's."""
 
 import pytest
 import torch
 
 from shard.config import default_cache_dir
+from shard.context import DecodeMeta, ExtendMeta, ForwardContext
 from shard.kernels import cpu_native, reference
+from tests.shard.test_reference_attention import FEATURES, layer_features, poison_outside_windows
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,3 +133,134 @@ def test_store_kv_writes_each_row_to_its_slot_and_skips_padding():
     reference.store_kv(key[[0, 1, 3, 4]], value[[0, 1, 3, 4]], expected_k, expected_v, slots[[0, 1, 3, 4]])
     cpu_native.store_kv(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+WINDOW = 24  # positions: several blocks of 4 and 16, less than most contexts below
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (6, 2, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_features_match_the_reference(feature, heads, kv_heads, head_dim, dtype):
+    """The vector kernels and the scalar one (head_dim 10), over the window of each row."""
+    query, k_cache, v_cache, lens, tables = _case(11, heads, kv_heads, head_dim, 4, dtype, max_len=90)
+    kw = layer_features(feature, heads, WINDOW)
+    ours = cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, 1.0, int(lens.max()), **kw)
+    expected = reference.attention_decode(
+        query.float(), k_cache.float(), v_cache.float(), lens, tables, 1.0, int(lens.max()), **kw
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_long_rows_split_over_threads_with_features(feature):
+    """A window of 700 over 1,499 positions: the split-KV spans cover the window only."""
+    query, k_cache, v_cache, lens, tables = _case(2, 9, 3, 64, 16, torch.float32, max_len=1500, seed=3)
+    lens[-1] = 1499
+    kw = layer_features(feature, 9, 700)
+    ours = cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, 0.125, 1499, **kw)
+    expected = reference.attention_decode(query, k_cache, v_cache, lens, tables, 0.125, 1499, **kw)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def _extend_case(heads, kv_heads, head_dim, dtype, q_lens, cached, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    block = 16
+    context_lens = [q + c for q, c in zip(q_lens, cached)]
+    max_blocks = -(-max(context_lens) // block)
+    num_blocks = len(q_lens) * max_blocks + 2
+    k_cache, v_cache = (torch.randn(num_blocks, block, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks, generator=g)[: len(q_lens) * max_blocks].view(len(q_lens), max_blocks).int()
+    query = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return query, k_cache, v_cache, cu, torch.tensor(context_lens, dtype=torch.int32), tables
+
+
+EXTEND_Q_LENS, EXTEND_CACHED = [37, 1, 130, 16, 70, 5], [0, 5, 0, 33, 200, 10]
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (8, 2, 128), (6, 2, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extend_features_match_the_reference(feature, heads, kv_heads, head_dim, dtype):
+    """Prefills longer than the window and chunks over cached prefixes (query blocks whose rows'
+    windows start at different key blocks)."""
+    query, k_cache, v_cache, cu, lens, tables = _extend_case(
+        heads, kv_heads, head_dim, dtype, EXTEND_Q_LENS, EXTEND_CACHED
+    )
+    kw = layer_features(feature, heads, WINDOW)
+    ours = cpu_native.attention_extend(query, k_cache, v_cache, cu, lens, tables, 1.0, **kw)
+    expected = reference.attention_extend(query.float(), k_cache.float(), v_cache.float(), cu, lens, tables, 1.0, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 10])
+def test_blocks_before_the_window_are_not_read(head_dim):
+    """NaN in every block outside each row's window leaves the outputs finite and unchanged."""
+    kw = layer_features("all", 6, WINDOW)
+    query, k_cache, v_cache, lens, tables = _case(7, 6, 2, head_dim, 4, torch.float32, max_len=90)
+    n = lens.tolist()
+    k_bad, v_bad = poison_outside_windows(k_cache, v_cache, tables, [max(0, x - WINDOW) for x in n], n)
+    assert k_bad.isnan().any()
+    clean = cpu_native.attention_decode(query, k_cache, v_cache, lens, tables, 1.0, max(n), **kw)
+    poisoned = cpu_native.attention_decode(query, k_bad, v_bad, lens, tables, 1.0, max(n), **kw)
+    assert poisoned.isfinite().all()
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+    query, k_cache, v_cache, cu, lens, tables = _extend_case(
+        6, 2, head_dim, torch.float32, EXTEND_Q_LENS, EXTEND_CACHED
+    )
+    first = [max(0, c - WINDOW + 1) for c in EXTEND_CACHED]
+    k_bad, v_bad = poison_outside_windows(k_cache, v_cache, tables, first, lens.tolist())
+    assert k_bad.isnan().any()
+    clean = cpu_native.attention_extend(query, k_cache, v_cache, cu, lens, tables, 1.0, **kw)
+    poisoned = cpu_native.attention_extend(query, k_bad, v_bad, cu, lens, tables, 1.0, **kw)
+    assert poisoned.isfinite().all()
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("feature", [*FEATURES, "none"])
+def test_fused_attention_op_of_a_mixed_step_matches_the_reference(feature):
+    """sluice_cpu::attention (what the compiled forward calls) stores the step's K/V in the layer's
+    cache and attends with the layer's features: prompt chunks first, then single tokens."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, block = 6, 2, 32, 4
+    extend_q, extend_ctx, decode_ctx = [9, 30], [40, 30], [1, 50, 27]
+    lens = extend_ctx + decode_ctx
+    max_blocks = -(-max(lens) // block)
+    num_blocks = len(lens) * max_blocks + 1
+    caches = [
+        tuple(torch.randn(num_blocks, block, kv_heads, head_dim, generator=g) for _ in range(2)) for _ in range(2)
+    ]
+    tables = torch.randperm(num_blocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks).int()
+    new_pos = [range(c - q, c) for c, q in zip(extend_ctx, extend_q)] + [range(c - 1, c) for c in decode_ctx]
+    slots = torch.tensor(
+        [int(tables[r, p // block]) * block + p % block for r, positions in enumerate(new_pos) for p in positions]
+    )
+    t = len(slots)
+    q, k, v = (torch.randn(t, h, head_dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    extend = ExtendMeta(
+        sum(extend_q),
+        torch.tensor([0, extend_q[0], sum(extend_q)], dtype=torch.int32),
+        torch.tensor(extend_ctx, dtype=torch.int32),
+        tables[:2],
+    )
+    decode = DecodeMeta(torch.tensor(decode_ctx, dtype=torch.int32), tables[2:], max(decode_ctx))
+    kw = layer_features(feature, heads, 8)
+    expected_caches = [(kc.clone(), vc.clone()) for kc, vc in caches]
+    cpu_native.set_step(ForwardContext(slots, extend, decode, caches))
+    ours = torch.ops.sluice_cpu.attention(q, k, v, 1, 0.5, kw["sliding_window"], kw["softcap"], kw["alibi_slopes"])
+
+    kc, vc = expected_caches[1]
+    reference.store_kv(k, v, kc, vc, slots)
+    e = extend.num_tokens
+    expected = torch.cat(
+        [
+            reference.attention_extend(q[:e], kc, vc, extend.cu_seqlens_q, extend.context_lens, tables[:2], 0.5, **kw),
+            reference.attention_decode(q[e:], kc, vc, decode.context_lens, tables[2:], 0.5, max(decode_ctx), **kw),
+        ]
+    )
+    assert torch.equal(caches[1][0], kc) and torch.equal(caches[1][1], vc)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

@@ -2,8 +2,10 @@
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported), in float32 with a tight tolerance; with CUDA they also run in fp16 / bf16. Shapes are small
-so the interpreter stays fast (the whole module takes ~15 s on 2 CPU cores): the attention tests take
-the full product of head_dim (64, 128), query/KV head ratio (1, 3, 4) and block size (16, 32).
+so the interpreter stays fast (the whole module takes ~25 s on 2 CPU cores): the attention tests take
+the full product of head_dim (64, 128), query/KV head ratio (1, 3, 4) and block size (16, 32); the
+per-layer features (sliding window, soft-cap, ALiBi) one shape each, and a check that the blocks
+before a window are never read.
 """
 
 import itertools
@@ -18,6 +20,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: F401, E402
 
 from shard.kernels import reference, triton_attention  # noqa: E402
+from tests.shard.test_reference_attention import FEATURES, layer_features, poison_outside_windows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
@@ -148,3 +151,76 @@ def test_wrappers_reject_bad_inputs():
         triton_attention.attention_decode(strided, k_cache, v_cache, lens, tables, 0.1, 5)
     with pytest.raises(AssertionError):  # dtype mismatch between query and cache
         triton_attention.attention_decode(query.double(), k_cache, v_cache, lens, tables, 0.1, 5)
+
+
+WINDOW = 40  # positions: neither a whole number of pages (16) nor of KV tiles (32)
+# (context_len, q_len): prefills shorter and longer than the window, chunks over cached prefixes
+# (one whose first query's window starts mid-page), a single-token extend far past the window.
+FEATURE_EXTEND = [(5, 5), (55, 55), (41, 11), (100, 1), (83, 20)]
+FEATURE_DECODE = [1, 16, 40, 41, 100, 53]
+
+
+def _extend_inputs(reqs, heads, kv_heads, head_dim, dtype, block_size=16):
+    ctx, q_lens = [c for c, _ in reqs], [q for _, q in reqs]
+    tables, num_blocks = make_block_tables(ctx, block_size)
+    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
+    query = torch.randn(sum(q_lens), heads, head_dim, device=DEVICE).to(dtype)
+    cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    return query, k_cache, v_cache, cu, torch.tensor(ctx, dtype=torch.int32, device=DEVICE), tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_attention_extend_features(feature, dtype):
+    """GQA with a padded group (3 query heads per kv head) so ALiBi's per-head slopes are masked too."""
+    query, k_cache, v_cache, cu, lens, tables = _extend_inputs(FEATURE_EXTEND, 6, 2, 64, dtype)
+    kw = layer_features(feature, 6, WINDOW, DEVICE)
+    out = triton_attention.attention_extend(query, k_cache, v_cache, cu, lens, tables, 0.25, **kw)
+    q32, k32, v32 = _as_float(query, k_cache, v_cache)
+    ref = reference.attention_extend(q32, k32, v32, cu, lens, tables, 0.25, **kw)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_attention_decode_features(feature, dtype):
+    ctx = FEATURE_DECODE
+    tables, num_blocks = make_block_tables(ctx, 16)
+    k_cache, v_cache = make_cache(num_blocks, 16, 2, 64, dtype)
+    query = torch.randn(len(ctx), 6, 64, device=DEVICE).to(dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    kw = layer_features(feature, 6, WINDOW, DEVICE)
+    out = triton_attention.attention_decode(query, k_cache, v_cache, lens, tables, 0.25, max(ctx), **kw)
+    q32, k32, v32 = _as_float(query, k_cache, v_cache)
+    ref = reference.attention_decode(q32, k32, v32, lens, tables, 0.25, max(ctx), **kw)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+def test_blocks_before_the_window_are_not_read():
+    """NaN in every block outside each query's window (before it, past the context, unused) leaves
+    the outputs finite and unchanged. Decode: a window of 600 over a context long enough that the
+    window is cut into every split, and a padding row (context 0) that stays zeros."""
+    kw = layer_features("all", 6, WINDOW, DEVICE)
+    query, k_cache, v_cache, cu, lens, tables = _extend_inputs(FEATURE_EXTEND, 6, 2, 64, torch.float32)
+    first = [max(0, c - q - WINDOW + 1) for c, q in FEATURE_EXTEND]
+    k_bad, v_bad = poison_outside_windows(k_cache, v_cache, tables, first, lens.tolist())
+    assert k_bad.isnan().any()
+    clean = triton_attention.attention_extend(query, k_cache, v_cache, cu, lens, tables, 0.25, **kw)
+    poisoned = triton_attention.attention_extend(query, k_bad, v_bad, cu, lens, tables, 0.25, **kw)
+    assert poisoned.isfinite().all()
+    torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
+
+    window = 600
+    kw = layer_features("all", 6, window, DEVICE)
+    ctx = [triton_attention.NUM_KV_SPLITS * triton_attention.BLOCK_N * 2 + 16, 0, *FEATURE_DECODE]
+    tables, num_blocks = make_block_tables(ctx, 16)
+    k_cache, v_cache = make_cache(num_blocks, 16, 2, 64, torch.float32)
+    query = torch.randn(len(ctx), 6, 64, device=DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    k_bad, v_bad = poison_outside_windows(k_cache, v_cache, tables, [max(0, n - window) for n in ctx], ctx)
+    assert k_bad.isnan().any()
+    poisoned = triton_attention.attention_decode(query, k_bad, v_bad, lens, tables, 0.25, max(ctx), **kw)
+    assert poisoned.isfinite().all() and torch.equal(poisoned[1], torch.zeros_like(poisoned[1]))
+    keep = [i for i, n in enumerate(ctx) if n]
+    ref = reference.attention_decode(query[keep], k_cache, v_cache, lens[keep], tables[keep], 0.25, max(ctx), **kw)
+    torch.testing.assert_close(poisoned[keep], ref, atol=ATOL[torch.float32], rtol=0)

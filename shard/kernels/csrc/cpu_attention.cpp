@@ -7,11 +7,14 @@
 //   k/v cache    [num_blocks, block_size, num_kv_heads, head_dim], contiguous
 //   block_tables [num_reqs, max_blocks] int32; context_lens [num_reqs] int32 (>= 1)
 //
-// A work item is one request, or one span of its positions when there are fewer requests than
+// A request attends to its positions [first, context_len): first = 0, or with a sliding window W
+// max(0, context_len - W), so no block wholly before the window is read (nor its table entry).
+// A work item is one request, or one span of those positions when there are fewer requests than
 // threads can share (split-KV, merged afterwards by log-sum-exp). An item walks its positions
 // through the block table once for K and once for V, each time reading whole cache rows (every
 // kv head of a position is contiguous), so the memory access is sequential within a block:
-//   1. scores[h][t] = q_h . k_t for every query head h (fp32), the query kept in registers/L1;
+//   1. scores[h][t] = q_h . k_t for every query head h (fp32), the query kept in registers/L1,
+//      then soft-capped and given their ALiBi bias when the layer has those features;
 //   2. per head, the softmax's max and sum over the item's positions;
 //   3. acc[h] = sum_t p[h][t] * v_t, in fp32.
 // Items are handed out dynamically: rows come sorted by length, so static chunks would give one
@@ -63,7 +66,28 @@ struct Problem {
   const int32_t* tables;
   const int32_t* lens;
   float scale;
+  int64_t window;       // sliding window in positions, 0: none
+  float softcap;        // > 0: scores soft-capped to +-softcap
+  const float* slopes;  // [num_heads] ALiBi slopes, or nullptr
+
+  // The first position request `req` attends to.
+  int64_t first(int64_t req) const { return window > 0 ? std::max<int64_t>(0, lens[req] - window) : 0; }
 };
+
+// Soft-cap, then ALiBi, on head h's scores s[0 .. n) of positions begin .. begin + n, for the
+// query at position q_pos.
+inline void apply_features(const Problem& P, int64_t h, float* s, int64_t n, int64_t begin, int64_t q_pos) {
+  if (P.softcap > 0.f) {
+    const fVec cap(P.softcap), inv(1.f / P.softcap);
+    int64_t t = 0;
+    for (; t + kLanes <= n; t += kLanes) (cap * (fVec::loadu(s + t) * inv).tanh()).store(s + t);
+    for (; t < n; ++t) s[t] = P.softcap * std::tanh(s[t] * (1.f / P.softcap));
+  }
+  if (P.slopes != nullptr) {
+    const float slope = P.slopes[h];
+    for (int64_t t = 0; t < n; ++t) s[t] += slope * static_cast<float>(begin + t - q_pos);
+  }
+}
 
 // What one item leaves for the merge: per query head, the max score, the sum of exp(score -
 // max) and the unnormalized output.
@@ -103,8 +127,10 @@ void attend_span(const Problem& P, const T* q_ptr, const T* k_ptr, const T* v_pt
       }
     }
   }
+  const bool features = P.softcap > 0.f || P.slopes != nullptr;
   for (int64_t h = 0; h < H; ++h) {
     float* s = scores.data() + h * len;
+    if (features) apply_features(P, h, s, len, begin, P.lens[req] - 1);
     float max = -INFINITY;
     for (int64_t t = 0; t < len; ++t) max = std::max(max, s[t]);
     const fVec vmax(max);
@@ -151,18 +177,20 @@ void attend_span_scalar(const Problem& P, const T* q_ptr, const T* k_ptr, const 
   scores.resize(H * len);
   for (int64_t h = 0; h < H; ++h) {
     const T* q = q_ptr + req * P.q_stride_req + h * P.q_stride_head;
-    float max = -INFINITY, sum = 0.f;
+    float* s = scores.data() + h * len;
     for (int64_t t = begin; t < end; ++t) {
       const T* k = k_ptr + row_of(t) + (h / G) * D;
-      float s = 0.f;
-      for (int64_t d = 0; d < D; ++d) s += static_cast<float>(q[d]) * static_cast<float>(k[d]);
-      scores[h * len + t - begin] = s * P.scale;
-      max = std::max(max, s * P.scale);
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
+      s[t - begin] = dot * P.scale;
     }
+    apply_features(P, h, s, len, begin, P.lens[req] - 1);
+    float max = -INFINITY, sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) max = std::max(max, s[t]);
     float* acc = out.acc + h * D;
     std::fill(acc, acc + D, 0.f);
     for (int64_t t = begin; t < end; ++t) {
-      const float p = std::exp(scores[h * len + t - begin] - max);
+      const float p = std::exp(s[t - begin] - max);
       sum += p;
       const T* v = v_ptr + row_of(t) + (h / G) * D;
       for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
@@ -178,7 +206,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   const int64_t H = P.num_heads, D = P.head_dim;
   const int threads = at::get_num_threads();
   // Split each request's positions into spans when requests alone cannot keep the threads busy.
-  const int64_t longest = *std::max_element(P.lens, P.lens + P.num_reqs);
+  int64_t longest = 0;
+  for (int64_t r = 0; r < P.num_reqs; ++r) longest = std::max<int64_t>(longest, P.lens[r] - P.first(r));
   const int64_t want = (2 * threads + P.num_reqs - 1) / P.num_reqs;
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, longest / kMinSplit));
   const int64_t num_items = P.num_reqs * splits;
@@ -193,9 +222,9 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
     std::vector<fVec> q, a;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
-      const int64_t req = item / splits, part = item % splits, len = P.lens[req];
-      const int64_t span = (len + splits - 1) / splits;
-      const int64_t begin = std::min(len, part * span), end = std::min(len, begin + span);
+      const int64_t req = item / splits, part = item % splits, len = P.lens[req], first = P.first(req);
+      const int64_t span = (len - first + splits - 1) / splits;
+      const int64_t begin = std::min(len, first + part * span), end = std::min(len, begin + span);
       Partial partial{acc.data() + item * H * D, max.data() + item * H, sum.data() + item * H};
       if (begin == end) {
         std::fill(partial.max, partial.max + H, -INFINITY);
@@ -252,24 +281,38 @@ void decode_dispatch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
 
 namespace sluice {
 
+at::Tensor contiguous_slopes(const std::optional<at::Tensor>& alibi_slopes, int64_t num_heads) {
+  if (!alibi_slopes.has_value()) return at::Tensor();
+  const at::Tensor& s = *alibi_slopes;
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == num_heads && s.device().is_cpu(),
+              "alibi_slopes must be a float32 CPU tensor of one slope per query head");
+  return s.contiguous();
+}
+
 at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t sliding_window, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [num_reqs, num_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
               "query and KV cache dtypes differ");
   TORCH_CHECK(k_cache.size(3) == query.size(2) && query.size(1) % k_cache.size(2) == 0, "head shapes do not match");
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none)");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
   auto out = at::empty(query.sizes(), query.options());
   if (query.size(0) == 0) return out;
   const auto tables = block_tables.contiguous();
   const auto lens = context_lens.contiguous();
+  const auto slopes = contiguous_slopes(alibi_slopes, query.size(1));
   const Problem P{query.size(0),  query.size(1),   k_cache.size(2),
                   query.size(1) / k_cache.size(2), query.size(2),
                   k_cache.size(1), tables.size(1), query.stride(0),
                   query.stride(1), tables.const_data_ptr<int32_t>(),
-                  lens.const_data_ptr<int32_t>(),  static_cast<float>(scale)};
+                  lens.const_data_ptr<int32_t>(),  static_cast<float>(scale),
+                  sliding_window,                  static_cast<float>(softcap),
+                  slopes.defined() ? slopes.const_data_ptr<float>() : nullptr};
   switch (query.scalar_type()) {
     case at::kFloat: decode_dispatch<float>(out, query, k_cache, v_cache, P); break;
     case at::kBFloat16: decode_dispatch<c10::BFloat16>(out, query, k_cache, v_cache, P); break;
@@ -284,7 +327,8 @@ at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_c
 TORCH_LIBRARY(sluice_cpu, m) {
   m.def(
       "paged_attention_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale) -> Tensor");
+      "Tensor context_lens, float scale, int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("paged_attention_decode", &sluice::paged_attention_decode); }

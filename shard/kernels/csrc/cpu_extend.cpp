@@ -7,11 +7,15 @@
 //   context_lens  [num_reqs] int32: cached prefix + this step's tokens
 //   block_tables  [num_reqs, max_blocks] int32
 // Query row j of a request with q_len rows sits at position context_len - q_len + j and attends
-// to positions 0 .. that position (causal over the new tokens, full over the cached prefix).
+// to positions 0 .. that position (causal over the new tokens, full over the cached prefix); with
+// a sliding window W only to its last W positions. Scores may be soft-capped and given ALiBi
+// biases (cpu_kernels.h).
 //
 // Flash-attention style, in fp32: a work item is (request, kv head, block of kQBlock query
 // tokens), i.e. M = kQBlock * group rows sharing one kv head, padded to whole vectors. It walks
-// the keys in blocks of kKBlock positions up to its last row's position, with online softmax.
+// the keys in blocks of kKBlock positions, from its first row's first visible position (0, or the
+// start of that row's window: blocks wholly before it are never read) up to its last row's
+// position, with online softmax.
 // Everything is laid out transposed, rows in vector lanes: Q^T [D, M], scores S^T [keys, M] and
 // the output O^T [D, M]. Then Q K^T and P V are broadcast-FMAs of one K or V element against
 // row vectors (K and V rows are only converted to fp32, never transposed), and the running max,
@@ -40,6 +44,7 @@ constexpr int kLanes = fVec::size();
 constexpr int kQBlock = 16;  // query tokens per work item
 constexpr int kKBlock = 64;  // key positions per inner block
 constexpr int kTile = 4;     // keys (Q K^T) or head dims (P V) per register tile, times up to 4 row vectors
+static_assert(kKBlock >= kQBlock, "an item's first key block must show every row one of its keys");
 
 struct ExtendProblem {
   int64_t num_heads, num_kv_heads, group, head_dim, block_size, max_blocks;
@@ -48,6 +53,9 @@ struct ExtendProblem {
   const int32_t* lens;
   const int32_t* tables;
   float scale;
+  int64_t window;       // sliding window in positions, 0: none
+  float softcap;        // > 0: scores soft-capped to +-softcap
+  const float* slopes;  // [num_heads] ALiBi slopes, or nullptr
 };
 
 // S^T[t0 + i, rows] = sum_d K[t0 + i, d] * Q^T[d, rows] for kTile keys and W row vectors from rv0.
@@ -110,29 +118,39 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
   const int64_t M = (q_end - q_begin) * G;
   const int64_t MV = (M + kLanes - 1) / kLanes, Mp = MV * kLanes;  // rows padded to whole vectors
   const int32_t* table = P.tables + req * P.max_blocks;
-  // scratch: QT [Dp, Mp], OT [Dp, Mp], ST [kKBlock, Mp], K and V [kKBlock, Dp], pos, m, l, rescale [Mp]
-  buf.assign(2 * Dp * Mp + kKBlock * Mp + 2 * kKBlock * Dp + 4 * Mp, 0.f);
+  // scratch: QT [Dp, Mp], OT [Dp, Mp], ST [kKBlock, Mp], K and V [kKBlock, Dp],
+  // pos, first, slope, m, l, rescale [Mp]
+  buf.assign(2 * Dp * Mp + kKBlock * Mp + 2 * kKBlock * Dp + 6 * Mp, 0.f);
   float* QT = buf.data();
   float* OT = QT + Dp * Mp;
   float* ST = OT + Dp * Mp;
   float* K = ST + kKBlock * Mp;
   float* V = K + kKBlock * Dp;
-  float* pos = V + kKBlock * Dp;
-  float* m = pos + Mp;
+  float* pos = V + kKBlock * Dp;  // each row's position: it sees keys first[r] .. pos[r]
+  float* first = pos + Mp;
+  float* slope = first + Mp;  // each row's head's ALiBi slope (0 without ALiBi)
+  float* m = slope + Mp;
   float* l = m + Mp;
   float* rescale = l + Mp;
   // Row r = token (r / G), head kv_head * G + r % G. Padding rows have zero queries and the last
-  // row's position, so they stay finite; they are never written out.
+  // row's position and head, so they stay finite; they are never written out.
   for (int64_t r = 0; r < Mp; ++r) {
-    pos[r] = float(first_pos + q_begin + std::min(r, M - 1) / G);
+    const int64_t real = std::min(r, M - 1), p = first_pos + q_begin + real / G;
+    pos[r] = float(p);
+    first[r] = float(P.window > 0 ? std::max<int64_t>(0, p - P.window + 1) : 0);
+    slope[r] = P.slopes != nullptr ? P.slopes[kv_head * G + real % G] : 0.f;
     m[r] = -INFINITY;
   }
   for (int64_t r = 0; r < M; ++r) {
     const T* src = q_ptr + (P.cu[req] + q_begin + r / G) * P.q_stride_tok + (kv_head * G + r % G) * P.q_stride_head;
     for (int64_t d = 0; d < D; ++d) QT[d * Mp + r] = static_cast<float>(src[d]) * P.scale;
   }
-  const int64_t last_pos = first_pos + q_end - 1;  // the item's keys end here
-  for (int64_t k0 = 0; k0 <= last_pos; k0 += kKBlock) {
+  // The item's keys: from its first row's first (the start of that row's window) to its last row.
+  const int64_t last_pos = first_pos + q_end - 1;
+  const int64_t first_key = P.window > 0 ? std::max<int64_t>(0, first_pos + q_begin - P.window + 1) : 0;
+  const bool softcap = P.softcap > 0.f, alibi = P.slopes != nullptr;
+  const fVec cap(P.softcap), inv_cap(softcap ? 1.f / P.softcap : 0.f);
+  for (int64_t k0 = first_key; k0 <= last_pos; k0 += kKBlock) {
     const int64_t nk = std::min<int64_t>(kKBlock, last_pos + 1 - k0);
     const int64_t nk_tiles = (nk + kTile - 1) / kTile * kTile;
     for (int64_t t = 0; t < nk; ++t) {  // K and V rows of positions k0 .. k0 + nk in fp32
@@ -152,21 +170,30 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
         }
       }
     }
-    // mask keys past each row's position, online softmax down the key axis
+    // soft-cap and ALiBi, mask keys outside each row's first .. pos, online softmax down the key axis
     for (int64_t rv = 0; rv < MV; ++rv) {
-      const fVec row_pos = fVec::loadu(pos + rv * kLanes);
+      const fVec row_pos = fVec::loadu(pos + rv * kLanes), row_first = fVec::loadu(first + rv * kLanes);
+      const fVec row_slope = fVec::loadu(slope + rv * kLanes);
       fVec block_max(-INFINITY);
       for (int64_t t = 0; t < nk; ++t) {
-        const auto keep = fVec(float(k0 + t)) <= row_pos;
-        block_max = at::vec::maximum(block_max, fVec::blendv(fVec(-INFINITY), fVec::loadu(ST + t * Mp + rv * kLanes), keep));
+        const fVec key(float(k0 + t));
+        float* st = ST + t * Mp + rv * kLanes;
+        fVec s = fVec::loadu(st);
+        if (softcap) s = cap * (s * inv_cap).tanh();
+        if (alibi) s = at::vec::fmadd(row_slope, key - row_pos, s);
+        if (softcap || alibi) s.store(st);
+        const auto keep = (key <= row_pos) & (key >= row_first);
+        block_max = at::vec::maximum(block_max, fVec::blendv(fVec(-INFINITY), s, keep));
       }
-      // The first block (k0 = 0) shows every row its position 0, so new_max is finite.
+      // The first block starts at the first row's first key and spans kKBlock >= kQBlock keys, so
+      // it shows every row one of its keys: new_max is finite.
       const fVec old_max = fVec::loadu(m + rv * kLanes);
       const fVec new_max = at::vec::maximum(old_max, block_max);
       const fVec factor = (old_max - new_max).exp();  // 0 on the first block (old max -inf)
       fVec sum(0.f);
       for (int64_t t = 0; t < nk; ++t) {
-        const auto keep = fVec(float(k0 + t)) <= row_pos;
+        const fVec key(float(k0 + t));
+        const auto keep = (key <= row_pos) & (key >= row_first);
         float* s = ST + t * Mp + rv * kLanes;
         const fVec p = fVec::blendv(fVec(0.f), (fVec::loadu(s) - new_max).exp_u20(), keep);
         p.store(s);
@@ -230,12 +257,14 @@ namespace sluice {
 
 at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
-                                  const at::Tensor& block_tables, double scale) {
+                                  const at::Tensor& block_tables, double scale, int64_t sliding_window,
+                                  double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [num_tokens, num_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
               "query and KV cache dtypes differ");
   TORCH_CHECK(k_cache.size(3) == query.size(2) && query.size(1) % k_cache.size(2) == 0, "head shapes do not match");
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none)");
   TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
                   block_tables.scalar_type() == at::kInt,
               "cu_seqlens_q, context_lens and block_tables must be int32");
@@ -245,6 +274,7 @@ at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_c
   const auto cu = cu_seqlens_q.contiguous();
   const auto lens = context_lens.contiguous();
   const auto tables = block_tables.contiguous();
+  const auto slopes = contiguous_slopes(alibi_slopes, query.size(1));
   const ExtendProblem P{query.size(1),
                         k_cache.size(2),
                         query.size(1) / k_cache.size(2),
@@ -256,7 +286,10 @@ at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_c
                         cu.const_data_ptr<int32_t>(),
                         lens.const_data_ptr<int32_t>(),
                         tables.const_data_ptr<int32_t>(),
-                        static_cast<float>(scale)};
+                        static_cast<float>(scale),
+                        sliding_window,
+                        static_cast<float>(softcap),
+                        slopes.defined() ? slopes.const_data_ptr<float>() : nullptr};
   switch (query.scalar_type()) {
     case at::kFloat: extend<float>(out, query, k_cache, v_cache, P, num_reqs); break;
     case at::kBFloat16: extend<c10::BFloat16>(out, query, k_cache, v_cache, P, num_reqs); break;
@@ -303,7 +336,8 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
 TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
   m.def(
       "paged_attention_extend(Tensor query, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
-      "Tensor context_lens, Tensor block_tables, float scale) -> Tensor");
+      "Tensor context_lens, Tensor block_tables, float scale, int sliding_window=0, float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> Tensor");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 

@@ -1,7 +1,8 @@
 // The step's attention metadata and KV caches, held in C++, and the attention op the compiled
-// forward calls: sluice_cpu::attention(q, k, v, layer, scale) stores the layer's K/V, then runs the
-// extend kernel on the prompt-chunk rows and the decode kernel on the single-token rows, without a
-// Python frame. The runner sets them before each forward (set_step) from shard/context.py's
+// forward calls: sluice_cpu::attention(q, k, v, layer, scale, sliding_window, softcap, alibi_slopes)
+// stores the layer's K/V, then runs the extend kernel on the prompt-chunk rows and the decode
+// kernel on the single-token rows (with the layer's features, cpu_kernels.h), without a Python
+// frame. The runner sets them before each forward (set_step) from shard/context.py's
 // ForwardContext.
 
 #include <ATen/ATen.h>
@@ -46,7 +47,8 @@ void set_step(const std::vector<at::Tensor>& k_caches, const std::vector<at::Ten
   c.decode_block_tables = decode_block_tables;
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t layer, double scale) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t layer, double scale,
+                     int64_t sliding_window, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   auto& c = context();
   TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(c.k_caches.size()), "no KV cache for layer ", layer);
   at::Tensor& k_cache = c.k_caches[layer];
@@ -55,15 +57,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t e = c.extend_tokens;
   const bool has_decode = c.decode_context_lens.has_value();
   if (e == 0)
-    return sluice::paged_attention_decode(q, k_cache, v_cache, *c.decode_block_tables, *c.decode_context_lens, scale);
-  auto extend = sluice::paged_attention_extend(q.narrow(0, 0, e), k_cache, v_cache, *c.cu_seqlens_q,
-                                               *c.extend_context_lens, *c.extend_block_tables, scale);
+    return sluice::paged_attention_decode(q, k_cache, v_cache, *c.decode_block_tables, *c.decode_context_lens, scale,
+                                          sliding_window, softcap, alibi_slopes);
+  auto extend =
+      sluice::paged_attention_extend(q.narrow(0, 0, e), k_cache, v_cache, *c.cu_seqlens_q, *c.extend_context_lens,
+                                     *c.extend_block_tables, scale, sliding_window, softcap, alibi_slopes);
   if (!has_decode) return extend;
   auto out = at::empty(q.sizes(), q.options());
   out.narrow(0, 0, e).copy_(extend);
   out.narrow(0, e, q.size(0) - e)
       .copy_(sluice::paged_attention_decode(q.narrow(0, e, q.size(0) - e), k_cache, v_cache, *c.decode_block_tables,
-                                            *c.decode_context_lens, scale));
+                                            *c.decode_context_lens, scale, sliding_window, softcap, alibi_slopes));
   return out;
 }
 
@@ -75,7 +79,9 @@ TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
       "Tensor? extend_context_lens, Tensor? extend_block_tables, Tensor? decode_context_lens, "
       "Tensor? decode_block_tables) -> ()",
       &set_step);
-  m.def("attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, int layer, float scale, int sliding_window, float softcap, "
+      "Tensor? alibi_slopes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("attention", &attention); }
