@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from router.tokenizer import Tokenizer
-from tests.e2e.server import LauncherProcess
+from tests.e2e.server import EAGER, LauncherProcess
 
 SYSTEM = "You are a meticulous assistant for a river-shipping company. " + " ".join(
     f"Rule {i}: always report the cargo, the port of origin and the expected arrival day." for i in range(14)
@@ -60,10 +60,10 @@ def test_a_shared_system_prompt_is_computed_once(server, tight_server, bundled_m
 @pytest.fixture(scope="module")
 def tight_server(bundled_model_dir):
     """A small prefill budget and a KV pool of 40 blocks (640 tokens); float32, as `server`, whose
-    outputs the preempted ones are compared with."""
+    outputs the preempted ones are compared with; eager, as it tests the scheduler."""
     args = ["--dtype", "float32", "--max-batch-prefill-tokens", "64", "--max-batch-total-tokens", "640",
             "--max-total-tokens", "512", "--max-input-tokens", "400", "--prefix-caching", "false"]  # fmt: skip
-    with LauncherProcess(bundled_model_dir, *args) as launcher:
+    with LauncherProcess(bundled_model_dir, *EAGER, *args) as launcher:
         yield launcher
 
 
