@@ -12,7 +12,7 @@ from pythonjsonlogger.json import JsonFormatter
 import configflags
 from router.config import RouterConfig
 from router.core.engine import Engine
-from router.core.kv_cache_manager import KVCacheManager
+from router.core.kv_cache_manager import KVCacheManager, max_blocks_held
 from router.core.scheduler import Scheduler, SchedulerConfig
 from router.core.shard_client import ModelInfo, ShardedClient, WarmupSpec
 from router.core.shard_setup import connect, reconnect, until_serving
@@ -55,7 +55,9 @@ async def _bring_up(shards: ShardedClient, config: RouterConfig) -> tuple[ModelI
         max_blocks = (config.max_batch_total_tokens or 0) // info.block_size
         warmup = WarmupSpec(limits.max_batch_prefill_tokens, config.max_batch_size, max_blocks)
         num_blocks = await shards.warmup(warmup)
-        check_pool(limits, num_blocks * info.block_size)
+        bs = info.block_size
+        held = max_blocks_held(limits.max_total_tokens, limits.max_batch_prefill_tokens, bs, info.sliding_window)
+        check_pool(limits, num_blocks * bs, min(limits.max_total_tokens, held * bs))
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return info, limits, warmup, num_blocks
@@ -79,13 +81,14 @@ async def _serve(config: RouterConfig) -> None:
         limits.max_batch_prefill_tokens,
     )
     log.info(
-        "model %s (%s, %s on %s, %d shard(s)); KV cache: %d tokens; limits: input %d, total %d, prefill %d",
+        "model %s (%s, %s on %s, %d shard(s)); KV cache: %d tokens%s; limits: input %d, total %d, prefill %d",
         config.model_id,
         info.architecture,
         info.dtype,
         info.device_type,
         info.world_size,
         num_blocks * info.block_size,
+        f" (sliding window of {info.sliding_window}: blocks behind it are freed)" if info.sliding_window else "",
         max_input,
         max_total,
         prefill_budget,
@@ -100,7 +103,7 @@ async def _serve(config: RouterConfig) -> None:
             config.max_prefill_slowdown,
             config.long_prompt_tokens,
         ),
-        KVCacheManager(num_blocks, info.block_size, config.prefix_caching),
+        KVCacheManager(num_blocks, info.block_size, config.prefix_caching, info.sliding_window),
     )
     metrics = Metrics(max_input, max_total)
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)

@@ -38,12 +38,16 @@ def resolve_limits(config: RouterConfig, max_position_embeddings: int) -> Limits
     return Limits(max_input, max_total, prefill)
 
 
-def check_pool(limits: Limits, max_batch_total_tokens: int) -> None:
-    """The KV pool (after warmup, capped by --max-batch-total-tokens) must hold the limits."""
-    if limits.max_total_tokens > max_batch_total_tokens:
+def check_pool(limits: Limits, max_batch_total_tokens: int, request_tokens: int | None = None) -> None:
+    """The KV pool (after warmup, capped by --max-batch-total-tokens) must hold the limits: one
+    request's KV, `request_tokens` (what a request of max_total_tokens holds at once: all of them,
+    the default, or fewer with a sliding window), and a prefill."""
+    needed = limits.max_total_tokens if request_tokens is None else request_tokens
+    if needed > max_batch_total_tokens:
+        held = "" if needed == limits.max_total_tokens else f", of which a request holds {needed} at once"
         raise ValueError(
             f"the KV cache holds {max_batch_total_tokens} tokens, fewer than --max-total-tokens "
-            f"({limits.max_total_tokens}): lower it, or give the cache more memory"
+            f"({limits.max_total_tokens}){held}: lower it, or give the cache more memory"
         )
     if limits.max_batch_prefill_tokens > max_batch_total_tokens:
         raise ValueError(

@@ -108,11 +108,18 @@ class ModelRunner:
 
     @property
     def max_positions(self) -> int:
-        """Longest sequence served exactly: attention is full, so a sliding window (Mistral v0.1)
-        caps it at the window's size rather than letting outputs drift past it."""
-        c = self.hf_config
-        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
-        return min(c.max_position_embeddings, window or c.max_position_embeddings)
+        """Longest sequence served: the model's positions (a sliding window limits what each query
+        attends to, not how far a sequence goes); 2048 where the config sets none (BLOOM: ALiBi has
+        no table to run out of, 2048 is its training length and vLLM's default)."""
+        return getattr(self.hf_config, "max_position_embeddings", None) or 2048
+
+    @property
+    def sliding_window(self) -> int:
+        """The window every attention layer has (each query sees its last that many positions; the
+        widest, should they differ), or 0 when some layer attends to the whole sequence. With one,
+        the router gives back the blocks of a request that slid out of it."""
+        windows = [a.sliding_window for a in self.attention_layers]
+        return 0 if 0 in windows else max(windows)
 
     # -- KV cache -------------------------------------------------------------------------
     @property

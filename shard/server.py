@@ -113,6 +113,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             rank=r.config.rank,
             quantize=r.quantization.name or "",
             weight_bytes=r.weight_bytes,
+            sliding_window=r.sliding_window,
         )
 
     async def Health(self, request, context):

@@ -38,6 +38,10 @@ class BlockPool:
         """How many of `block_ids` no request uses: sharing them takes them off the free blocks."""
         return sum(1 for b in block_ids if self._ref_counts[b] == 0)
 
+    def num_sole_users(self, block_ids: Iterable[int]) -> int:
+        """How many of `block_ids` one request alone uses: its freeing them adds to the free blocks."""
+        return sum(1 for b in block_ids if self._ref_counts[b] == 1)
+
     def share(self, block_ids: Iterable[int]) -> None:
         """Add a reference to each of the cached blocks `block_ids`."""
         for b in block_ids:

@@ -6,6 +6,17 @@ scheduler only asks. A block whose tokens are all known and computed gets a hash
 its predecessor's, so equal hashes mean equal prefixes; the pool (block_pool.py) keeps hashed
 blocks cached after their last user frees them. `allocate_slots` is all or nothing: there is
 no separate check to forget before allocating.
+
+With a sliding window over every layer (the shards' Info says so), a query at position p reads
+only positions p - window + 1 .. p, so a request gives back each leading block once every
+position in it is `window` or more behind the next token to compute (for a prompt chunk: its
+first token): a request holds about window + chunk tokens of blocks, however long it grows. Its
+block table keeps its length, the entries given back reading PLACEHOLDER_BLOCK, which attention
+never reads. Prefix caching stays exact: a block given back keeps its registration (its K/V are
+those of its hash's prefix), so, like any cached block, it is reused until evicted; a lookup
+still needs the whole chain from the first block; a request admitted on a hit shares only the
+cached blocks its window reaches; a block given back before it was registered (a token in it was
+still pending) is never registered.
 """
 
 from collections.abc import Sequence
@@ -14,6 +25,18 @@ from hashlib import blake2b
 
 from router.core.block_pool import BlockPool
 from router.core.request import Request
+
+PLACEHOLDER_BLOCK = 0  # the block table's entry for a block that slid out of the window: never read
+
+
+def max_blocks_held(num_tokens: int, max_chunk_tokens: int, block_size: int, sliding_window: int = 0) -> int:
+    """The most blocks a request of `num_tokens` tokens holds at once, computing at most
+    `max_chunk_tokens` per step: blocks for all its tokens, or, with a sliding window, at most
+    for the window before a step's first token, that step's tokens, and one partial block."""
+    num_blocks = -(-num_tokens // block_size)
+    if not sliding_window:
+        return num_blocks
+    return min(num_blocks, -(-(sliding_window + max_chunk_tokens + block_size - 2) // block_size))
 
 
 def _extend_hashes(hashes: list[bytes], token_ids: list[int], block_size: int, num_blocks: int) -> None:
@@ -29,12 +52,15 @@ class _RequestBlocks:
     table: list[int] = field(default_factory=list)  # block ids, in token order
     hashes: list[bytes] = field(default_factory=list)  # of full blocks; a function of the tokens, kept on preemption
     num_registered: int = 0  # leading blocks of `table` offered to the prefix cache
+    num_dropped: int = 0  # leading blocks of `table` given back (slid out of the window): PLACEHOLDER_BLOCK
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, sliding_window: int = 0):
+        """`sliding_window` > 0: every layer of the model attends only to that many last positions."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
         self._requests: dict[int, _RequestBlocks] = {}  # req_id -> its blocks; until the request is freed
 
@@ -53,9 +79,21 @@ class KVCacheManager:
         return self.pool.num_cached_blocks
 
     def block_ids(self, request: Request) -> list[int]:
-        """A copy of `request`'s block table."""
+        """A copy of `request`'s block table (PLACEHOLDER_BLOCK where blocks slid out of the window)."""
         blocks = self._requests.get(request.req_id)
         return list(blocks.table) if blocks else []
+
+    def num_held_blocks(self, request: Request) -> int:
+        """Blocks `request` holds: its block table but for the entries that slid out of the window."""
+        blocks = self._requests.get(request.req_id)
+        return len(blocks.table) - blocks.num_dropped if blocks else 0
+
+    def _num_out_of_window(self, position: int) -> int:
+        """Leading blocks no query at `position` or after reads: each of their positions is at
+        least `sliding_window` behind it; none without a window."""
+        if not self.sliding_window:
+            return 0
+        return max(0, position - self.sliding_window + 1) // self.block_size
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The cached blocks holding the longest prefix of `request`'s tokens, and how many tokens
@@ -84,6 +122,10 @@ class KVCacheManager:
         then shares. Returns the blocks appended after those, or None, changing nothing, when
         they do not fit: cached blocks that no request uses count against the free blocks.
 
+        With a sliding window, the leading blocks that the step's first token no longer reaches
+        are given back first (their entries become PLACEHOLDER_BLOCK; they count as free in the
+        fit), and on admission the cached blocks it does not reach are not shared at all.
+
         The blocks this fills are offered to the prefix cache right away: in a forward, every
         layer stores the step's K/V before any attention reads the cache, so a request admitted
         in the same step may already share them. Only known tokens can be hashed: a block
@@ -92,26 +134,37 @@ class KVCacheManager:
         blocks = self._requests.get(request.req_id)
         num_held = len(blocks.table) if blocks else 0
         assert not (computed_blocks and num_held), "cached blocks are shared on admission only"
-        num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        start = request.num_computed_tokens + len(computed_blocks) * self.block_size  # the step's first token
+        num_tokens = start + num_new_tokens
         num_needed = max(0, -(-num_tokens // self.block_size) - num_held - len(computed_blocks))
-        if num_needed > self.pool.num_free_blocks - self.pool.num_unused(computed_blocks):
+        num_out = self._num_out_of_window(start)
+        shared = computed_blocks[num_out:]
+        dropped = blocks.table[blocks.num_dropped : num_out] if blocks else []
+        available = self.pool.num_free_blocks + self.pool.num_sole_users(dropped) - self.pool.num_unused(shared)
+        if num_needed > available:
             return None
         blocks = self._requests.setdefault(request.req_id, _RequestBlocks())
-        self.pool.share(computed_blocks)
+        self.pool.free(reversed(dropped))
+        blocks.table[blocks.num_dropped : num_out] = [PLACEHOLDER_BLOCK] * len(dropped)
+        self.pool.share(shared)
         new_block_ids = self.pool.allocate(num_needed)
-        blocks.table += computed_blocks
+        blocks.table += [PLACEHOLDER_BLOCK] * (len(computed_blocks) - len(shared))
+        blocks.table += shared
         blocks.table += new_block_ids
+        blocks.num_dropped = max(blocks.num_dropped, num_out)
         blocks.num_registered += len(computed_blocks)  # found in the cache: registered already
         self._register_full_blocks(request, blocks, min(num_tokens, request.num_tokens))
         return new_block_ids
 
     def _register_full_blocks(self, request: Request, blocks: _RequestBlocks, num_tokens: int) -> None:
-        """Offer the blocks full of the first `num_tokens` (known, computed) tokens to the cache."""
+        """Offer the blocks full of the first `num_tokens` (known, computed) tokens to the cache,
+        but for those given back already (a placeholder is no block of this request's)."""
         num_full = min(num_tokens // self.block_size, len(blocks.table))
-        if not self.enable_prefix_caching or num_full <= blocks.num_registered:
+        first = max(blocks.num_registered, blocks.num_dropped)
+        if not self.enable_prefix_caching or num_full <= first:
             return
         _extend_hashes(blocks.hashes, request.token_ids, self.block_size, num_full)
-        for i in range(blocks.num_registered, num_full):
+        for i in range(first, num_full):
             self.pool.register(blocks.table[i], blocks.hashes[i])
         blocks.num_registered = num_full
 
@@ -122,8 +175,8 @@ class KVCacheManager:
         blocks = self._requests.get(request.req_id) if preempted else self._requests.pop(request.req_id, None)
         if blocks is None:
             return
-        self.pool.free(reversed(blocks.table))
-        blocks.table, blocks.num_registered = [], 0
+        self.pool.free(reversed(blocks.table[blocks.num_dropped :]))
+        blocks.table, blocks.num_registered, blocks.num_dropped = [], 0, 0
 
     def resize(self, num_blocks: int) -> None:
         """A new, empty pool of `num_blocks` (a restarted shard group sized its cache anew). No

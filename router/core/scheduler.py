@@ -24,9 +24,12 @@ Rules:
 - A request admitted from the queue reuses the cached blocks of its longest cached prefix
   and computes only the rest; blocks join the cache in the step that fills them, so
   requests arriving together share a common prefix's computation too.
-- Blocks cover exactly the tokens computed so far. When a running request needs a block
-  and none is free, the newest running request is preempted: its blocks are freed, the
-  shards forget it, and it waits at the front of the queue to be recomputed.
+- Blocks cover exactly the tokens computed so far; with a sliding window over every layer, only
+  from the window of the step's first token on (kv_cache_manager.py gives back the blocks behind
+  it), so a request of any length is admitted and runs on about window + chunk tokens of blocks:
+  admission and growth ask the KV cache manager for exactly what the step needs. When a running
+  request needs a block and none is free, the newest running request is preempted: its blocks
+  are freed, the shards forget it, and it waits at the front of the queue to be recomputed.
 """
 
 from collections import deque

@@ -67,6 +67,7 @@ class ModelInfo:
     world_size: int
     quantize: str | None  # None: full precision
     weight_bytes: int  # summed over the ranks
+    sliding_window: int = 0  # every layer attends only to this many last positions; 0: some layer sees all
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,7 @@ class ShardedClient:
             r.world_size,
             r.quantize or None,
             sum(x.weight_bytes for x in responses),
+            r.sliding_window,
         )
 
     async def health(self, timeout_s: float = 5.0) -> None:

@@ -1,7 +1,8 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) built from tensor-parallel layers.
 
 Differences between members are read from the config: Qwen2 has q/k/v biases, Qwen3
-normalizes q and k per head, some models tie the LM head to the embedding.
+normalizes q and k per head, some models tie the LM head to the embedding, Mistral and some
+Qwen2/Qwen3 layers attend over a sliding window.
 """
 
 import torch
@@ -22,6 +23,19 @@ def _head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _sliding_window(config: PretrainedConfig, layer_index: int) -> int | None:
+    """The window of layer `layer_index` as transformers applies it: Mistral's (Mixtral's, Qwen3-MoE's)
+    every layer has `sliding_window`; a Qwen2/Qwen3/Qwen2-MoE layer has it where `layer_types` says
+    "sliding_attention" (the config fills layer_types from max_window_layers, and drops sliding_window
+    unless use_sliding_window); Llama ignores the field."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type in ("mistral", "mixtral", "qwen3_moe"):
+        return window
+    if config.model_type in ("qwen2", "qwen3", "qwen2_moe") and config.layer_types[layer_index] == "sliding_attention":
+        return window
+    return None
+
+
 def _rotary(config: PretrainedConfig) -> RotaryEmbedding:
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
@@ -37,27 +51,35 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization):
         super().__init__()
         head_dim = _head_dim(config)
-        is_qwen2 = config.model_type == "qwen2"
+        # Qwen2 always, Qwen2-MoE by its `qkv_bias`: biases on q/k/v and none on o.
+        qkv_bias = getattr(config, "qkv_bias", config.model_type == "qwen2")
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             head_dim,
             config.num_attention_heads,
             config.num_key_value_heads,
-            bias=is_qwen2 or getattr(config, "attention_bias", False),
+            bias=qkv_bias or getattr(config, "attention_bias", False),
             quant=quant.linear_method(),
         )
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * head_dim,
             config.hidden_size,
-            bias=getattr(config, "attention_bias", False) and not is_qwen2,
+            bias=getattr(config, "attention_bias", False) and not qkv_bias,
             quant=quant.linear_method(),
         )
-        self.has_qk_norm = config.model_type == "qwen3"
+        self.has_qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.has_qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, layer_index)
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            head_dim,
+            head_dim**-0.5,
+            layer_index,
+            sliding_window=_sliding_window(config, layer_index),
+        )
 
     def forward(self, cos_sin, hidden: torch.Tensor) -> torch.Tensor:
         """cos_sin: RotaryEmbedding.cos_sin of this step's positions; hidden [T, hidden]."""
@@ -86,10 +108,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization):
+    """Pre-norm attention then feed-forward: `mlp` (hidden [T, hidden] -> [T, hidden], summed over
+    ranks), a dense LlamaMLP unless given (the MoE families pass their sparse blocks)."""
+
+    def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_index, quant)
-        self.mlp = LlamaMLP(config, quant)
+        self.mlp = LlamaMLP(config, quant) if mlp is None else mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -104,11 +129,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, quant: Quantization):
+    def __init__(self, config: PretrainedConfig, quant: Quantization, decoder_layer=LlamaDecoderLayer):
         super().__init__()
         self.rotary = _rotary(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, quant) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(decoder_layer(config, i, quant) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -129,10 +154,12 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    # (config, layer_index, quant) -> a layer with LlamaDecoderLayer's forward; the MoE families' differ
+    decoder_layer = LlamaDecoderLayer
 
     def __init__(self, config: PretrainedConfig, quant: Quantization):
         super().__init__()
-        self.model = LlamaModel(config, quant)
+        self.model = LlamaModel(config, quant, type(self).decoder_layer)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant.head_method())
         self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         if self.tie_word_embeddings:

@@ -132,7 +132,9 @@ def test_prompt_top_tokens_are_transformers_most_likely_across_chunks(tiny_model
     torch.testing.assert_close(torch.tensor(a.logprobs + b.logprobs), chosen, atol=ATOL, rtol=0)
 
 
-def test_a_sliding_window_caps_the_positions_served(tmp_path):
+def test_a_sliding_window_does_not_cap_the_positions_served(tmp_path):
+    """Attention applies windows now (tests/models/test_mistral.py), so positions go as far as the
+    model's; Llama ignores a `sliding_window` in its config, as transformers' Llama does."""
     import json
 
     from tests.conftest import make_tiny_model
@@ -140,4 +142,6 @@ def test_a_sliding_window_caps_the_positions_served(tmp_path):
     model_dir = make_tiny_model("llama", tmp_path)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 128}))
-    assert ModelRunner(ShardConfig(model_dir=model_dir, device="cpu")).max_positions == 128
+    runner = ModelRunner(ShardConfig(model_dir=model_dir, device="cpu"))
+    assert runner.max_positions == config["max_position_embeddings"] == 512
+    assert runner.sliding_window == 0 and all(a.sliding_window == 0 for a in runner.attention_layers)
