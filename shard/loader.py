@@ -22,16 +22,22 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     params = dict(model.named_parameters())  # tied weights appear once
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[tuple[str, object]] = set()  # (parameter, shard id)
+    # Tensors some checkpoints hold that are no weights (GPT-NeoX's attention masks), by name suffix.
+    unused = tuple(getattr(model, "unused_checkpoint_tensors", ()))
+    # A base model's checkpoint (BLOOM's) names its tensors without the prefix of the model's parameters.
+    prefix = getattr(model, "base_model_prefix", None)
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                if "rotary_emb.inv_freq" in name:
+                if "rotary_emb.inv_freq" in name or name.endswith(unused):
                     continue
                 target, shard_id = name, None
                 for fragment, (packed_name, packed_id) in packed.items():
                     if f".{fragment}." in name:
                         target, shard_id = name.replace(fragment, packed_name), packed_id
                         break
+                if target not in params and prefix and f"{prefix}.{target}" in params:
+                    target = f"{prefix}.{target}"
                 param = params.get(target)
                 if param is None:
                     if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):

@@ -83,6 +83,10 @@ class ColumnParallelLinear(ReplicatedLinear):
         """(index of the projection, its first output feature in this layer, its features per rank)."""
         return 0, 0, self.shape.output_size
 
+    def _shard_rank(self, shard_id) -> int:
+        """Whose slice of the projection this rank holds: its own, unless replicated (QKVParallelLinear's KV)."""
+        return dist.tp_rank()
+
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         dims: ParamDims = param.dims
         index, offset, size = self._shard_range(shard_id)
@@ -95,7 +99,7 @@ class ColumnParallelLinear(ReplicatedLinear):
             return
         f = dims.factor(d)
         offset, size = offset // f, size // f
-        param.data.narrow(d, offset, size).copy_(_narrow(loaded, d, dist.tp_rank() * size, size))
+        param.data.narrow(d, offset, size).copy_(_narrow(loaded, d, self._shard_rank(shard_id) * size, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -110,22 +114,93 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections; each rank keeps its query heads and their KV heads."""
+    """q, k and v projections; each rank keeps its query heads and their KV heads. With fewer KV
+    heads than ranks (multi-query attention), each rank keeps the one KV head its query heads
+    read: `kv_replicas` ranks hold each (as vLLM does)."""
 
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False, quant=None
     ):
         tp = dist.tp_size()
         self.num_heads = _divide(num_heads, tp, "attention heads")
-        self.num_kv_heads = _divide(num_kv_heads, tp, "key/value heads")
+        self.kv_replicas = tp // num_kv_heads if num_kv_heads < tp and tp % num_kv_heads == 0 else 1
+        self.num_kv_heads = _divide(num_kv_heads * self.kv_replicas, tp, "key/value heads")
         self.head_dim = head_dim
-        q, kv = num_heads * head_dim, num_kv_heads * head_dim
+        q, kv = num_heads * head_dim, num_kv_heads * self.kv_replicas * head_dim
         super().__init__(hidden_size, [q, kv, kv], bias, quant)
 
     def _shard_range(self, shard_id: str) -> tuple[int, int, int]:
         index = "qkv".index(shard_id)
         sizes = self.shape.output_sizes
         return index, sum(sizes[:index]), sizes[index]
+
+    def _shard_rank(self, shard_id: str) -> int:
+        return dist.tp_rank() if shard_id == "q" else dist.tp_rank() // self.kv_replicas
+
+
+class FusedQKVParallelLinear(QKVParallelLinear):
+    """QKVParallelLinear loaded from one fused checkpoint tensor whose output features hold the
+    heads in `layout`:
+    - "qkv": every q head, then every k head, then every v head (GPTBigCode's multi-query c_attn,
+      Falcon's multi-query models);
+    - "per_head": head 0's q, k and v, then head 1's, ... (GPT-NeoX, BLOOM, Falcon's first models,
+      GPTBigCode without multi-query);
+    - "grouped": per KV head, its query heads, then its k and v (Falcon's new decoder architecture).
+    Each rank reads only its heads' features, consecutive heads in one read, into the q|k|v order
+    of QKVParallelLinear. Any quantization scheme: the slices run along each parameter's output
+    dimension (`ParamDims`)."""
+
+    LAYOUTS = ("qkv", "per_head", "grouped")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        layout: str,
+        bias: bool = False,
+        quant=None,
+    ):
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"unknown fused q/k/v layout {layout!r}; known: {', '.join(self.LAYOUTS)}")
+        if layout == "per_head" and num_kv_heads != num_heads:
+            raise ValueError(f"a per-head fused q/k/v needs as many KV heads as heads, not {num_kv_heads}/{num_heads}")
+        super().__init__(hidden_size, head_dim, num_heads, num_kv_heads, bias, quant)
+        self.layout, self.total_heads, self.total_kv_heads = layout, num_heads, num_kv_heads
+
+    def _checkpoint_heads(self) -> list[int]:
+        """Where this rank's q heads, then its k and its v heads sit in the checkpoint tensor,
+        counted in heads along its output features."""
+        hq, hkv, rank = self.total_heads, self.total_kv_heads, dist.tp_rank()
+        q = range(rank * self.num_heads, (rank + 1) * self.num_heads)
+        kv_first = rank // self.kv_replicas * self.num_kv_heads
+        kv = range(kv_first, kv_first + self.num_kv_heads)
+        if self.layout == "qkv":
+            return [*q, *(hq + h for h in kv), *(hq + hkv + h for h in kv)]
+        if self.layout == "per_head":
+            return [3 * h for h in q] + [3 * h + 1 for h in kv] + [3 * h + 2 for h in kv]
+        group = hq // hkv  # query heads per KV head; each group takes group + 2 heads' features
+        return (
+            [h // group * (group + 2) + h % group for h in q]
+            + [h * (group + 2) + group for h in kv]
+            + [h * (group + 2) + group + 1 for h in kv]
+        )
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        d = param.dims.output_dim
+        if d is None:  # not split along the outputs (act-order g_idx)
+            _copy(param, loaded)
+            return
+        per_head = self.head_dim // param.dims.factor(d)  # elements per head along d
+        runs: list[list[int]] = []  # [first head, number of heads] of consecutive heads
+        for h in self._checkpoint_heads():
+            if runs and sum(runs[-1]) == h:
+                runs[-1][1] += 1
+            else:
+                runs.append([h, 1])
+        parts = [_narrow(loaded, d, first * per_head, n * per_head) for first, n in runs]
+        _copy(param, torch.cat(parts, dim=d))
 
 
 class RowParallelLinear(ReplicatedLinear):

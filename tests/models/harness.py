@@ -63,19 +63,24 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab]
         return hf(torch.tensor([ids])).logits[0].float()
 
 
-def runner(model_dir: Path, block_size: int = 16, max_num_blocks: int = 64, **config):
+def runner(model_dir: Path, block_size: int = 16, max_num_blocks: int = 64, eager: bool = True, **config):
+    """A float32 CPU runner of `model_dir`, eager unless `eager=False`."""
     from shard.config import ShardConfig
     from shard.runner import ModelRunner
 
-    r = ModelRunner(ShardConfig(model_dir=model_dir, block_size=block_size, device="cpu", dtype="float32", **config))
+    config = {"block_size": block_size, "device": "cpu", "dtype": "float32", "enforce_eager": eager, **config}
+    r = ModelRunner(ShardConfig(model_dir=model_dir, **config))
     r.warmup(64, 4, max_num_blocks=max_num_blocks)
     return r
 
 
-def check_prefill_and_decode(model_dir: Path, prompt_lens=(37, 5, 70), decode_steps: int = 4, atol=ATOL) -> None:
+def check_prefill_and_decode(
+    model_dir: Path, prompt_lens=(37, 5, 70), decode_steps: int = 4, atol=ATOL, compiled: bool = False
+) -> None:
     """Several prompts prefilled together (their blocks interleaved, so a wrong block table shows),
     every prompt position's logits, then `decode_steps` batched decode steps fed transformers'
-    greedy tokens: all equal transformers' logits."""
+    greedy tokens: all equal transformers' logits. `compiled`: through the compiled forward, as
+    served (~10 s to build, so once for a family whose ops differ from the others')."""
     from shard.sampler import SamplingParams
     from shard.step import Batch, RequestState
 
@@ -83,7 +88,7 @@ def check_prefill_and_decode(model_dir: Path, prompt_lens=(37, 5, 70), decode_st
     vocab = hf.config.get_text_config().vocab_size
     longest = max(prompt_lens) + decode_steps
     blocks_each = -(-longest // 16)
-    r = runner(model_dir, max_num_blocks=blocks_each * len(prompt_lens) + 4)
+    r = runner(model_dir, max_num_blocks=blocks_each * len(prompt_lens) + 4, eager=not compiled)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in prompt_lens]
     n = len(prompts)
@@ -116,7 +121,7 @@ def check_chunked_prefill(model_dir: Path, length: int = 50, first_chunk: int = 
     num_blocks = -(-length // 16)
     r = runner(model_dir, max_num_blocks=num_blocks + 4)
     ids = torch.randint(2, vocab, (length,), generator=torch.Generator().manual_seed(2)).tolist()
-    blocks = [(7 * i + 3) % (num_blocks + 4) for i in range(num_blocks)]  # scattered, distinct
+    blocks = torch.randperm(num_blocks + 4, generator=torch.Generator().manual_seed(3))[:num_blocks].tolist()
     state = RequestState(0, ids, length, 0, blocks, SamplingParams())
     r.forward(Batch([state], [first_chunk]))
     state.num_computed_tokens = first_chunk
@@ -178,10 +183,14 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 def check_http_greedy(model_dir: Path, *launcher_args: str, prompts=PROMPTS, max_new_tokens: int = 12) -> None:
-    """Greedy tokens from /generate equal transformers' generate(do_sample=False) for each prompt."""
+    """Greedy tokens from /generate equal transformers' generate(do_sample=False) for each prompt.
+
+    The server runs in float32 like transformers (its CPU default, bfloat16, flips near-ties) with a
+    small KV pool (zeroing the default 4 GiB takes seconds); `launcher_args` come after, so win."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     hf = hf_model(model_dir)
-    with LauncherProcess(model_dir, *EAGER, *launcher_args) as server:
+    defaults = ("--dtype", "float32", "--max-batch-total-tokens", "1024")
+    with LauncherProcess(model_dir, *EAGER, *defaults, *launcher_args) as server:
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
