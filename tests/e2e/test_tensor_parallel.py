@@ -39,10 +39,11 @@ IN_FLIGHT = ["generate_stream", "generate_stream", "completions_stream", "chat_s
 
 
 def test_tp3_matches_tp1_and_a_killed_shard_fails_every_request_then_stops_everything(server, bundled_model_dir):
-    """TP=3 (eager: three compiles on two cores would take minutes) serves what TP=1 (compiled) serves. Then, with streams on TGI and OpenAI routes and non-stream requests in
-    flight, a rank is killed: every stream ends with an error event in its route's shape and every waiting
-    request gets its 424 before the processes exit; the launcher exits non-zero within 10 s, naming the shard
-    and the signal, and leaves no process behind."""
+    """TP=3 (eager: three compiles on two cores would take minutes) serves what TP=1 (compiled) serves.
+    Then, with streams on TGI and OpenAI routes and non-stream requests in flight, a rank is killed: every
+    stream ends with an error event in its route's shape and every waiting request gets its 424 before the
+    processes exit; the launcher exits non-zero within 10 s, naming the shard and the signal, and leaves no
+    process behind."""
     launcher = LauncherProcess(bundled_model_dir, *EAGER, "--dtype", "float32", num_shard=3).start()
     try:
         assert [_greedy(launcher.url, p) for p in PROMPTS] == [_greedy(server.url, p) for p in PROMPTS]

@@ -31,7 +31,15 @@ def _logits(model_dir, rank: int, world_size: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
     runner = ModelRunner(
-        ShardConfig(model_dir=model_dir, rank=rank, world_size=world_size, device="cpu", dtype="float32")
+        # TP=2 through the compiled forward (its all-reduces inside the graph), TP=1 and TP=3 eager (time)
+        ShardConfig(
+            model_dir=model_dir,
+            rank=rank,
+            world_size=world_size,
+            device="cpu",
+            dtype="float32",
+            enforce_eager=world_size != 2,
+        )
     )
     runner.warmup(64, 4, max_num_blocks=16)
     g = torch.Generator().manual_seed(0)
