@@ -129,12 +129,22 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, quant: Quantization, decoder_layer=LlamaDecoderLayer):
+    """Embedding, decoder layers sharing one rotary table, final norm: the body of Llama and of the
+    families whose layers differ but whose model does not (`decoder_layer`, `rotary`, `norm`)."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        quant: Quantization,
+        decoder_layer=LlamaDecoderLayer,
+        rotary: nn.Module | None = None,
+        norm: nn.Module | None = None,
+    ):
         super().__init__()
-        self.rotary = _rotary(config)
+        self.rotary = rotary or _rotary(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(decoder_layer(config, i, quant) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm or RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None

@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from shard import dist
 from shard.layers.activation import SiluAndMul
 from shard.layers.attention import Attention
-from shard.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from shard.layers.embed_head import ParallelLMHead
 from shard.layers.linear import FusedQKVParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from shard.layers.norm import RMSNorm
 from shard.layers.rotary import (
@@ -26,6 +26,7 @@ from shard.layers.rotary import (
     apply_rotary,
     rotary_from_config,
 )
+from shard.models.llama import LlamaModel
 from shard.quantization import Quantization
 
 
@@ -150,23 +151,6 @@ class Phi3DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class Phi3Model(nn.Module):
-    def __init__(self, config: PretrainedConfig, quant: Quantization):
-        super().__init__()
-        self.rotary = _rotary(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i, quant) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
-        for layer in self.layers:
-            hidden, residual = layer(cos_sin, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
 class Phi3ForCausalLM(nn.Module):
     """Phi-3: the checkpoint's fused qkv_proj and gate_up_proj load into layers of those names
     (no packed_modules_mapping: each tensor fills its whole parameter)."""
@@ -174,7 +158,7 @@ class Phi3ForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, quant: Quantization):
         super().__init__()
         _check_config(config)
-        self.model = Phi3Model(config, quant)
+        self.model = LlamaModel(config, quant, Phi3DecoderLayer, rotary=_rotary(config))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant.head_method())
         self.tie_word_embeddings = config.tie_word_embeddings
         if self.tie_word_embeddings:

@@ -11,10 +11,11 @@ from transformers import PretrainedConfig
 
 from shard.layers.activation import GELU
 from shard.layers.attention import Attention
-from shard.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from shard.layers.embed_head import ParallelLMHead
 from shard.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shard.layers.norm import LayerNorm
 from shard.layers.rotary import apply_rotary, rotary_from_config
+from shard.models.llama import LlamaModel
 from shard.quantization import Quantization
 
 
@@ -82,23 +83,6 @@ class Starcoder2DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class Starcoder2Model(nn.Module):
-    def __init__(self, config: PretrainedConfig, quant: Quantization):
-        super().__init__()
-        self.rotary = rotary_from_config(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Starcoder2DecoderLayer(config, i, quant) for i in range(config.num_hidden_layers))
-        self.norm = LayerNorm(config.hidden_size, config.norm_epsilon)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
-        for layer in self.layers:
-            hidden, residual = layer(cos_sin, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
 class Starcoder2ForCausalLM(nn.Module):
     """StarCoder2 with its LM head (tied to the embedding unless the config says otherwise)."""
 
@@ -107,7 +91,8 @@ class Starcoder2ForCausalLM(nn.Module):
 
     def __init__(self, config: PretrainedConfig, quant: Quantization):
         super().__init__()
-        self.model = Starcoder2Model(config, quant)
+        norm = LayerNorm(config.hidden_size, config.norm_epsilon)
+        self.model = LlamaModel(config, quant, Starcoder2DecoderLayer, rotary_from_config(config), norm)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant.head_method())
         self.tie_word_embeddings = config.tie_word_embeddings
         if self.tie_word_embeddings:
