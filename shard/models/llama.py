@@ -107,7 +107,23 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class PreNormDecoderLayer(nn.Module):
+    """Norm, attention, norm, MLP, with the residual add fused into the norms. Subclasses build
+    `self_attn`, `mlp`, `input_layernorm` and `post_attention_layernorm`."""
+
+    def forward(self, cos_sin, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """hidden [T, hidden], residual [T, hidden] (None before the first layer) -> the pair after
+        this layer; their sum is the residual stream."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(cos_sin, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm attention then feed-forward: `mlp` (hidden [T, hidden] -> [T, hidden], summed over
     ranks), a dense LlamaMLP unless given (the MoE families pass their sparse blocks)."""
 
@@ -117,15 +133,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, quant) if mlp is None else mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, cos_sin, hidden, residual):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(cos_sin, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):

@@ -26,7 +26,7 @@ from shard.layers.rotary import (
     apply_rotary,
     rotary_from_config,
 )
-from shard.models.llama import LlamaModel
+from shard.models.llama import LlamaModel, PreNormDecoderLayer
 from shard.quantization import Quantization
 
 
@@ -129,7 +129,7 @@ class Phi3MLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class Phi3DecoderLayer(nn.Module):
+class Phi3DecoderLayer(PreNormDecoderLayer):
     """Pre-norm attention then feed-forward."""
 
     def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization):
@@ -138,17 +138,6 @@ class Phi3DecoderLayer(nn.Module):
         self.mlp = Phi3MLP(config, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, cos_sin, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """hidden [T, hidden], residual [T, hidden] (None before the first layer) -> the pair after
-        this layer; their sum is the residual stream."""
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(cos_sin, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class Phi3ForCausalLM(nn.Module):

@@ -15,7 +15,7 @@ from shard.layers.embed_head import ParallelLMHead
 from shard.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shard.layers.norm import LayerNorm
 from shard.layers.rotary import apply_rotary, rotary_from_config
-from shard.models.llama import LlamaModel
+from shard.models.llama import LlamaModel, PreNormDecoderLayer
 from shard.quantization import Quantization
 
 
@@ -64,7 +64,7 @@ class Starcoder2MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class Starcoder2DecoderLayer(nn.Module):
+class Starcoder2DecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: input_layernorm, attention, post_attention_layernorm, MLP."""
 
     def __init__(self, config: PretrainedConfig, layer_index: int, quant: Quantization):
@@ -73,14 +73,6 @@ class Starcoder2DecoderLayer(nn.Module):
         self.mlp = Starcoder2MLP(config, quant)
         self.input_layernorm = LayerNorm(config.hidden_size, config.norm_epsilon)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.norm_epsilon)
-
-    def forward(self, cos_sin, hidden: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden, residual = self.post_attention_layernorm(self.self_attn(cos_sin, hidden), residual)
-        return self.mlp(hidden), residual
 
 
 class Starcoder2ForCausalLM(nn.Module):
