@@ -6,7 +6,7 @@
 - "cpu" on a CPU: the C++ kernels (cpu_native): KV store, prompt (extend) and decode attention
   reading the paged cache in place, and the greedy reductions;
 - "reference" elsewhere, or on a CPU where the C++ kernels cannot be built (no compiler).
-Every backend implements the per-layer features (sliding window, soft-cap, ALiBi; see
+Every backend implements the per-layer features (sliding window, soft-cap, ALiBi, position bias; see
 paged_attention) itself, and none reads the KV blocks wholly before a query's window.
 """
 
@@ -69,9 +69,20 @@ def attention_extend(
     sliding_window=0,
     softcap=0.0,
     alibi_slopes=None,
+    position_bias=None,
 ):
     return _extend(
-        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
+        query,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        context_lens,
+        block_tables,
+        scale,
+        sliding_window,
+        softcap,
+        alibi_slopes,
+        position_bias,
     )
 
 
@@ -86,6 +97,7 @@ def attention_decode(
     sliding_window=0,
     softcap=0.0,
     alibi_slopes=None,
+    position_bias=None,
 ):
     return _decode(
         query,
@@ -98,6 +110,7 @@ def attention_decode(
         sliding_window,
         softcap,
         alibi_slopes,
+        position_bias,
     )
 
 
@@ -122,16 +135,20 @@ def paged_attention(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]: store the step's K/V in the layer's cache,
     then attend. One opaque op, so a compiled forward calls it as a unit.
 
     The layer's features, as in reference.attention_decode: `sliding_window` > 0 limits each
     query to its last that many positions, `softcap` > 0 soft-caps the scores, `alibi_slopes`
-    [Hq] float32 adds ALiBi biases. Blocks wholly before a query's window are never read."""
+    [Hq] float32 adds ALiBi biases, `position_bias` [Hq, L] float32 adds the bias of each
+    distance i - j (the last column for every distance from L - 1 on, T5's decoder). Blocks
+    wholly before a query's window are never read."""
+    features = (sliding_window, softcap, alibi_slopes, position_bias)
     if _native_step:
-        return torch.ops.sluice_cpu.attention(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes)
-    return _context_attention(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes)
+        return torch.ops.sluice_cpu.attention(q, k, v, layer_index, scale, *features)
+    return _context_attention(q, k, v, layer_index, scale, *features)
 
 
 @torch.library.custom_op("sluice::attention", mutates_args=())
@@ -144,12 +161,13 @@ def _context_attention(
     sliding_window: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    position_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """paged_attention for the backends without a step of their own: reads the forward context."""
     ctx = get_context()
     k_cache, v_cache = ctx.kv_caches[layer_index]
     store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-    features = (sliding_window, softcap, alibi_slopes)
+    features = (sliding_window, softcap, alibi_slopes, position_bias)
     e, d = ctx.extend, ctx.decode
     if e is None:
         return attention_decode(
@@ -169,5 +187,5 @@ def _context_attention(
 
 
 @_context_attention.register_fake
-def _(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes):
+def _(q, k, v, layer_index, scale, sliding_window, softcap, alibi_slopes, position_bias):
     return torch.empty_like(q)

@@ -72,7 +72,7 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake("sluice_cpu::attention")
-    def _(q, k, v, layer, scale, sliding_window, softcap, alibi_slopes):
+    def _(q, k, v, layer, scale, sliding_window, softcap, alibi_slopes, position_bias):
         return torch.empty_like(q)
 
 
@@ -103,11 +103,12 @@ def attention_decode(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32
+    position_bias: torch.Tensor | None = None,  # [num_heads, L] float32
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """reference.attention_decode, features included, reading each row's K/V in place through its
     block table: only the positions in its window."""
     return torch.ops.sluice_cpu.paged_attention_decode(
-        query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap, alibi_slopes
+        query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap, alibi_slopes, position_bias
     )
 
 
@@ -122,11 +123,22 @@ def attention_extend(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32
+    position_bias: torch.Tensor | None = None,  # [num_heads, L] float32
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """reference.attention_extend, features included, reading the cached prefix and the new tokens
     in place (from the start of each query block's window)."""
     return torch.ops.sluice_cpu.paged_attention_extend(
-        query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
+        query,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        context_lens,
+        block_tables,
+        scale,
+        sliding_window,
+        softcap,
+        alibi_slopes,
+        position_bias,
     )
 
 

@@ -51,13 +51,15 @@ def _attend(q, k, v, mask, scale):
     )
 
 
-def _attend_with_features(q, k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes):
+def _attend_with_features(
+    q, k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes, position_bias=None
+):
     """Attention with the per-layer features SDPA has no argument for, written out in float32.
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; q_pos [B, Lq] each query's position, k_pos [B, Lk] each
     key's, k_valid [B, Lk] which keys exist -> [B, Hq, Lq, D]. Key j is seen by query i when j <= i
     and, with a window W, i - j < W; scores are soft-capped (softcap * tanh(s / softcap)) before
-    ALiBi's slope * (j - i) is added.
+    ALiBi's slope * (j - i) and position_bias[h, min(i - j, L - 1)] ([Hq, L], T5) are added.
     """
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -67,6 +69,9 @@ def _attend_with_features(q, k, v, q_pos, k_pos, k_valid, scale, sliding_window,
     rel = k_pos[:, None, :] - q_pos[:, :, None]  # [B, Lq, Lk]: j - i
     if alibi_slopes is not None:
         scores = scores + alibi_slopes.float()[None, :, None, None] * rel[:, None]
+    if position_bias is not None:
+        distance = (-rel).clamp(0, position_bias.shape[1] - 1)  # [B, Lq, Lk]
+        scores = scores + position_bias.float()[:, distance].transpose(0, 1)  # [Hq, B, Lq, Lk] -> [B, Hq, ...]
     seen = (rel <= 0) & k_valid[:, None, :]
     if sliding_window:
         seen &= rel > -sliding_window
@@ -75,7 +80,7 @@ def _attend_with_features(q, k, v, q_pos, k_pos, k_valid, scale, sliding_window,
 
 
 def _decode_with_features(
-    query, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
+    query, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes, position_bias
 ):
     """attention_decode with the features: each row reads only its window's positions
     [max(0, len - W), len), so blocks wholly before the window are never touched."""
@@ -89,7 +94,7 @@ def _decode_with_features(
     v = _gather_positions(v_cache, block_tables, read).transpose(1, 2)
     q_pos = (lens - 1)[:, None]
     out = _attend_with_features(
-        query.unsqueeze(2), k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+        query.unsqueeze(2), k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes, position_bias
     )
     return out.squeeze(2)
 
@@ -108,6 +113,7 @@ def attention_decode(
     sliding_window: int = 0,  # > 0: each query sees only its last `sliding_window` positions
     softcap: float = 0.0,  # > 0: scores soft-capped at +-softcap (Gemma 2)
     alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32: ALiBi (BLOOM)
+    position_bias: torch.Tensor | None = None,  # [num_heads, L] float32: bias by distance (T5)
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of one new token per request over its whole cached sequence.
 
@@ -115,9 +121,18 @@ def attention_decode(
     a step's decodes so) go in a few groups, each padded to its own longest: with lengths spread
     over 100-400 tokens that is ~30% less memory traffic at batch 32. With a feature set, each row
     reads only its window's positions, slot by slot."""
-    if sliding_window or softcap or alibi_slopes is not None:
+    if sliding_window or softcap or alibi_slopes is not None or position_bias is not None:
         return _decode_with_features(
-            query, k_cache, v_cache, context_lens, block_tables, scale, sliding_window, softcap, alibi_slopes
+            query,
+            k_cache,
+            v_cache,
+            context_lens,
+            block_tables,
+            scale,
+            sliding_window,
+            softcap,
+            alibi_slopes,
+            position_bias,
         )
     lens = context_lens.tolist()
     group = max(_MIN_DECODE_GROUP, -(-len(lens) // _DECODE_GROUPS))
@@ -152,6 +167,7 @@ def attention_extend(
     sliding_window: int = 0,  # as attention_decode
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new tokens over its cached prefix and themselves.
 
@@ -164,7 +180,7 @@ def attention_extend(
     for i, ctx_len in enumerate(lens):
         q = query[starts[i] : starts[i + 1]]  # [q_len, Hq, D]
         q_len = q.shape[0]
-        if sliding_window or softcap or alibi_slopes is not None:
+        if sliding_window or softcap or alibi_slopes is not None or position_bias is not None:
             # keys from the first query's window on: blocks wholly before it are never read
             first = max(0, ctx_len - q_len - sliding_window + 1) if sliding_window else 0
             k_pos = torch.arange(first, ctx_len, device=q.device)[None]  # [1, Lk]
@@ -173,7 +189,17 @@ def attention_extend(
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[None]
             k_valid = torch.ones_like(k_pos, dtype=torch.bool)
             out[starts[i] : starts[i + 1]] = _attend_with_features(
-                q.transpose(0, 1)[None], k, v, q_pos, k_pos, k_valid, scale, sliding_window, softcap, alibi_slopes
+                q.transpose(0, 1)[None],
+                k,
+                v,
+                q_pos,
+                k_pos,
+                k_valid,
+                scale,
+                sliding_window,
+                softcap,
+                alibi_slopes,
+                position_bias,
             )[0].transpose(0, 1)
             continue
         k = _gather_kv(k_cache, block_tables[i : i + 1], ctx_len).transpose(1, 2)

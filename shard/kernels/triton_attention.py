@@ -91,6 +91,9 @@ def _attend_tile(
     kv_first,
     q_pos,  # [M]: row r is the query at q_pos[r] and sees positions kv_first[r] .. q_pos[r]
     alibi_log2,  # [M] fp32: row r's ALiBi slope in log2 units (HAS_ALIBI)
+    bias_ptr,  # [Hq, bias_len] fp32 bias by distance (HAS_POS_BIAS)
+    bias_off,  # [M] int32: row r's head's offset in bias_ptr
+    bias_len,
     kv_head,
     scale_log2,
     softcap_log2,  # the soft-cap in log2 units (HAS_SOFTCAP)
@@ -101,6 +104,7 @@ def _attend_tile(
     DOT_PREC: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_POS_BIAS: tl.constexpr,
 ):
     """One online-softmax step over KV positions [start, start + BLOCK_N), gathered through the block table."""
     pos = start + tl.arange(0, BLOCK_N)  # [N]
@@ -115,6 +119,9 @@ def _attend_tile(
         qk = softcap_log2 * (2.0 * tl.sigmoid(qk * (2.0 / softcap_log2)) - 1.0)
     if HAS_ALIBI:
         qk += alibi_log2[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
+    if HAS_POS_BIAS:  # bias_ptr[head, min(i - j, bias_len - 1)], clamped into the row (masked keys too)
+        distance = tl.minimum(tl.maximum(q_pos[:, None] - pos[None, :], 0), bias_len - 1)
+        qk += tl.load(bias_ptr + bias_off[:, None] + distance) * LOG2E
     visible = (pos[None, :] >= kv_first[:, None]) & (pos[None, :] <= q_pos[:, None]) & in_range[None, :]
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # m_i starts finite (-1e30): no inf - inf
@@ -149,6 +156,8 @@ def _extend_kernel(
     context_lens_ptr,  # [num_reqs] int32
     block_tables_ptr,  # [num_reqs, max_blocks] int32
     alibi_ptr,  # [Hq] fp32 ALiBi slopes (HAS_ALIBI)
+    bias_ptr,  # [Hq, bias_len] fp32 bias by distance (HAS_POS_BIAS)
+    bias_len,
     scale_log2,
     softcap_log2,
     window,  # sliding window in positions, 0: none
@@ -166,6 +175,7 @@ def _extend_kernel(
     DOT_PREC: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_POS_BIAS: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -193,6 +203,7 @@ def _extend_kernel(
     alibi_log2 = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     if HAS_ALIBI:
         alibi_log2 = tl.load(alibi_ptr + head, mask=row_ok, other=0.0) * LOG2E
+    bias_off = tl.where(row_ok, head, 0) * bias_len  # [M]; padding rows read head 0's
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
@@ -211,6 +222,9 @@ def _extend_kernel(
             kv_first,
             q_pos,
             alibi_log2,
+            bias_ptr,
+            bias_off,
+            bias_len,
             kv_head,
             scale_log2,
             softcap_log2,
@@ -221,6 +235,7 @@ def _extend_kernel(
             DOT_PREC,
             HAS_SOFTCAP,
             HAS_ALIBI,
+            HAS_POS_BIAS,
         )
     out_row = (q_start + tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head  # [M] out is contiguous
     out_off = out_row[:, None] * HEAD_DIM + d[None, :]
@@ -249,6 +264,8 @@ def _decode_stage1_kernel(
     context_lens_ptr,  # [num_reqs] int32
     block_tables_ptr,  # [num_reqs, max_blocks] int32
     alibi_ptr,  # [Hq] fp32 ALiBi slopes (HAS_ALIBI)
+    bias_ptr,  # [Hq, bias_len] fp32 bias by distance (HAS_POS_BIAS)
+    bias_len,
     scale_log2,
     softcap_log2,
     window,  # sliding window in positions, 0: none
@@ -265,6 +282,7 @@ def _decode_stage1_kernel(
     DOT_PREC: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_POS_BIAS: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -289,6 +307,7 @@ def _decode_stage1_kernel(
     alibi_log2 = tl.zeros([GROUP_PAD], tl.float32)
     if HAS_ALIBI:
         alibi_log2 = tl.load(alibi_ptr + head, mask=row_ok, other=0.0) * LOG2E
+    bias_off = tl.where(row_ok, head, 0) * bias_len  # [M]; padding rows read head 0's
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -307,6 +326,9 @@ def _decode_stage1_kernel(
             kv_first,
             q_pos,
             alibi_log2,
+            bias_ptr,
+            bias_off,
+            bias_len,
             kv_head,
             scale_log2,
             softcap_log2,
@@ -317,6 +339,7 @@ def _decode_stage1_kernel(
             DOT_PREC,
             HAS_SOFTCAP,
             HAS_ALIBI,
+            HAS_POS_BIAS,
         )
     mid = (req * (NUM_KV_HEADS * GROUP) + head) * NUM_SPLITS + split  # [M]
     tl.store(mid_o_ptr + mid[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None], mask=row_ok[:, None])
@@ -373,16 +396,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _features(
-    query: torch.Tensor, sliding_window: int, softcap: float, alibi_slopes: torch.Tensor | None
-) -> tuple[int, float, torch.Tensor | None]:
-    """The kernels' (window, softcap_log2, slopes [Hq] fp32 contiguous or None), checked."""
+    query: torch.Tensor,
+    sliding_window: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    position_bias: torch.Tensor | None,
+) -> tuple[int, float, torch.Tensor | None, torch.Tensor | None]:
+    """The kernels' (window, softcap_log2, slopes [Hq] fp32 contiguous or None, position bias
+    [Hq, L] fp32 contiguous or None), checked."""
     assert sliding_window >= 0, f"sliding_window {sliding_window}: 0 (none) or a positive number of positions"
     assert softcap >= 0, f"softcap {softcap}: 0 (none) or positive"
     if alibi_slopes is not None:
         assert alibi_slopes.shape == (query.shape[1],) and alibi_slopes.dtype == torch.float32, alibi_slopes.shape
         assert alibi_slopes.device == query.device, (alibi_slopes.device, query.device)
         alibi_slopes = alibi_slopes.contiguous()
-    return int(sliding_window), float(softcap) * _LOG2E, alibi_slopes
+    if position_bias is not None:
+        assert position_bias.dim() == 2 and position_bias.shape[0] == query.shape[1], position_bias.shape
+        assert position_bias.shape[1] >= 1 and position_bias.dtype == torch.float32, position_bias.dtype
+        assert position_bias.device == query.device, (position_bias.device, query.device)
+        position_bias = position_bias.contiguous()
+    return int(sliding_window), float(softcap) * _LOG2E, alibi_slopes, position_bias
 
 
 def store_kv(
@@ -428,11 +461,14 @@ def attention_extend(
     sliding_window: int = 0,  # > 0: each query sees only its last `sliding_window` positions
     softcap: float = 0.0,  # > 0: scores soft-capped at +-softcap
     alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32: ALiBi
+    position_bias: torch.Tensor | None = None,  # [num_heads, L] float32: bias by distance (T5)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new tokens (the last q_len positions) over its context
     (the window of each query with a sliding window)."""
     _check_cache(k_cache, v_cache, query.dtype)
-    window, softcap_log2, alibi_slopes = _features(query, sliding_window, softcap, alibi_slopes)
+    window, softcap_log2, alibi_slopes, position_bias = _features(
+        query, sliding_window, softcap, alibi_slopes, position_bias
+    )
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_reqs = context_lens.shape[0]
@@ -457,6 +493,8 @@ def attention_extend(
         context_lens.contiguous(),
         block_tables,
         alibi_slopes,
+        position_bias,
+        0 if position_bias is None else position_bias.shape[1],
         scale * _LOG2E,
         softcap_log2,
         window,
@@ -474,6 +512,7 @@ def attention_extend(
         DOT_PREC=_dot_precision(query.dtype),
         HAS_SOFTCAP=softcap_log2 > 0,
         HAS_ALIBI=alibi_slopes is not None,
+        HAS_POS_BIAS=position_bias is not None,
         num_warps=4 if head_dim <= 64 else 8,
     )
     return out
@@ -490,11 +529,14 @@ def attention_decode(
     sliding_window: int = 0,  # as attention_extend
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of one new token per request over its cached sequence, or the window of it (split-KV)."""
     del max_context_len
     _check_cache(k_cache, v_cache, query.dtype)
-    window, softcap_log2, alibi_slopes = _features(query, sliding_window, softcap, alibi_slopes)
+    window, softcap_log2, alibi_slopes, position_bias = _features(
+        query, sliding_window, softcap, alibi_slopes, position_bias
+    )
     num_reqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0, (query.shape, k_cache.shape)
@@ -517,6 +559,8 @@ def attention_decode(
         context_lens,
         block_tables,
         alibi_slopes,
+        position_bias,
+        0 if position_bias is None else position_bias.shape[1],
         scale * _LOG2E,
         softcap_log2,
         window,
@@ -533,6 +577,7 @@ def attention_decode(
         DOT_PREC=_dot_precision(query.dtype),
         HAS_SOFTCAP=softcap_log2 > 0,
         HAS_ALIBI=alibi_slopes is not None,
+        HAS_POS_BIAS=position_bias is not None,
         num_warps=4,
         num_stages=2,
     )

@@ -42,10 +42,13 @@ class Attention(nn.Module):
             assert alibi_slopes.shape == (num_heads,), alibi_slopes.shape
             self.register_buffer("alibi_slopes", alibi_slopes.float().contiguous(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq * D]. position_bias [Hq, L] float32: added to
+        the score of each key by its distance i - j (the last column from L - 1 on), T5's decoder."""
         out = kernels.paged_attention(
-            q, k, v, self.layer_index, self.scale, self.sliding_window, self.softcap, self.alibi_slopes
+            q, k, v, self.layer_index, self.scale, self.sliding_window, self.softcap, self.alibi_slopes, position_bias
         )
         return out.reshape(q.shape[0], -1)
 

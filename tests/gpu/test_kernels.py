@@ -1,6 +1,6 @@
 """The Triton kernels on CUDA at the served models' shapes, in bf16 and fp16, against the torch
 reference in fp32 on the same (rounded) inputs; the per-layer features (sliding window, soft-cap,
-ALiBi) at the shapes of the families that use them, under a CUDA graph too, and without reading
+ALiBi, T5's position bias) at the shapes of the families that use them, under a CUDA graph too, and without reading
 the blocks before a window."""
 
 import pytest
@@ -80,22 +80,25 @@ def test_decode_at_served_shapes(shape, dtype):
 
 
 WINDOW, SOFTCAP = 700, 3.0  # a window shorter than most contexts below; a cap that bends the scores
-# name: ((query heads, kv heads, head_dim), (sliding_window, softcap, ALiBi))
+T5_DISTANCES = 129  # T5 v1.1's decoder: a bias for distances 0..127, and one for 128 or more
+# name: ((query heads, kv heads, head_dim), (sliding_window, softcap, ALiBi, position bias))
 FEATURE_CASES = {
-    "mistral-7b-window": ((32, 8, 128), (WINDOW, 0.0, False)),
-    "starcoder2-3b-window": ((24, 2, 128), (WINDOW, 0.0, False)),
-    "gemma2-2b-global": ((8, 4, 256), (0, SOFTCAP, False)),
-    "gemma2-2b-local": ((8, 4, 256), (WINDOW, SOFTCAP, False)),
-    "bloom-560m-alibi": ((16, 16, 64), (0, 0.0, True)),
-    "smollm2-all": ((9, 3, 64), (WINDOW, SOFTCAP, True)),
+    "mistral-7b-window": ((32, 8, 128), (WINDOW, 0.0, False, False)),
+    "starcoder2-3b-window": ((24, 2, 128), (WINDOW, 0.0, False, False)),
+    "gemma2-2b-global": ((8, 4, 256), (0, SOFTCAP, False, False)),
+    "gemma2-2b-local": ((8, 4, 256), (WINDOW, SOFTCAP, False, False)),
+    "bloom-560m-alibi": ((16, 16, 64), (0, 0.0, True, False)),
+    "t5-v1.1-large-bias": ((16, 16, 64), (0, 0.0, False, True)),
+    "smollm2-all": ((9, 3, 64), (WINDOW, SOFTCAP, True, True)),
 }
 EXTEND_Q_LENS, EXTEND_CACHED = [1500, 1, 333, 64, 1024, 17], [0, 2000, 0, 511, 96, 0]
 
 
 def _features(case: str) -> dict:
-    (heads, _, _), (window, softcap, alibi) = FEATURE_CASES[case]
+    (heads, _, _), (window, softcap, alibi, bias) = FEATURE_CASES[case]
     slopes = alibi_slopes(heads, "cuda") if alibi else None
-    return {"sliding_window": window, "softcap": softcap, "alibi_slopes": slopes}
+    table = torch.randn(heads, T5_DISTANCES, generator=torch.Generator().manual_seed(2)).cuda() if bias else None
+    return {"sliding_window": window, "softcap": softcap, "alibi_slopes": slopes, "position_bias": table}
 
 
 def _extend_case(case, dtype):

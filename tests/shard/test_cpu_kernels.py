@@ -251,7 +251,7 @@ def test_fused_attention_op_of_a_mixed_step_matches_the_reference(feature):
     kw = layer_features(feature, heads, 8)
     expected_caches = [(kc.clone(), vc.clone()) for kc, vc in caches]
     cpu_native.set_step(ForwardContext(slots, extend, decode, caches))
-    ours = torch.ops.sluice_cpu.attention(q, k, v, 1, 0.5, kw["sliding_window"], kw["softcap"], kw["alibi_slopes"])
+    ours = torch.ops.sluice_cpu.attention(q, k, v, 1, 0.5, **kw)
 
     kc, vc = expected_caches[1]
     reference.store_kv(k, v, kc, vc, slots)

@@ -1,5 +1,5 @@
 """The torch reference attention: decode rows grouped by length give the same results, and the
-per-layer features (sliding window, soft-cap, ALiBi) match a dense computation written the way
+per-layer features (sliding window, soft-cap, ALiBi, T5's position bias) match a dense computation written the way
 transformers writes it, without reading the KV blocks that lie wholly before a query's window.
 
 The helpers here (`layer_features`, `paged_case`, `poison_outside_windows`) also serve the C++ and
@@ -11,8 +11,9 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from shard.kernels import reference
 
-FEATURES = ["window", "softcap", "alibi", "all"]
+FEATURES = ["window", "softcap", "alibi", "position_bias", "all"]
 WINDOW, SOFTCAP = 8, 3.0  # window in positions; the cap is low enough to bend most scores
+BIAS_DISTANCES = 6  # columns of the position bias: distances 0..4, and 5 or more (shorter than the window)
 
 
 def alibi_slopes(num_heads: int, device="cpu") -> torch.Tensor:
@@ -20,14 +21,21 @@ def alibi_slopes(num_heads: int, device="cpu") -> torch.Tensor:
     return build_alibi_tensor(torch.ones(1, 2), num_heads, torch.float32)[:, 0, 1].to(device)
 
 
+def position_bias(num_heads: int, device="cpu") -> torch.Tensor:
+    """[num_heads, BIAS_DISTANCES] float32: a random bias by distance, as T5's decoder has (scores
+    of order 1, like a trained model's)."""
+    return torch.randn(num_heads, BIAS_DISTANCES, generator=torch.Generator().manual_seed(7)).to(device)
+
+
 def layer_features(name: str, num_heads: int, window: int = WINDOW, device="cpu") -> dict:
-    """The keyword arguments (sliding_window, softcap, alibi_slopes) of one feature set of FEATURES
-    ("none" or any other name: all off)."""
+    """The keyword arguments (sliding_window, softcap, alibi_slopes, position_bias) of one feature
+    set of FEATURES ("none" or any other name: all off)."""
     every = name == "all"
     return {
         "sliding_window": window if name == "window" or every else 0,
         "softcap": SOFTCAP if name == "softcap" or every else 0.0,
         "alibi_slopes": alibi_slopes(num_heads, device) if name == "alibi" or every else None,
+        "position_bias": position_bias(num_heads, device) if name == "position_bias" or every else None,
     }
 
 
@@ -70,11 +78,12 @@ def _sequence(cache, table, length):
     return cache[table.long()].reshape(-1, *cache.shape[2:])[:length]
 
 
-def _dense(q, k, v, q_pos, scale, sliding_window, softcap, alibi_slopes):
+def _dense(q, k, v, q_pos, scale, sliding_window, softcap, alibi_slopes, position_bias):
     """One sequence densely, as transformers' eager attention: q [Lq, Hq, D] at positions q_pos,
     k/v [L, Hkv, D] -> [Lq, Hq, D]. Additive mask (causal, and j > i - W with a window), scores
     soft-capped as Gemma 2 does, then BLOOM's ALiBi bias slope * j (build_alibi_tensor's form; it
-    differs from slope * (j - i) by a per-row constant, which the softmax drops)."""
+    differs from slope * (j - i) by a per-row constant, which the softmax drops) and a bias looked
+    up per (query, key) pair from its distance, as T5 builds its [H, Lq, Lk] position_bias."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
@@ -84,6 +93,12 @@ def _dense(q, k, v, q_pos, scale, sliding_window, softcap, alibi_slopes):
     if alibi_slopes is not None:
         scores = scores + alibi_slopes[:, None, None] * j
     i = torch.as_tensor(q_pos)[:, None]
+    if position_bias is not None:
+        pairs = torch.zeros(scores.shape)
+        for a, qi in enumerate(q_pos):
+            for key in range(min(qi + 1, k.shape[0])):
+                pairs[:, a, key] = position_bias[:, min(qi - key, position_bias.shape[1] - 1)]
+        scores = scores + pairs
     allowed = j <= i
     if sliding_window:
         allowed &= j > i - sliding_window

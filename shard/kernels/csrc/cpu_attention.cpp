@@ -14,7 +14,7 @@
 // through the block table once for K and once for V, each time reading whole cache rows (every
 // kv head of a position is contiguous), so the memory access is sequential within a block:
 //   1. scores[h][t] = q_h . k_t for every query head h (fp32), the query kept in registers/L1,
-//      then soft-capped and given their ALiBi bias when the layer has those features;
+//      then soft-capped and given their ALiBi or position bias when the layer has those features;
 //   2. per head, the softmax's max and sum over the item's positions;
 //   3. acc[h] = sum_t p[h][t] * v_t, in fp32.
 // Items are handed out dynamically: rows come sorted by length, so static chunks would give one
@@ -69,12 +69,14 @@ struct Problem {
   int64_t window;       // sliding window in positions, 0: none
   float softcap;        // > 0: scores soft-capped to +-softcap
   const float* slopes;  // [num_heads] ALiBi slopes, or nullptr
+  const float* bias;    // [num_heads, bias_len] bias by distance, or nullptr
+  int64_t bias_len;
 
   // The first position request `req` attends to.
   int64_t first(int64_t req) const { return window > 0 ? std::max<int64_t>(0, lens[req] - window) : 0; }
 };
 
-// Soft-cap, then ALiBi, on head h's scores s[0 .. n) of positions begin .. begin + n, for the
+// Soft-cap, then ALiBi and the position bias, on head h's scores s[0 .. n) of positions begin .. begin + n, for the
 // query at position q_pos.
 inline void apply_features(const Problem& P, int64_t h, float* s, int64_t n, int64_t begin, int64_t q_pos) {
   if (P.softcap > 0.f) {
@@ -86,6 +88,10 @@ inline void apply_features(const Problem& P, int64_t h, float* s, int64_t n, int
   if (P.slopes != nullptr) {
     const float slope = P.slopes[h];
     for (int64_t t = 0; t < n; ++t) s[t] += slope * static_cast<float>(begin + t - q_pos);
+  }
+  if (P.bias != nullptr) {
+    const float* b = P.bias + h * P.bias_len;
+    for (int64_t t = 0; t < n; ++t) s[t] += b[std::min(q_pos - begin - t, P.bias_len - 1)];
   }
 }
 
@@ -127,7 +133,7 @@ void attend_span(const Problem& P, const T* q_ptr, const T* k_ptr, const T* v_pt
       }
     }
   }
-  const bool features = P.softcap > 0.f || P.slopes != nullptr;
+  const bool features = P.softcap > 0.f || P.slopes != nullptr || P.bias != nullptr;
   for (int64_t h = 0; h < H; ++h) {
     float* s = scores.data() + h * len;
     if (features) apply_features(P, h, s, len, begin, P.lens[req] - 1);
@@ -289,10 +295,20 @@ at::Tensor contiguous_slopes(const std::optional<at::Tensor>& alibi_slopes, int6
   return s.contiguous();
 }
 
+at::Tensor contiguous_position_bias(const std::optional<at::Tensor>& position_bias, int64_t num_heads) {
+  if (!position_bias.has_value()) return at::Tensor();
+  const at::Tensor& b = *position_bias;
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == num_heads && b.size(1) >= 1 &&
+                  b.device().is_cpu(),
+              "position_bias must be a float32 CPU tensor [num_heads, max_distance + 1]");
+  return b.contiguous();
+}
+
 at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t sliding_window, double softcap,
-                                  const std::optional<at::Tensor>& alibi_slopes) {
+                                  const std::optional<at::Tensor>& alibi_slopes,
+                                  const std::optional<at::Tensor>& position_bias) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [num_reqs, num_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
@@ -306,13 +322,16 @@ at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_c
   const auto tables = block_tables.contiguous();
   const auto lens = context_lens.contiguous();
   const auto slopes = contiguous_slopes(alibi_slopes, query.size(1));
+  const auto bias = contiguous_position_bias(position_bias, query.size(1));
   const Problem P{query.size(0),  query.size(1),   k_cache.size(2),
                   query.size(1) / k_cache.size(2), query.size(2),
                   k_cache.size(1), tables.size(1), query.stride(0),
                   query.stride(1), tables.const_data_ptr<int32_t>(),
                   lens.const_data_ptr<int32_t>(),  static_cast<float>(scale),
                   sliding_window,                  static_cast<float>(softcap),
-                  slopes.defined() ? slopes.const_data_ptr<float>() : nullptr};
+                  slopes.defined() ? slopes.const_data_ptr<float>() : nullptr,
+                  bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                  bias.defined() ? bias.size(1) : 0};
   switch (query.scalar_type()) {
     case at::kFloat: decode_dispatch<float>(out, query, k_cache, v_cache, P); break;
     case at::kBFloat16: decode_dispatch<c10::BFloat16>(out, query, k_cache, v_cache, P); break;
@@ -327,8 +346,8 @@ at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_c
 TORCH_LIBRARY(sluice_cpu, m) {
   m.def(
       "paged_attention_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale, int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None) "
-      "-> Tensor");
+      "Tensor context_lens, float scale, int sliding_window=0, float softcap=0.0, Tensor? alibi_slopes=None, "
+      "Tensor? position_bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("paged_attention_decode", &sluice::paged_attention_decode); }

@@ -8,8 +8,8 @@
 //   block_tables  [num_reqs, max_blocks] int32
 // Query row j of a request with q_len rows sits at position context_len - q_len + j and attends
 // to positions 0 .. that position (causal over the new tokens, full over the cached prefix); with
-// a sliding window W only to its last W positions. Scores may be soft-capped and given ALiBi
-// biases (cpu_kernels.h).
+// a sliding window W only to its last W positions. Scores may be soft-capped and given ALiBi or
+// position biases (cpu_kernels.h).
 //
 // Flash-attention style, in fp32: a work item is (request, kv head, block of kQBlock query
 // tokens), i.e. M = kQBlock * group rows sharing one kv head, padded to whole vectors. It walks
@@ -56,6 +56,8 @@ struct ExtendProblem {
   int64_t window;       // sliding window in positions, 0: none
   float softcap;        // > 0: scores soft-capped to +-softcap
   const float* slopes;  // [num_heads] ALiBi slopes, or nullptr
+  const float* bias;    // [num_heads, bias_len] bias by distance, or nullptr
+  int64_t bias_len;
 };
 
 // S^T[t0 + i, rows] = sum_d K[t0 + i, d] * Q^T[d, rows] for kTile keys and W row vectors from rv0.
@@ -119,8 +121,9 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
   const int64_t MV = (M + kLanes - 1) / kLanes, Mp = MV * kLanes;  // rows padded to whole vectors
   const int32_t* table = P.tables + req * P.max_blocks;
   // scratch: QT [Dp, Mp], OT [Dp, Mp], ST [kKBlock, Mp], K and V [kKBlock, Dp],
-  // pos, first, slope, m, l, rescale [Mp]
-  buf.assign(2 * Dp * Mp + kKBlock * Mp + 2 * kKBlock * Dp + 6 * Mp, 0.f);
+  // pos, first, slope, m, l, rescale [Mp], BT [kKBlock, Mp] (with a position bias)
+  const int64_t bias_floats = P.bias != nullptr ? kKBlock * Mp : 0;
+  buf.assign(2 * Dp * Mp + kKBlock * Mp + 2 * kKBlock * Dp + 6 * Mp + bias_floats, 0.f);
   float* QT = buf.data();
   float* OT = QT + Dp * Mp;
   float* ST = OT + Dp * Mp;
@@ -132,6 +135,7 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
   float* m = slope + Mp;
   float* l = m + Mp;
   float* rescale = l + Mp;
+  float* BT = rescale + Mp;  // the position bias of each key (of the block) for each row
   // Row r = token (r / G), head kv_head * G + r % G. Padding rows have zero queries and the last
   // row's position and head, so they stay finite; they are never written out.
   for (int64_t r = 0; r < Mp; ++r) {
@@ -148,7 +152,7 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
   // The item's keys: from its first row's first (the start of that row's window) to its last row.
   const int64_t last_pos = first_pos + q_end - 1;
   const int64_t first_key = P.window > 0 ? std::max<int64_t>(0, first_pos + q_begin - P.window + 1) : 0;
-  const bool softcap = P.softcap > 0.f, alibi = P.slopes != nullptr;
+  const bool softcap = P.softcap > 0.f, alibi = P.slopes != nullptr, bias = P.bias != nullptr;
   const fVec cap(P.softcap), inv_cap(softcap ? 1.f / P.softcap : 0.f);
   for (int64_t k0 = first_key; k0 <= last_pos; k0 += kKBlock) {
     const int64_t nk = std::min<int64_t>(kKBlock, last_pos + 1 - k0);
@@ -170,7 +174,15 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
         }
       }
     }
-    // soft-cap and ALiBi, mask keys outside each row's first .. pos, online softmax down the key axis
+    if (bias) {  // each row's bias by distance to each key (clamped: masked keys read a real entry)
+      for (int64_t r = 0; r < Mp; ++r) {
+        const int64_t real = std::min(r, M - 1), p = static_cast<int64_t>(pos[r]);
+        const float* b = P.bias + (kv_head * G + real % G) * P.bias_len;
+        for (int64_t t = 0; t < nk; ++t)
+          BT[t * Mp + r] = b[std::clamp<int64_t>(p - k0 - t, 0, P.bias_len - 1)];
+      }
+    }
+    // soft-cap, ALiBi and position bias, mask keys outside each row's first .. pos, online softmax down keys
     for (int64_t rv = 0; rv < MV; ++rv) {
       const fVec row_pos = fVec::loadu(pos + rv * kLanes), row_first = fVec::loadu(first + rv * kLanes);
       const fVec row_slope = fVec::loadu(slope + rv * kLanes);
@@ -181,7 +193,8 @@ void extend_item(const ExtendProblem& P, const T* q_ptr, const T* k_ptr, const T
         fVec s = fVec::loadu(st);
         if (softcap) s = cap * (s * inv_cap).tanh();
         if (alibi) s = at::vec::fmadd(row_slope, key - row_pos, s);
-        if (softcap || alibi) s.store(st);
+        if (bias) s = s + fVec::loadu(BT + t * Mp + rv * kLanes);
+        if (softcap || alibi || bias) s.store(st);
         const auto keep = (key <= row_pos) & (key >= row_first);
         block_max = at::vec::maximum(block_max, fVec::blendv(fVec(-INFINITY), s, keep));
       }
@@ -258,7 +271,8 @@ namespace sluice {
 at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
                                   const at::Tensor& block_tables, double scale, int64_t sliding_window,
-                                  double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+                                  double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                  const std::optional<at::Tensor>& position_bias) {
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [num_tokens, num_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == query.scalar_type() && v_cache.scalar_type() == query.scalar_type(),
@@ -275,6 +289,7 @@ at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_c
   const auto lens = context_lens.contiguous();
   const auto tables = block_tables.contiguous();
   const auto slopes = contiguous_slopes(alibi_slopes, query.size(1));
+  const auto bias = contiguous_position_bias(position_bias, query.size(1));
   const ExtendProblem P{query.size(1),
                         k_cache.size(2),
                         query.size(1) / k_cache.size(2),
@@ -289,7 +304,9 @@ at::Tensor paged_attention_extend(const at::Tensor& query, const at::Tensor& k_c
                         static_cast<float>(scale),
                         sliding_window,
                         static_cast<float>(softcap),
-                        slopes.defined() ? slopes.const_data_ptr<float>() : nullptr};
+                        slopes.defined() ? slopes.const_data_ptr<float>() : nullptr,
+                        bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                        bias.defined() ? bias.size(1) : 0};
   switch (query.scalar_type()) {
     case at::kFloat: extend<float>(out, query, k_cache, v_cache, P, num_reqs); break;
     case at::kBFloat16: extend<c10::BFloat16>(out, query, k_cache, v_cache, P, num_reqs); break;
@@ -337,7 +354,7 @@ TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
   m.def(
       "paged_attention_extend(Tensor query, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
       "Tensor context_lens, Tensor block_tables, float scale, int sliding_window=0, float softcap=0.0, "
-      "Tensor? alibi_slopes=None) -> Tensor");
+      "Tensor? alibi_slopes=None, Tensor? position_bias=None) -> Tensor");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 }
 

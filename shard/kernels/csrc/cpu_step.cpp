@@ -1,5 +1,6 @@
 // The step's attention metadata and KV caches, held in C++, and the attention op the compiled
-// forward calls: sluice_cpu::attention(q, k, v, layer, scale, sliding_window, softcap, alibi_slopes)
+// forward calls: sluice_cpu::attention(q, k, v, layer, scale, sliding_window, softcap, alibi_slopes,
+// position_bias)
 // stores the layer's K/V, then runs the extend kernel on the prompt-chunk rows and the decode
 // kernel on the single-token rows (with the layer's features, cpu_kernels.h), without a Python
 // frame. The runner sets them before each forward (set_step) from shard/context.py's
@@ -48,7 +49,8 @@ void set_step(const std::vector<at::Tensor>& k_caches, const std::vector<at::Ten
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t layer, double scale,
-                     int64_t sliding_window, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+                     int64_t sliding_window, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                     const std::optional<at::Tensor>& position_bias) {
   auto& c = context();
   TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(c.k_caches.size()), "no KV cache for layer ", layer);
   at::Tensor& k_cache = c.k_caches[layer];
@@ -58,16 +60,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const bool has_decode = c.decode_context_lens.has_value();
   if (e == 0)
     return sluice::paged_attention_decode(q, k_cache, v_cache, *c.decode_block_tables, *c.decode_context_lens, scale,
-                                          sliding_window, softcap, alibi_slopes);
+                                          sliding_window, softcap, alibi_slopes, position_bias);
   auto extend =
       sluice::paged_attention_extend(q.narrow(0, 0, e), k_cache, v_cache, *c.cu_seqlens_q, *c.extend_context_lens,
-                                     *c.extend_block_tables, scale, sliding_window, softcap, alibi_slopes);
+                                     *c.extend_block_tables, scale, sliding_window, softcap, alibi_slopes, position_bias);
   if (!has_decode) return extend;
   auto out = at::empty(q.sizes(), q.options());
   out.narrow(0, 0, e).copy_(extend);
   out.narrow(0, e, q.size(0) - e)
       .copy_(sluice::paged_attention_decode(q.narrow(0, e, q.size(0) - e), k_cache, v_cache, *c.decode_block_tables,
-                                            *c.decode_context_lens, scale, sliding_window, softcap, alibi_slopes));
+                                            *c.decode_context_lens, scale, sliding_window, softcap, alibi_slopes,
+                                            position_bias));
   return out;
 }
 
@@ -81,7 +84,7 @@ TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
       &set_step);
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, int layer, float scale, int sliding_window, float softcap, "
-      "Tensor? alibi_slopes) -> Tensor");
+      "Tensor? alibi_slopes, Tensor? position_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("attention", &attention); }
