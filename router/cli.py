@@ -57,6 +57,8 @@ async def _bring_up(shards: ShardedClient, config: RouterConfig) -> tuple[ModelI
         num_blocks = await shards.warmup(warmup)
         bs = info.block_size
         held = max_blocks_held(limits.max_total_tokens, limits.max_batch_prefill_tokens, bs, info.sliding_window)
+        if info.is_encoder_decoder:  # the encoder's blocks and the decoder's (its start token, then the output)
+            held = -(-(limits.max_total_tokens + 1) // bs) + 1
         check_pool(limits, num_blocks * bs, min(limits.max_total_tokens, held * bs))
     except ValueError as e:
         raise SystemExit(str(e)) from None
@@ -103,7 +105,10 @@ async def _serve(config: RouterConfig) -> None:
             config.max_prefill_slowdown,
             config.long_prompt_tokens,
         ),
-        KVCacheManager(num_blocks, info.block_size, config.prefix_caching, info.sliding_window),
+        # An encoder-decoder model's decoder K/V depend on the encoder's input: no prefix is shared.
+        KVCacheManager(
+            num_blocks, info.block_size, config.prefix_caching and not info.is_encoder_decoder, info.sliding_window
+        ),
     )
     metrics = Metrics(max_input, max_total)
     metrics.batch_max_total_tokens.set(num_blocks * info.block_size)
@@ -120,6 +125,7 @@ async def _serve(config: RouterConfig) -> None:
             if config.await_shard_restart
             else None
         ),
+        decoder_start_token_id=info.decoder_start_token_id if info.is_encoder_decoder else None,
     )
     engines.append(engine)
     limits = ValidationLimits(
@@ -129,6 +135,7 @@ async def _serve(config: RouterConfig) -> None:
         max_input,
         max_total,
         config.max_client_batch_size,
+        info.is_encoder_decoder,
     )
     state = ServerState(
         engine, shards, tokenizer, limits, info, config.model_id, config.max_concurrent_requests, metrics

@@ -15,6 +15,7 @@ class ValidationLimits:
     max_input_tokens: int
     max_total_tokens: int
     max_client_batch_size: int = 4  # prompts per /v1/completions request
+    encoder_decoder: bool = False  # the model's prompt is its encoder's input (T5): it has no logprobs
 
 
 @dataclass(frozen=True, slots=True)

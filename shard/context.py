@@ -34,6 +34,16 @@ class DecodeMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class CrossMeta:
+    """Encoder-decoder models: what each of the step's tokens attends to in cross-attention, the
+    K/V of its request's encoder output (every position, no causal mask)."""
+
+    context_lens: torch.Tensor  # [num_tokens] int32, the token's request's encoder length
+    block_tables: torch.Tensor  # [num_tokens, max_blocks] int32, that request's encoder blocks
+    max_context_len: int  # host copy of context_lens.max()
+
+
+@dataclass(frozen=True, slots=True)
 class ForwardContext:
     """Where this step's tokens live in the paged KV cache.
 
@@ -48,6 +58,7 @@ class ForwardContext:
     # Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]; indexed by
     # Attention.layer_index.
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    cross: CrossMeta | None = None  # encoder-decoder models only
 
 
 _context: ForwardContext | None = None

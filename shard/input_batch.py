@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shard.context import DecodeMeta, ExtendMeta, ForwardContext
+from shard.context import CrossMeta, DecodeMeta, ExtendMeta, ForwardContext
 from shard.sampler import SamplingBatch, SamplingParams
 from shard.sampling_table import SamplingTable
 
@@ -57,8 +57,16 @@ class DeviceStager:
 
 
 class InputBatch:
-    def __init__(self, max_model_len: int, block_size: int, device: torch.device, capacity: int = 16):
+    def __init__(
+        self,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        capacity: int = 16,
+        is_encoder_decoder: bool = False,
+    ):
         self.max_model_len, self.block_size = max_model_len, block_size
+        self.is_encoder_decoder = is_encoder_decoder
         self.max_blocks = -(-max_model_len // block_size)
         self.stage = DeviceStager(device)
         self.row_of: dict[int, int] = {}  # req_id -> row
@@ -72,6 +80,8 @@ class InputBatch:
         self.num_blocks = np.zeros(0, dtype=np.int64)
         self.prompt_logprobs = np.zeros(0, dtype=bool)
         self.prompt_top_n = np.zeros(0, dtype=np.int64)  # top tokens wanted at each prompt position
+        self.encoder_lens = np.zeros(0, dtype=np.int32)  # encoder-decoder models: the encoder input's length
+        self.encoder_table = np.zeros((0, self.max_blocks), dtype=np.int32)  # and its cross-attention blocks
         self.sampling = SamplingTable(0, device)
         self._grow(capacity)
 
@@ -89,6 +99,7 @@ class InputBatch:
         self.num_computed, self.num_blocks = pad(self.num_computed), pad(self.num_blocks)
         self.prompt_logprobs, self.req_ids = pad(self.prompt_logprobs), pad(self.req_ids)
         self.prompt_top_n = pad(self.prompt_top_n)
+        self.encoder_lens, self.encoder_table = pad(self.encoder_lens), pad(self.encoder_table)
         self.sampling.grow(capacity)
         self._free = list(range(capacity - 1, old - 1, -1)) + self._free
 
@@ -103,11 +114,14 @@ class InputBatch:
         prompt_logprobs: bool = False,
         num_prompt_tokens: int = 0,
         prompt_top_n: int = 0,
+        encoder_block_ids: list[int] = (),
+        encoder_len: int = 0,
     ) -> int:
         """Give a request a row; `token_ids` are all its known tokens (prompt, plus those generated
         before a preemption), `num_computed` the leading ones already in the cache, and the first
         `num_prompt_tokens` (0: all) its prompt. With `prompt_logprobs`, `prompt_top_n` most likely
-        tokens are also returned at each prompt position."""
+        tokens are also returned at each prompt position. An encoder-decoder model's request has
+        `encoder_len` encoder positions, whose cross-attention K/V are in `encoder_block_ids`."""
         if not self._free:
             self._grow(2 * len(self.num_tokens))
         row = self._free.pop()
@@ -122,6 +136,8 @@ class InputBatch:
         self.num_blocks[row] = len(block_ids)
         self.prompt_logprobs[row] = prompt_logprobs
         self.prompt_top_n[row] = prompt_top_n if prompt_logprobs else 0
+        self.encoder_lens[row] = encoder_len
+        self.encoder_table[row, : len(encoder_block_ids)] = encoder_block_ids
         self.sampling.set_row(row, sampling)
         return row
 
@@ -162,6 +178,7 @@ class InputBatch:
             self.block_size,
             kv_caches,
             self.stage,
+            (self.encoder_lens, self.encoder_table) if self.is_encoder_decoder else None,
         )
 
     def advance(self, inputs: ModelInputs, sampled: list[int]) -> None:
@@ -185,8 +202,10 @@ def prepare_inputs(
     block_size: int,
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     stage: DeviceStager,
+    encoder: tuple[np.ndarray, np.ndarray] | None = None,  # ([R] encoder lengths, [R, B] their blocks)
 ) -> ModelInputs:
-    """Token ids, positions, KV slots and attention metadata of a step, all vectorized."""
+    """Token ids, positions, KV slots and attention metadata of a step, all vectorized; with
+    `encoder` (encoder-decoder models), each token's cross-attention metadata too."""
     rows, num_scheduled = np.asarray(rows, dtype=np.int64), np.asarray(num_scheduled, dtype=np.int64)
     start = num_computed[rows]
     ends = np.cumsum(num_scheduled)  # [N] end of each request's query rows
@@ -220,7 +239,17 @@ def prepare_inputs(
             block_tables=table(part, "decode_block_tables"),
             max_context_len=int(context_lens[part].max()),
         )
-    context = ForwardContext(stage("slot_mapping", slots), extend, decode, kv_caches)
+    cross = None
+    if encoder is not None:
+        encoder_lens, encoder_table = encoder
+        lens = encoder_lens[token_rows]
+        width = max(1, int(-(-lens.max() // block_size)))
+        cross = CrossMeta(
+            context_lens=stage("cross_context_lens", lens),
+            block_tables=stage("cross_block_tables", encoder_table[token_rows, :width]),
+            max_context_len=int(lens.max()),
+        )
+    context = ForwardContext(stage("slot_mapping", slots), extend, decode, kv_caches, cross)
     return ModelInputs(
         input_ids=stage("input_ids", input_ids),
         positions=stage("positions", positions),

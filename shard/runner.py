@@ -13,14 +13,14 @@ from transformers import AutoConfig, GenerationConfig
 from shard import dist, kernels, quantization
 from shard.compile import compile_forward
 from shard.config import ShardConfig
-from shard.context import forward_context
+from shard.context import ForwardContext, forward_context
 from shard.cuda_graphs import DecodeGraphs
 from shard.grammar import Grammars
 from shard.input_batch import InputBatch, ModelInputs, prepare_inputs
 from shard.layers.attention import Attention
 from shard.loader import load_weights
 from shard.models import build_model
-from shard.sampler import Sampler, SamplerConfig, SamplerOutput
+from shard.sampler import Sampler, SamplerConfig, SamplerOutput, SamplingParams
 from shard.step import Batch, PromptLogprobs, RequestState, StepInput, StepOutput, TokenOutput
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,26 @@ def eos_token_ids(model_dir: Path, hf_config) -> list[int]:
     return sorted(flat)
 
 
+def decoder_start_token_id(model_dir: Path, hf_config) -> int:
+    """The token an encoder-decoder model's decoder starts from: the config's or the generation
+    config's, else the padding token (T5's convention, as transformers falls back to); 0 for a
+    decoder-only model."""
+    if not getattr(hf_config, "is_encoder_decoder", False):
+        return 0
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation = None
+    for value in (
+        getattr(hf_config, "decoder_start_token_id", None),
+        getattr(generation, "decoder_start_token_id", None),
+        getattr(hf_config, "pad_token_id", None),
+    ):
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{model_dir}: an encoder-decoder model without decoder_start_token_id or pad_token_id")
+
+
 class ModelRunner:
     def __init__(self, config: ShardConfig):
         self.config = config
@@ -91,6 +111,8 @@ class ModelRunner:
             self.quantization.describe(),
         )
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.is_encoder_decoder = getattr(self.model, "is_encoder_decoder", False)
+        self.decoder_start_token_id = decoder_start_token_id(config.model_dir, self.hf_config)
         self.compiled = self.device.type == "cpu" and not config.enforce_eager
         self._model_forward = compile_forward(self.model, config.compile_cache_dir) if self.compiled else self.model
         self.sampler = Sampler(SamplerConfig(config.watermark_gamma, config.watermark_delta))
@@ -101,7 +123,9 @@ class ModelRunner:
             if dist.tp_rank() == 0
             else None
         )
-        self.batch = InputBatch(self.max_positions + 1, config.block_size, self.device)  # + the token sampled last
+        self.batch = InputBatch(  # + the token sampled last
+            self.max_positions + 1, config.block_size, self.device, is_encoder_decoder=self.is_encoder_decoder
+        )
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -145,17 +169,22 @@ class ModelRunner:
         find oneDNN's kernels for those shapes made and the allocator's memory faulted in."""
         num_tokens = max(2, min(max_prefill_tokens, self.max_positions))
         bs = self.config.block_size
-        self._allocate_kv_cache(-(-num_tokens // bs))
+        n = -(-num_tokens // bs)
+        self._allocate_kv_cache(2 * n if self.is_encoder_decoder else n)
+
+        def single(length: int) -> Batch:  # one request of `length` tokens (encoding the longest input first)
+            encoder = (list(range(num_tokens)), list(range(n, 2 * n))) if self.is_encoder_decoder else ()
+            return Batch.single(list(range(length)), list(range(n)), *encoder)
+
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         if self.compiled:
-            self.forward(Batch.single(list(range(min(num_tokens, 64))), list(range(self.num_blocks))))
+            self.forward(single(min(num_tokens, 64)))
             log.info("compiled the forward in %.1f s", time.perf_counter() - start)
         rows = max(1, min(max_batch_size, num_tokens))
-        state = Batch.single(list(range(num_tokens)), list(range(self.num_blocks)))
-        self.forward(state, sample_rows_override=torch.arange(num_tokens - rows, num_tokens))
+        self.forward(single(num_tokens), sample_rows_override=torch.arange(num_tokens - rows, num_tokens))
         if self.device.type == "cpu":
             self._warm_decode_batches(max_batch_size)
             log.info("warmed the shapes in %.1f s", time.perf_counter() - start)
@@ -178,7 +207,8 @@ class ModelRunner:
         self._allocate_kv_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, bs, num_blocks * self.block_bytes / 2**30)
         buckets = [b for b in self.config.cuda_graphs if b <= max_batch_size]
-        if self.kernel_backend == "triton" and buckets:  # after the cache: the graphs hold its addresses
+        # After the cache: the graphs hold its addresses. Cross-attention's metadata has no graph buffers.
+        if self.kernel_backend == "triton" and buckets and not self.is_encoder_decoder:
             self.decode_graphs = DecodeGraphs(
                 self.model, buckets, self.batch.max_blocks, self.max_positions, self.kv_caches, self.device
             )
@@ -190,7 +220,11 @@ class ModelRunner:
         sizes = sorted({min(1 << i, max_batch_size) for i in range(max(max_batch_size, 1).bit_length() + 1)})
         length = min(self.config.block_size, self.max_positions)
         for size in sizes:
-            states = [RequestState(-1, [0] * length, length, length - 1, [0]) for _ in range(size)]
+            encoder = ([0] * length, [0]) if self.is_encoder_decoder else ([], [])
+            states = [
+                RequestState(-1, [0] * length, length, length - 1, [0], SamplingParams(), False, *encoder)
+                for _ in range(size)
+            ]
             self.forward(Batch(states, [1] * size))
 
     def clear(self) -> None:
@@ -201,9 +235,25 @@ class ModelRunner:
     # -- forward --------------------------------------------------------------------------
     def forward(self, batch: Batch, sample_rows_override=None) -> torch.Tensor | None:
         """Logits [S, vocab] of the rows of `batch` that sample (rank 0; None elsewhere), for requests
-        described in full by `batch` rather than held by the shard (tests, warmup)."""
-        inputs = prepare_inputs(*batch.arrays(), self.config.block_size, self.kv_caches, self.batch.stage)
+        described in full by `batch` rather than held by the shard (tests, warmup). A request of an
+        encoder-decoder model that computes from the start is encoded first."""
+        encoder = None
+        if self.is_encoder_decoder:
+            for s in batch.states:
+                if s.num_computed_tokens == 0:
+                    self._encode(s.encoder_token_ids, s.encoder_block_ids)
+            encoder = batch.encoder_arrays()
+        inputs = prepare_inputs(*batch.arrays(), self.config.block_size, self.kv_caches, self.batch.stage, encoder)
         return self._forward(inputs, sample_rows_override)[0]
+
+    def _encode(self, token_ids: list[int], block_ids: list[int]) -> None:
+        """Run the encoder over one request's input `token_ids`, storing every decoder layer's
+        cross-attention K/V of it in the request's encoder blocks `block_ids`."""
+        bs, positions = self.config.block_size, np.arange(len(token_ids))
+        slots = np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs
+        slots_t = torch.from_numpy(slots).to(self.device)
+        with torch.inference_mode(), forward_context(ForwardContext(slots_t, None, None, self.kv_caches)):
+            self.model.encode(torch.tensor(token_ids, device=self.device), slots_t)
 
     def _forward(self, inputs: ModelInputs, sample_rows_override=None):
         """(logits [S, vocab] of the sampling rows or None off rank 0, hidden states [T, hidden])."""
@@ -286,6 +336,7 @@ class ModelRunner:
                 raise ValueError(
                     f"request {r.req_id}: a logit_bias token outside the vocabulary ({vocab}) or not finite"
                 )
+            self._check_encoder_input(r)
             num_blocks = len(r.block_ids)
             check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
         for r in step.running_requests:
@@ -295,6 +346,22 @@ class ModelRunner:
             num_blocks = int(b.num_blocks[row]) + len(r.new_block_ids)
             start, num_known = int(b.num_computed[row]), int(b.num_tokens[row])
             check(r.req_id, start, r.num_scheduled_tokens, num_known, num_blocks, r.new_block_ids)
+
+    def _check_encoder_input(self, r) -> None:
+        """An encoder-decoder model's new request `r` brings its encoder input and blocks; no other does."""
+        if not self.is_encoder_decoder:
+            if r.encoder_token_ids or r.encoder_block_ids:
+                raise ValueError(f"request {r.req_id}: an encoder input for a decoder-only model")
+            return
+        n, blocks, vocab = len(r.encoder_token_ids), r.encoder_block_ids, self.hf_config.vocab_size
+        if not 0 < n <= self.max_positions:
+            raise ValueError(f"request {r.req_id}: {n} encoder tokens; 1 to {self.max_positions} are served")
+        if len(blocks) * self.config.block_size < n or len(blocks) > self.batch.max_blocks:
+            raise ValueError(f"request {r.req_id}: {len(blocks)} encoder blocks for {n} encoder tokens")
+        if any(not 0 <= x < self.num_blocks for x in blocks):
+            raise ValueError(f"request {r.req_id}: an encoder block id outside the cache's {self.num_blocks} blocks")
+        if any(not 0 <= t < vocab for t in r.encoder_token_ids):
+            raise ValueError(f"request {r.req_id}: an encoder token outside the vocabulary ({vocab})")
 
     def _apply_step(self, step: StepInput) -> tuple[np.ndarray, np.ndarray]:
         """Forget, add and grow requests as the step says; returns (rows, tokens each computes)."""
@@ -316,6 +383,8 @@ class ModelRunner:
                     r.prompt_logprobs,
                     r.num_prompt_tokens,
                     r.prompt_top_n,
+                    r.encoder_block_ids,
+                    len(r.encoder_token_ids),
                 )
             )
             num_scheduled.append(r.num_scheduled_tokens)
@@ -334,6 +403,9 @@ class ModelRunner:
         if not len(rows):
             return StepOutput(step.step_id, [], 0, 0)
         t0 = time.perf_counter_ns()
+        for r in step.new_requests:
+            if r.encoder_token_ids:
+                self._encode(r.encoder_token_ids, r.encoder_block_ids)
         inputs = self.batch.prepare(rows, num_scheduled, self.kv_caches)
         producing = inputs.rows[inputs.produces]
         grammar = self.grammars.start(self.batch.req_ids[producing]) if self.grammars is not None else None

@@ -51,6 +51,8 @@ def step_from_pb(req: pb.StepRequest) -> StepInput:
                 r.num_prompt_tokens or len(r.token_ids),
                 r.grammar,
                 r.prompt_top_n,
+                list(r.encoder_token_ids),
+                list(r.encoder_block_ids),
             )
             for r in req.new_requests
         ],
@@ -114,6 +116,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             quantize=r.quantization.name or "",
             weight_bytes=r.weight_bytes,
             sliding_window=r.sliding_window,
+            is_encoder_decoder=r.is_encoder_decoder,
+            decoder_start_token_id=r.decoder_start_token_id,
         )
 
     async def Health(self, request, context):

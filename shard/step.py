@@ -19,6 +19,8 @@ class NewRequest:
     num_prompt_tokens: int = 0  # leading token_ids that are the prompt (0: all); the rest were generated
     grammar: str = ""  # llguidance TopLevelGrammar JSON every generated token must follow; "": none
     prompt_top_n: int = 0  # with prompt_logprobs: also this many most likely tokens per prompt position
+    encoder_token_ids: list[int] = field(default_factory=list)  # encoder-decoder models: the encoder's input
+    encoder_block_ids: list[int] = field(default_factory=list)  # where its cross-attention K/V go
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class RequestState:
     block_ids: list[int]
     sampling: SamplingParams = SamplingParams()
     prompt_logprobs: bool = False
+    encoder_token_ids: list[int] = field(default_factory=list)  # encoder-decoder models: the encoder's input
+    encoder_block_ids: list[int] = field(default_factory=list)  # where its cross-attention K/V are
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +87,25 @@ class Batch:
     num_scheduled: list[int]
 
     @classmethod
-    def single(cls, token_ids: list[int], block_ids: list[int]) -> "Batch":
-        """One request computing all of `token_ids` from the start."""
-        return cls([RequestState(-1, token_ids, len(token_ids), 0, block_ids)], [len(token_ids)])
+    def single(
+        cls,
+        token_ids: list[int],
+        block_ids: list[int],
+        encoder_token_ids: list[int] = (),
+        encoder_block_ids: list[int] = (),
+    ) -> "Batch":
+        """One request computing all of `token_ids` from the start (after encoding
+        `encoder_token_ids` into `encoder_block_ids`, for an encoder-decoder model)."""
+        state = RequestState(
+            -1,
+            token_ids,
+            len(token_ids),
+            0,
+            block_ids,
+            encoder_token_ids=list(encoder_token_ids),
+            encoder_block_ids=list(encoder_block_ids),
+        )
+        return cls([state], [len(token_ids)])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(token_ids [N, L], block_table [N, B], num_tokens [N], num_computed [N], rows [N],
@@ -99,3 +119,11 @@ class Batch:
         num_tokens = np.array([len(s.token_ids) for s in self.states], dtype=np.int64)
         num_computed = np.array([s.num_computed_tokens for s in self.states], dtype=np.int64)
         return token_ids, block_table, num_tokens, num_computed, np.arange(n), np.array(self.num_scheduled)
+
+    def encoder_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder_lens [N], encoder_block_table [N, B]): what cross-attention reads, by row."""
+        n = len(self.states)
+        table = np.zeros((n, max(1, max(len(s.encoder_block_ids) for s in self.states))), dtype=np.int32)
+        for i, s in enumerate(self.states):
+            table[i, : len(s.encoder_block_ids)] = s.encoder_block_ids
+        return np.array([len(s.encoder_token_ids) for s in self.states], dtype=np.int32), table

@@ -110,10 +110,13 @@ class Engine:
         step_timeout_s: float | None = None,
         max_steps_in_flight: int = 2,
         reconnect: Callable[[], Awaitable[int]] | None = None,
+        decoder_start_token_id: int | None = None,
     ):
-        """`reconnect`, when the launcher restarts lost shards: waits for them to serve again (warmed
-        up) and returns their number of KV blocks, or raises once they will not (TimeoutError,
-        ShardError). Without it, losing the shards fails every request."""
+        """`decoder_start_token_id`, for an encoder-decoder model: a request's input goes to the
+        encoder, and its decoder starts from that token (TGI's seq2seq path). `reconnect`, when the
+        launcher restarts lost shards: waits for them to serve again (warmed up) and returns their
+        number of KV blocks, or raises once they will not (TimeoutError, ShardError). Without it,
+        losing the shards fails every request."""
         self.scheduler = scheduler
         self.max_steps_in_flight = max_steps_in_flight
         self.step_timeout_s = step_timeout_s
@@ -129,6 +132,7 @@ class Engine:
         self.shards = shards
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.decoder_start_token_id = decoder_start_token_id
         self._handles: dict[int, _Handle] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -147,7 +151,7 @@ class Engine:
         """
         request = Request(
             req_id=next(self._ids),
-            prompt_ids=spec.input_ids,
+            prompt_ids=spec.input_ids if self.decoder_start_token_id is None else [self.decoder_start_token_id],
             max_new_tokens=spec.max_new_tokens,
             sampling=spec.sampling,
             eos_token_ids=self.eos_token_ids,
@@ -157,13 +161,15 @@ class Engine:
             prompt_top_n=spec.prompt_top_n,
             grammar=spec.grammar,
             stop_token_ids=spec.stop_token_ids,
+            encoder_ids=spec.input_ids if self.decoder_start_token_id is not None else [],
             arrival_s=timings.queued_s,
         )
-        output = OutputProcessor(self.tokenizer, spec.input_ids, spec.stop)
+        # A decoder's output continues its prompt's text; a seq2seq output (after a special start token) starts anew.
+        output = OutputProcessor(self.tokenizer, [] if request.encoder_ids else spec.input_ids, spec.stop)
         handle = _Handle(request, spec, output, timings, trace.get_current_span())
         if spec.prompt_logprobs:
-            handle.prompt_logprobs = [float("nan")] * len(spec.input_ids)
-            handle.prompt_top_tokens = [[] for _ in spec.input_ids]
+            handle.prompt_logprobs = [float("nan")] * len(request.prompt_ids)  # the decoder's prompt
+            handle.prompt_top_tokens = [[] for _ in request.prompt_ids]
         self._handles[request.req_id] = handle
         self.scheduler.add(request)
         self.metrics.request_input_length.observe(len(spec.input_ids))

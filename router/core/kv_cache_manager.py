@@ -17,6 +17,10 @@ those of its hash's prefix), so, like any cached block, it is reused until evict
 still needs the whole chain from the first block; a request admitted on a hit shares only the
 cached blocks its window reaches; a block given back before it was registered (a token in it was
 still pending) is never registered.
+
+An encoder-decoder model's request also holds blocks for its encoder input (the cross-attention
+K/V every decoder layer reads), taken with its first allocation and given back with the rest. Its
+decoder's K/V depend on that input, so such a request neither finds nor offers cached prefixes.
 """
 
 from collections.abc import Sequence
@@ -53,6 +57,7 @@ class _RequestBlocks:
     hashes: list[bytes] = field(default_factory=list)  # of full blocks; a function of the tokens, kept on preemption
     num_registered: int = 0  # leading blocks of `table` offered to the prefix cache
     num_dropped: int = 0  # leading blocks of `table` given back (slid out of the window): PLACEHOLDER_BLOCK
+    encoder: list[int] = field(default_factory=list)  # blocks of an encoder-decoder request's encoder input
 
 
 class KVCacheManager:
@@ -83,10 +88,16 @@ class KVCacheManager:
         blocks = self._requests.get(request.req_id)
         return list(blocks.table) if blocks else []
 
-    def num_held_blocks(self, request: Request) -> int:
-        """Blocks `request` holds: its block table but for the entries that slid out of the window."""
+    def encoder_block_ids(self, request: Request) -> list[int]:
+        """A copy of the blocks of `request`'s encoder input (encoder-decoder models; else empty)."""
         blocks = self._requests.get(request.req_id)
-        return len(blocks.table) - blocks.num_dropped if blocks else 0
+        return list(blocks.encoder) if blocks else []
+
+    def num_held_blocks(self, request: Request) -> int:
+        """Blocks `request` holds: its block table but for the entries that slid out of the window,
+        and its encoder's blocks."""
+        blocks = self._requests.get(request.req_id)
+        return len(blocks.table) - blocks.num_dropped + len(blocks.encoder) if blocks else 0
 
     def _num_out_of_window(self, position: int) -> int:
         """Leading blocks no query at `position` or after reads: each of their positions is at
@@ -100,7 +111,7 @@ class KVCacheManager:
         they hold, for a request being admitted (it holds no blocks). At least one token is left
         out, because the last one must be computed to produce logits. Nothing with prefix caching
         off, or for a request that needs the logits of every prompt token."""
-        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
+        if not self.enable_prefix_caching or request.needs_prompt_logprobs or request.encoder_ids:
             return [], 0
         token_ids = request.token_ids
         limit = (len(token_ids) - 1) // self.block_size
@@ -137,17 +148,19 @@ class KVCacheManager:
         start = request.num_computed_tokens + len(computed_blocks) * self.block_size  # the step's first token
         num_tokens = start + num_new_tokens
         num_needed = max(0, -(-num_tokens // self.block_size) - num_held - len(computed_blocks))
+        num_encoder = -(-len(request.encoder_ids) // self.block_size) if not (blocks and blocks.encoder) else 0
         num_out = self._num_out_of_window(start)
         shared = computed_blocks[num_out:]
         dropped = blocks.table[blocks.num_dropped : num_out] if blocks else []
         available = self.pool.num_free_blocks + self.pool.num_sole_users(dropped) - self.pool.num_unused(shared)
-        if num_needed > available:
+        if num_needed + num_encoder > available:
             return None
         blocks = self._requests.setdefault(request.req_id, _RequestBlocks())
         self.pool.free(reversed(dropped))
         blocks.table[blocks.num_dropped : num_out] = [PLACEHOLDER_BLOCK] * len(dropped)
         self.pool.share(shared)
         new_block_ids = self.pool.allocate(num_needed)
+        blocks.encoder += self.pool.allocate(num_encoder)
         blocks.table += [PLACEHOLDER_BLOCK] * (len(computed_blocks) - len(shared))
         blocks.table += shared
         blocks.table += new_block_ids
@@ -161,7 +174,7 @@ class KVCacheManager:
         but for those given back already (a placeholder is no block of this request's)."""
         num_full = min(num_tokens // self.block_size, len(blocks.table))
         first = max(blocks.num_registered, blocks.num_dropped)
-        if not self.enable_prefix_caching or num_full <= first:
+        if not self.enable_prefix_caching or request.encoder_ids or num_full <= first:
             return
         _extend_hashes(blocks.hashes, request.token_ids, self.block_size, num_full)
         for i in range(first, num_full):
@@ -176,12 +189,13 @@ class KVCacheManager:
         if blocks is None:
             return
         self.pool.free(reversed(blocks.table[blocks.num_dropped :]))
-        blocks.table, blocks.num_registered, blocks.num_dropped = [], 0, 0
+        self.pool.free(reversed(blocks.encoder))
+        blocks.table, blocks.num_registered, blocks.num_dropped, blocks.encoder = [], 0, 0, []
 
     def resize(self, num_blocks: int) -> None:
         """A new, empty pool of `num_blocks` (a restarted shard group sized its cache anew). No
         request may hold blocks; preempted ones keep their hash chains."""
-        assert not any(blocks.table for blocks in self._requests.values()), "requests hold blocks"
+        assert not any(b.table or b.encoder for b in self._requests.values()), "requests hold blocks"
         self.pool = BlockPool(num_blocks)
 
     def clear_prefix_cache(self) -> None:

@@ -78,6 +78,9 @@ class Request:
     prompt_top_n: int = 0
     grammar: str = ""
     stop_token_ids: frozenset[int] = frozenset()
+    # An encoder-decoder model's encoder input (the user's prompt); prompt_ids then hold the decoder's
+    # start token. Empty for a decoder-only model.
+    encoder_ids: list[int] = field(default_factory=list)
     arrival_s: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

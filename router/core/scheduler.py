@@ -65,6 +65,7 @@ class ScheduledRequest:
     start_position: int  # tokens computed before this step (for a new request: the prefix-cache hit)
     incarnation: int  # the request's preemption count when scheduled: older results are stale
     produces_token: bool  # the step computes the request's last known token, so it samples one
+    encoder_block_ids: list[int] = ()  # when is_new, of an encoder-decoder model: its encoder's blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +152,13 @@ class Scheduler:
         ):
             request = self.waiting[0]  # a waiting request holds no blocks and has computed nothing
             kv = self.kv_cache_manager
+            num_encoder = len(request.encoder_ids)  # encoded in this step: part of its prompt work
+            if num_encoder > budget and budget < full_budget:
+                break
+            budget -= num_encoder
             cached, num_cached = kv.get_computed_blocks(request)
-            num_tokens = self._chunk(
-                request, num_cached, request.num_tokens - num_cached, budget, allowance, full_budget
+            num_tokens = self._chunk(  # a decoder's first token is computed even if its encoder took the budget
+                request, num_cached, request.num_tokens - num_cached, max(budget, 1), allowance, full_budget
             )
             if num_tokens == 0 or kv.allocate_slots(request, num_tokens, cached) is None:
                 break
@@ -164,7 +169,7 @@ class Scheduler:
             self.num_prefix_hit_tokens += num_cached
             budget -= num_tokens
             allowance -= self._chunk_seconds(num_cached, num_tokens)
-            new.append(self._commit(request, num_tokens, True, kv.block_ids(request)))
+            new.append(self._commit(request, num_tokens, True, kv.block_ids(request), kv.encoder_block_ids(request)))
         self._steps_without_admission = 0 if new else self._steps_without_admission + 1
         scheduled = new + running
         for s in scheduled:
@@ -258,14 +263,23 @@ class Scheduler:
             or self._steps_without_admission >= c.max_waiting_tokens
         )
 
-    def _commit(self, request: Request, num_tokens: int, is_new: bool, new_block_ids: list[int]) -> ScheduledRequest:
+    def _commit(
+        self, request: Request, num_tokens: int, is_new: bool, new_block_ids: list[int], encoder_block_ids=()
+    ) -> ScheduledRequest:
         """Count `num_tokens` as computed by this step, and its sampled token as pending."""
         start = request.num_computed_tokens
         request.num_computed_tokens += num_tokens
         produces_token = request.num_computed_tokens == request.num_tokens + request.num_pending_outputs
         request.num_pending_outputs += produces_token
         return ScheduledRequest(
-            request, num_tokens, is_new, new_block_ids, start, request.num_preemptions, produces_token
+            request,
+            num_tokens,
+            is_new,
+            new_block_ids,
+            start,
+            request.num_preemptions,
+            produces_token,
+            encoder_block_ids,
         )
 
     def fail_all(self) -> list[Request]:

@@ -68,6 +68,8 @@ class ModelInfo:
     quantize: str | None  # None: full precision
     weight_bytes: int  # summed over the ranks
     sliding_window: int = 0  # every layer attends only to this many last positions; 0: some layer sees all
+    is_encoder_decoder: bool = False  # prompts are the encoder's input; decoders start from the token below
+    decoder_start_token_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,8 @@ def plan_to_pb(plan: StepPlan, trace_context: dict[str, str] | None = None) -> p
                     prompt_logprobs=r.needs_prompt_logprobs,
                     prompt_top_n=r.prompt_top_n,
                     grammar=r.grammar,
+                    encoder_token_ids=r.encoder_ids,
+                    encoder_block_ids=s.encoder_block_ids,
                     sampling=pb.SamplingParams(
                         do_sample=p.do_sample,
                         temperature=p.temperature,
@@ -235,6 +239,8 @@ class ShardedClient:
             r.quantize or None,
             sum(x.weight_bytes for x in responses),
             r.sliding_window,
+            r.is_encoder_decoder,
+            r.decoder_start_token_id,
         )
 
     async def health(self, timeout_s: float = 5.0) -> None:

@@ -55,7 +55,9 @@ def with_bundled_tokenizer(out_dir: Path, architecture: str, seed: int = 0, **co
 
 
 def hf_model(model_dir: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab]
@@ -131,7 +133,8 @@ def check_chunked_prefill(model_dir: Path, length: int = 50, first_chunk: int = 
 
 
 def _fixed_run(r) -> list[torch.Tensor]:
-    """Logits of a fixed prefill of two prompts and three decode steps on runner `r`."""
+    """Logits of a fixed prefill of two prompts and three decode steps on runner `r` (for an
+    encoder-decoder model, each with an encoder input too)."""
     from shard.sampler import SamplingParams
     from shard.step import Batch, RequestState
 
@@ -141,6 +144,10 @@ def _fixed_run(r) -> list[torch.Tensor]:
         RequestState(i, torch.randint(2, vocab, (n,), generator=g).tolist(), n, 0, [i, i + 2, i + 4], SamplingParams())
         for i, n in enumerate((29, 11))
     ]
+    if r.is_encoder_decoder:
+        for i, s in enumerate(states):
+            s.encoder_token_ids = torch.randint(2, vocab, (21 + 9 * i,), generator=g).tolist()
+            s.encoder_block_ids = [6 + i, 8 + i]
     results = [r.forward(Batch(states, [len(s.token_ids) for s in states]), torch.arange(40))]
     for step in range(3):
         for s in states:
@@ -150,24 +157,26 @@ def _fixed_run(r) -> list[torch.Tensor]:
     return results
 
 
-def _rank_logits(model_dir, rank: int, world_size: int, port: int, queue) -> None:
+def _rank_logits(model_dir, rank: int, world_size: int, port: int, queue, compiled: bool) -> None:
     """In a process: _fixed_run on one rank; rank 0 sends its logits."""
     from shard import dist
 
     torch.set_num_threads(1)
     dist.init(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
-    results = _fixed_run(runner(model_dir, max_num_blocks=16, rank=rank, world_size=world_size))
+    r = runner(model_dir, max_num_blocks=16, eager=not compiled, rank=rank, world_size=world_size)
+    results = _fixed_run(r)
     if rank == 0:
         queue.put([x.tolist() for x in results])
     dist.shutdown()
 
 
-def check_tensor_parallel(model_dir: Path, world_size: int = 2, atol=ATOL) -> None:
-    """Sharded over `world_size` gloo ranks (spawned processes), the logits equal the unsharded
-    ones computed here."""
+def check_tensor_parallel(model_dir: Path, world_size: int = 2, atol=ATOL, compiled: bool = False) -> None:
+    """Sharded over `world_size` gloo ranks (spawned processes; through the compiled forward, its
+    all-reduces inside the graph, if `compiled`), the logits equal the unsharded ones computed here."""
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_logits, args=(model_dir, i, world_size, port, queue)) for i in range(world_size)]
+    args = [(model_dir, i, world_size, port, queue, compiled) for i in range(world_size)]
+    procs = [ctx.Process(target=_rank_logits, args=a) for a in args]
     for p in procs:
         p.start()
     sharded = queue.get(timeout=180)
@@ -182,8 +191,11 @@ def check_tensor_parallel(model_dir: Path, world_size: int = 2, atol=ATOL) -> No
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,")
 
 
-def check_http_greedy(model_dir: Path, *launcher_args: str, prompts=PROMPTS, max_new_tokens: int = 12) -> None:
-    """Greedy tokens from /generate equal transformers' generate(do_sample=False) for each prompt.
+def check_http_greedy(
+    model_dir: Path, *launcher_args: str, prompts=PROMPTS, max_new_tokens: int = 12, then=None
+) -> None:
+    """Greedy tokens from /generate equal transformers' generate(do_sample=False) for each prompt;
+    then `then(server)`, if given, checks more on the same server.
 
     The server runs in float32 like transformers (its CPU default, bfloat16, flips near-ties) with a
     small KV pool (zeroing the default 4 GiB takes seconds); `launcher_args` come after, so win."""
@@ -201,4 +213,7 @@ def check_http_greedy(model_dir: Path, *launcher_args: str, prompts=PROMPTS, max
                 timeout=120,
             )
             assert r.status_code == 200, r.text
-            assert [t["id"] for t in r.json()["details"]["tokens"]] == out[0, ids.shape[1] :].tolist(), prompt
+            generated = out[0, 1:] if hf.config.is_encoder_decoder else out[0, ids.shape[1] :]  # after the start token
+            assert [t["id"] for t in r.json()["details"]["tokens"]] == generated.tolist(), prompt
+        if then is not None:
+            then(server)

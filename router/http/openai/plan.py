@@ -156,5 +156,11 @@ def parse_completion(body: object, tokenizer: Tokenizer, limits: ValidationLimit
         for text, ids in prompts
     ]
     if request.echo and request.logprobs is not None:  # the prompt's logprobs too
+        if limits.encoder_decoder:
+            raise OpenAIError(
+                "echo with logprobs is not available for this encoder-decoder model: its prompt is the "
+                "encoder's input, whose tokens get no log-probabilities",
+                "echo logprobs not supported",
+            )
         valids = [replace(v, decoder_input_details=True, prompt_top_n=request.logprobs) for v in valids]
     return _plan(request, valids, tokenizer.vocab_size, request.logprobs is not None, bool(request.echo))
