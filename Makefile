@@ -98,7 +98,8 @@ soak: install model
 	SLUICE_SOAK=full $(PY) -m pytest -q -s -p no:cacheprovider tests/reliability --durations=15
 
 # Quality of every quantization scheme and 4-bit checkpoint format on the bundled model: perplexity over
-# tests/data/perplexity_text.txt against the unquantized model (~6 min; not in `make test`).
+# tests/data/perplexity_text.txt against the unquantized model, the 4-bit checkpoints GPTQ-solved
+# on tests/data/calibration_text.txt (~16 min; not in `make test`).
 .PHONY: quality
 quality: install model
 	SLUICE_QUALITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/shard/test_perplexity.py

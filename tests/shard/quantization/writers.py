@@ -151,10 +151,11 @@ def gptq_tensors(q, scales, zeros, g_idx, v1: bool = True) -> dict[str, torch.Te
 
 
 def gptq_checkpoint(
-    out: Path, group_size=32, desc_act=False, sym=False, v1=True, seed=0, drop=(), model=None, **config
+    out: Path, group_size=32, desc_act=False, sym=False, v1=True, seed=0, drop=(), model=None, solved=None, **config
 ):
     """A GPTQ checkpoint of `model` (default: a random tiny Llama); returns (dir, the model with its
-    dequantized weights)."""
+    dequantized weights). solved: {linear name: (q, scales, zeros, g_idx)} (solver.quantize_model's)
+    to pack instead of rounding to nearest."""
     model = model or dense_model(seed)
     tensors = _tensors(model)
     g = torch.Generator().manual_seed(seed + 1)
@@ -162,14 +163,17 @@ def gptq_checkpoint(
     for name in linear_names(model):
         w = tensors.pop(f"{name}.weight")
         g_idx = None
-        if desc_act:  # act-order: quantized in a random order of the inputs, in groups along that order
+        if solved:
+            q, scales, zeros, g_idx = solved[name]
+        elif desc_act:  # act-order: quantized in a random order of the inputs, in groups along that order
             # The order sorts the layer's input's Hessian diagonal: projections of one input share it.
             shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
             order = orders.setdefault(shared, torch.randperm(w.shape[1], generator=g))
             g_idx = torch.empty(w.shape[1], dtype=torch.int64)
             g_idx[order] = torch.arange(w.shape[1]) // (w.shape[1] if group_size == -1 else group_size)
-        # v1 cannot store a zero point of 0 (zero - 1 would be -1, which AutoGPTQ's pack smears over the word)
-        q, scales, zeros, g_idx = quantize_int4(w, group_size, sym, g_idx, min_zero=1 if v1 else 0)
+        if not solved:
+            # v1 cannot store a zero point of 0 (zero - 1 would be -1, which AutoGPTQ's pack smears over the word)
+            q, scales, zeros, g_idx = quantize_int4(w, group_size, sym, g_idx, min_zero=1 if v1 else 0)
         for suffix, t in gptq_tensors(q, scales, zeros, g_idx, v1).items():
             tensors[f"{name}.{suffix}"] = t
         with torch.no_grad():
@@ -209,12 +213,14 @@ def awq_tensors(q, scales, zeros) -> dict[str, torch.Tensor]:
     }
 
 
-def awq_checkpoint(out: Path, group_size=32, seed=0, drop=(), model=None, **config):
+def awq_checkpoint(out: Path, group_size=32, seed=0, drop=(), model=None, solved=None, **config):
+    """An AWQ GEMM checkpoint of `model` (default: a random tiny Llama), rounded to nearest or packed
+    from `solved` (as gptq_checkpoint's, with contiguous groups); returns (dir, dequantized model)."""
     model = model or dense_model(seed)
     tensors = _tensors(model)
     for name in linear_names(model):
         w = tensors.pop(f"{name}.weight")
-        q, scales, zeros, g_idx = quantize_int4(w, group_size, sym=False)
+        q, scales, zeros, g_idx = solved[name] if solved else quantize_int4(w, group_size, sym=False)
         for suffix, t in awq_tensors(q, scales, zeros).items():
             tensors[f"{name}.{suffix}"] = t
         with torch.no_grad():
@@ -260,11 +266,20 @@ def fp8_checkpoint(out: Path, block=None, scale_name=None, static_input=False, s
 
 
 def ct_checkpoint(
-    out: Path, weights: dict, input_activations: dict | None, fmt: str, seed=0, ignore=("lm_head",), model=None
+    out: Path,
+    weights: dict,
+    input_activations: dict | None,
+    fmt: str,
+    seed=0,
+    ignore=("lm_head",),
+    model=None,
+    solved=None,
 ):
     """Quantize a random tiny Llama with compressed_tensors (min-max scales from its calculate_qparams,
     quantization and packing by its compressor for `fmt`) and save it as llm-compressor does.
-    `model`: quantize that one instead. Returns (dir, the library's QuantizationScheme)."""
+    `model`: quantize that one instead. solved: 4-bit group scales and zero points (as gptq_checkpoint's,
+    contiguous groups, the model's weights already their dequantized values) to use instead of min-max.
+    Returns (dir, the library's QuantizationScheme)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -300,6 +315,9 @@ def ct_checkpoint(
             view = w.reshape(N // bn, bn, K // bk, bk)
             lo, hi = view.amin(dim=(1, 3)), view.amax(dim=(1, 3))
         scale, zero_point = calculate_qparams(lo, hi, args)
+        if solved:  # the library's zero points are signed: stored value q - 8
+            _, scales, zeros, _ = solved[name]
+            scale, zero_point = scales.t(), (zeros.t() - 8).to(zero_point.dtype)
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero_point.reshape(module.weight_zero_point.shape))
