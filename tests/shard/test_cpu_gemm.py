@@ -37,10 +37,13 @@ def test_unsupported_weights_stay_dense():
 
 
 def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
+    # eager: the packed weights' math is what differs (the compiled forward over them: test_compiled_forward)
     ids = torch.randint(2, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     logits = []
     for gemm in ("aten", "onednn"):
-        runner = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", dtype="float32", cpu_gemm=gemm))
+        runner = ModelRunner(
+            ShardConfig(model_dir=tiny_model_dir, device="cpu", dtype="float32", cpu_gemm=gemm, enforce_eager=True)
+        )
         layers = [m for m in runner.model.modules() if hasattr(m, "quant_method")]
         packed = [m.packed_weight is not None for m in layers] + [runner.model.lm_head.head.packed_weight is not None]
         assert all(packed) if gemm == "onednn" else not any(packed)
