@@ -17,9 +17,9 @@ from shard.context import get_context
 class CrossAttention(nn.Module):
     """This rank's heads of one decoder layer's attention over the encoder output."""
 
-    def __init__(self, num_heads: int, head_dim: int, scale: float, layer_index: int):
+    def __init__(self, scale: float, layer_index: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.scale = scale
         self.layer_index = layer_index  # whose KV cache holds the encoder's K/V
 
     def store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -110,7 +110,7 @@ class DecoderSelfAttention(_Projections):
 class EncDecAttention(_Projections):
     def __init__(self, config: PretrainedConfig, quant: Quantization, layer_index: int):
         super().__init__(config, quant)
-        self.attn = CrossAttention(self.num_heads, self.head_dim, 1.0, layer_index)
+        self.attn = CrossAttention(1.0, layer_index)
 
     def store(self, encoder_output: torch.Tensor, slots: torch.Tensor) -> None:
         """encoder_output [S, d_model] of one request: its K/V into `slots` [S] of its encoder blocks."""
