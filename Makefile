@@ -99,7 +99,7 @@ soak: install model
 
 # Quality of every quantization scheme and 4-bit checkpoint format on the bundled model: perplexity over
 # tests/data/perplexity_text.txt against the unquantized model, the 4-bit checkpoints GPTQ-solved
-# on tests/data/calibration_text.txt (~16 min; not in `make test`).
+# on tests/data/calibration_text.txt (16 min on a quiet day, ~40 on a slow one; not in `make test`).
 .PHONY: quality
 quality: install model
 	SLUICE_QUALITY=full $(PY) -m pytest -q -s -p no:cacheprovider tests/shard/test_perplexity.py

@@ -57,27 +57,27 @@ def perplexity(model_dir: Path, token_ids: list[int], quantize: str | None) -> t
 
 
 # A 4-bit checkpoint of the bundled model in each pre-quantized format, GPTQ-solved on a calibration
-# text (tests/shard/quantization/solver.py) and written in the format's layout by the tests'
-# independent writers -> the bound of its perplexity. With groups of 32 every format meets the
-# issue's 1.10x (measured 1.054x GPTQ, 1.096x AWQ, 1.078x compressed-tensors, 2026-12-03); with
-# groups of 64 GPTQ's act-order groups meet it (1.099x) while AWQ's and compressed-tensors'
-# contiguous ones do not (1.136x, 1.135x): their bounds hold what was measured, so that a regression
-# fails. (Rounding to nearest instead measured 1.21x-1.42x: the bundled weights come from a Q4_1
-# GGUF, which these formats' integer zero points and float16 scales round a second time.)
+# text (tests/shard/quantization/solver.py; AWQ and compressed-tensors AWQ-scaled first) and written
+# in the format's layout by the tests' independent writers -> the bound of its perplexity. Measured
+# 2026-12-03: GPTQ 1.054x / 1.099x (groups of 32 / 64), AWQ 1.078x / 1.092x, compressed-tensors
+# 1.098x / 1.104x. Compressed-tensors with groups of 64 misses the issue's 1.10x by 0.4%: its bound
+# holds what was measured, so that a regression fails. (Without AWQ scaling: AWQ 1.096x / 1.136x,
+# compressed-tensors 1.078x / 1.135x; rounded to nearest 1.21x-1.42x: the bundled weights come from
+# a Q4_1 GGUF, which these formats' integer zero points and float16 scales round a second time.)
 CHECKPOINTS = {
     ("gptq", 32): 1.10,
     ("awq", 32): 1.10,
     ("compressed-tensors", 32): 1.10,
     ("gptq", 64): 1.10,
-    ("awq", 64): 1.15,
-    ("compressed-tensors", 64): 1.15,
+    ("awq", 64): 1.10,
+    ("compressed-tensors", 64): 1.11,
 }
 
 
 def write_checkpoint(fmt: str, group_size: int, out: Path, model_dir: Path) -> Path:
     """The bundled model, GPTQ-solved on the calibration text to 4 bits in `fmt`'s layout, into `out`:
-    GPTQ with act-order groups (desc_act, g_idx), AWQ and compressed-tensors (symmetric) with
-    contiguous groups."""
+    GPTQ with act-order groups (desc_act, g_idx); AWQ and compressed-tensors (symmetric) AWQ-scaled,
+    with contiguous groups."""
     import transformers
 
     from tests.shard.quantization import solver, writers
@@ -85,7 +85,7 @@ def write_checkpoint(fmt: str, group_size: int, out: Path, model_dir: Path) -> P
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     calibration = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(solver.CALIBRATION_TEXT.read_text()).ids
     sym, min_zero = fmt == "compressed-tensors", 1 if fmt == "gptq" else 0  # GPTQ v1 stores zero - 1
-    solved = solver.quantize_model(model, calibration, group_size, sym, fmt == "gptq", min_zero)
+    solved = solver.quantize_model(model, calibration, group_size, sym, fmt == "gptq", min_zero, awq=fmt != "gptq")
     if fmt == "gptq":
         writers.gptq_checkpoint(out, group_size=group_size, desc_act=True, model=model, solved=solved)
     elif fmt == "awq":

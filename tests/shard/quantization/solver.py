@@ -1,7 +1,12 @@
 """Calibrated 4-bit quantization of a Llama's decoder linears, for the perplexity checkpoints of
 tests/shard/test_perplexity.py (`make quality`); the formats' layouts stay in writers.py.
 
-Two pieces, both standard:
+Three pieces, all standard:
+- optionally, AWQ's activation-aware scaling (Lin, Tang, Tang, Yang, Dang, Gan, Han, "AWQ:
+  Activation-aware Weight Quantization for LLM Compression and Acceleration", MLSys 2024; AutoAWQ's
+  `_search_best_scale`): the input features that carry large activations are scaled up in the
+  weights and down in the operation before them (the RMSNorm's weight, or up_proj's rows before
+  down_proj), so that their weights lose less to rounding; the model computes the same function;
 - each group's scale and zero point minimise the group's squared error (weighted by the input's
   mean square per feature) over a small grid of clipped ranges, as AutoAWQ's and llama.cpp's
   quantizers search, instead of taking the group's min and max;
@@ -22,6 +27,7 @@ import torch
 
 CALIBRATION_TEXT = Path(__file__).parent.parent.parent / "data" / "calibration_text.txt"
 GRID = torch.linspace(1.0, 0.7, 16)  # fractions of a group's range tried as its clipped range
+AWQ_RATIOS = torch.linspace(0, 1, 21)  # exponents of the activation scale tried (AutoAWQ: n_grid 20)
 
 
 def group_params(w: torch.Tensor, sym: bool, importance: torch.Tensor, min_zero: int = 0):
@@ -98,16 +104,76 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, sym: bool, act_order
     return out.t().contiguous(), scales, zeros, g_idx
 
 
+def rtn(w: torch.Tensor, group_size: int, sym: bool) -> torch.Tensor:
+    """w [N, K] rounded to 4 bits over each group's full range (what AWQ's scale search compares)."""
+    view = w.unflatten(-1, (-1, group_size))
+    lo, hi = view.amin(-1, keepdim=True).clamp(max=0), view.amax(-1, keepdim=True).clamp(min=0)
+    if sym:
+        scale, zero = (torch.maximum(-lo, hi) / 7.5).clamp(min=1e-8), torch.full_like(lo, 8)
+    else:
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = torch.round(-lo / scale)
+    return fake_quantize(view, scale, zero).flatten(-2)
+
+
+def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], group_size: int, sym: bool) -> torch.Tensor:
+    """x [T, K] (the inputs the linears `weights` [N_i, K] share) -> per-feature scales [K]: of
+    s = mean|x|^r (normalised), over AWQ_RATIOS r, the one whose rounded (w * s) / s gives outputs
+    closest to the unrounded ones in squared error (r = 0: no scaling)."""
+    w = torch.cat(weights)
+    reference = x @ w.t()
+    x_mean = x.abs().mean(0)
+    best, best_err = torch.ones_like(x_mean), float("inf")
+    for r in AWQ_RATIOS:
+        s = x_mean.pow(r).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = ((x @ (rtn(w * s, group_size, sym) / s).t() - reference) ** 2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def apply_awq(layer, inputs: list[torch.Tensor], kwargs: dict, group_size: int, sym: bool) -> None:
+    """Scale a transformers Llama decoder `layer`'s linears by awq_scales on its calibration `inputs`,
+    dividing the operation before each group by the same scales: input_layernorm before q/k/v,
+    post_attention_layernorm before gate/up, up_proj's rows before down_proj. (o_proj's would go
+    into v_proj, which has fewer outputs than o_proj has inputs under grouped-query attention.)"""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = (
+        (layer.input_layernorm.weight, (attn.q_proj, attn.k_proj, attn.v_proj)),
+        (layer.post_attention_layernorm.weight, (mlp.gate_proj, mlp.up_proj)),
+        (mlp.up_proj.weight, (mlp.down_proj,)),
+    )
+    for before, linears in groups:
+        captured: list[torch.Tensor] = []
+        hook = linears[0].register_forward_pre_hook(lambda _m, args, into=captured: into.append(args[0].flatten(0, -2)))
+        for x in inputs:
+            layer(x, **kwargs)
+        hook.remove()
+        s = awq_scales(torch.cat(captured), [m.weight for m in linears], group_size, sym)
+        for m in linears:
+            m.weight.mul_(s)
+        before.div_(s[:, None] if before.dim() == 2 else s)
+
+
 class _Captured(Exception):
     pass
 
 
 @torch.no_grad()
 def quantize_model(
-    model, token_ids: list[int], group_size: int, sym: bool, act_order_groups: bool, min_zero=0, seq_len: int = 512
+    model,
+    token_ids: list[int],
+    group_size: int,
+    sym: bool,
+    act_order_groups: bool,
+    min_zero=0,
+    awq: bool = False,
+    seq_len: int = 512,
 ) -> dict[str, tuple]:
     """GPTQ-solve every decoder linear of `model` (a transformers Llama) on `token_ids`, in chunks of
-    seq_len, layer by layer; each linear's weight becomes its dequantized value. Returns
+    seq_len, layer by layer (each layer first scaled by apply_awq when `awq`); each linear's weight
+    becomes its dequantized value, and the norms the scales went into change with them. Returns
     {module name: (q, scales, zeros, g_idx)} for writers' packers."""
     chunks = [torch.tensor([token_ids[i : i + seq_len]]) for i in range(0, len(token_ids) - seq_len + 1, seq_len)]
     layers = model.model.layers
@@ -127,6 +193,8 @@ def quantize_model(
     hook.remove()
     result = {}
     for i, layer in enumerate(layers):
+        if awq:
+            apply_awq(layer, inputs, kwargs, group_size, sym)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
 

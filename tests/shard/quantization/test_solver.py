@@ -51,3 +51,42 @@ def test_group_params_minimise_the_weighted_error_over_the_clipping_grid():
     minmax_zero = torch.round(-lo / minmax).to(torch.int64)
     err_minmax = ((solver.fake_quantize(w, minmax[:, None], minmax_zero[:, None]) - w) ** 2).sum(-1)
     assert (err <= err_minmax + 1e-6).all() and (err < err_minmax).any()
+
+
+def test_awq_scales_beat_no_scaling_on_inputs_with_outlier_features():
+    w, x, _ = _layer(seed=2)
+    x[:, :4] *= 20  # a few features carry large activations, as in a real layer
+    s = solver.awq_scales(x, [w[:24], w[24:]], 32, sym=False)
+    assert s.shape == (128,) and (s > 0).all()
+    assert s[:4].mean() > s[4:].mean()  # the loud features are scaled up in the weights
+    exact = x @ w.t()
+    err_scaled = ((x @ (solver.rtn(w * s, 32, False) / s).t() - exact) ** 2).sum()
+    err_plain = ((x @ solver.rtn(w, 32, False).t() - exact) ** 2).sum()
+    assert err_scaled < 0.8 * err_plain, (float(err_scaled), float(err_plain))
+
+
+def test_apply_awq_keeps_the_layers_function():
+    model = writers.dense_model(seed=3)
+    layer = model.model.layers[0]
+    for p in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight):
+        p.data.uniform_(0.5, 1.5)
+    ids = torch.tensor([writers.PROMPTS[0]])
+    with torch.no_grad():
+        before = model(ids).logits
+        inputs, kwargs = [], {}
+
+        def capture(_module, args, kw):
+            inputs.append(args[0] if args else kw["hidden_states"])
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+
+        hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        model(ids)
+        hook.remove()
+        mlp = layer.mlp
+        weights = [m.weight.clone() for m in (layer.self_attn.q_proj, mlp.gate_proj, mlp.down_proj)]
+        solver.apply_awq(layer, inputs, kwargs, 32, sym=False)
+        after = model(ids).logits
+    assert all(
+        not torch.equal(w, m.weight) for w, m in zip(weights, (layer.self_attn.q_proj, mlp.gate_proj, mlp.down_proj))
+    )
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
