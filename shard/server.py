@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -135,26 +136,71 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return pb.ClearCacheResponse()
 
     async def Step(self, request_iterator, context):
-        async for request in request_iterator:
-            step = step_from_pb(request)
-            span = start_step_span(
-                dict(request.trace_context),
-                {"step_id": step.step_id, "num_new": len(step.new_requests), "num_running": len(step.running_requests)},
-            )
+        """Run each step the router sends, in order, answering each in turn.
+
+        Steps are read and queued on the model thread as they arrive, so that with the router's
+        next step already sent the model thread goes straight from one step to the next: the
+        asyncio handoffs and protobuf work of the answer and the next request overlap a forward
+        instead of sitting between two. Once a step fails or the stream ends, the steps queued
+        behind it are skipped, as if never read."""
+        stopped = threading.Event()  # set on the model thread, before it takes the next step
+
+        def run(step: StepInput) -> StepOutput | None:
+            if stopped.is_set():
+                return None
             try:
-                out = await self._run(self.runner.step, step)
-            except Exception as e:  # the router fails the step's requests and forgets them
-                refused = isinstance(e, ValueError)  # a malformed step, refused before it ran
-                log.error("step %d refused: %s", request.step_id, e) if refused else log.exception(
-                    "step %d failed", request.step_id
+                return self.runner.step(step)
+            except BaseException:
+                stopped.set()
+                raise
+
+        queued: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:  # queues (step, span, its result to come), then None; or what failed
+            try:
+                await read_steps()
+            except Exception as e:
+                queued.put_nowait(e)
+            else:
+                queued.put_nowait(None)
+
+        async def read_steps() -> None:
+            async for request in request_iterator:
+                step = step_from_pb(request)
+                span = start_step_span(
+                    dict(request.trace_context),
+                    {
+                        "step_id": step.step_id,
+                        "num_new": len(step.new_requests),
+                        "num_running": len(step.running_requests),
+                    },
                 )
-                span.record_exception(e)
+                queued.put_nowait((step, span, loop.run_in_executor(self.executor, run, step)))
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await queued.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                step, span, result = item
+                try:
+                    out = await result
+                except Exception as e:  # the router fails the step's requests and forgets them
+                    refused = isinstance(e, ValueError)  # a malformed step, refused before it ran
+                    log.error("step %d refused: %s", step.step_id, e) if refused else log.exception(
+                        "step %d failed", step.step_id
+                    )
+                    span.record_exception(e)
+                    span.end()
+                    code = grpc.StatusCode.INVALID_ARGUMENT if refused else grpc.StatusCode.INTERNAL
+                    await context.abort(code, f"{type(e).__name__}: {e}")
+                span.set_attributes({"forward_ns": out.forward_ns, "sample_ns": out.sample_ns})
                 span.end()
-                code = grpc.StatusCode.INVALID_ARGUMENT if refused else grpc.StatusCode.INTERNAL
-                await context.abort(code, f"{type(e).__name__}: {e}")
-            span.set_attributes({"forward_ns": out.forward_ns, "sample_ns": out.sample_ns})
-            span.end()
-            yield step_to_pb(out)
+                yield step_to_pb(out)
+        finally:
+            stopped.set()
+            reader.cancel()
 
 
 def model_thread() -> ThreadPoolExecutor:
