@@ -16,8 +16,9 @@
 
 Packed weights live in the C++ kernels (csrc/cpu_int8.cpp) under an integer handle, like
 cpu_gemm's oneDNN weights, so that a compiled graph calls `sluice_cpu::int8_linear(x, handle, ...)`
-with a constant. The kernels need cpu_native.load(); on CPUs without AVX-512 (VNNI, BF16) plain
-C++ loops give the same results, slowly.
+with a constant. The kernels need cpu_native.load(). CPUs with AVX2 but no AVX-512 run weight-only
+in fp32 with AVX2 FMAs (W8A8 there falls back to plain C++ loops, as everything does on CPUs with
+neither: the same results, 50-100x slower than a float32 matmul).
 """
 
 import torch
@@ -27,13 +28,22 @@ from shard.kernels import cpu_native
 NEVER = 2**62  # act_quant_min_rows that keeps every batch weight-only
 
 
-def available() -> tuple[bool, str]:
-    """Whether the int8 ops can run, and which kernels they use (or why not)."""
+def available(dynamic: bool = False) -> tuple[bool, str]:
+    """Whether int8 linears (`dynamic`: W8A8) run fast on this CPU, and which kernels they use (or
+    why not): the scalar loops are correct but slower than not quantizing at all."""
     if not cpu_native.is_loaded():
         return False, "the C++ CPU kernels are not loaded (shard.kernels.cpu_native.load)"
     kernels = torch.ops.sluice_cpu.int8_kernels()
     if kernels == "generic":
-        return True, "generic C++ loops (no AVX-512 on this CPU): correct but slow"
+        return (
+            False,
+            "this CPU has neither AVX-512 nor AVX2 with FMA, and the plain C++ loops are ~50x slower than float32",
+        )
+    if dynamic and "vnni" not in kernels:
+        return False, (
+            f"W8A8 multiplies u8 x s8 with AVX-512 VNNI, which this CPU lacks (kernels: {kernels}); "
+            "without it integer products are no faster than float ones: use --quantize int8"
+        )
     return True, kernels
 
 

@@ -25,7 +25,7 @@ from shard.quantization.base import (
 # multiply no faster than bf16 (measured per op: 0.8x bf16's time at 32 rows weight-only, 0.6x with
 # integer compute), as Intel's IPEX does with lowp_mode=INT8. Below, decode reads half the bytes of
 # bf16 and multiplies exactly. Perplexity on the bundled model: 1.002x unquantized weight-only, 1.013x
-# with integer compute (tests/shard/test_perplexity.py).
+# with integer compute (tests/shard/test_perplexity.py). Only on CPUs with AVX-512 VNNI.
 CPU_ACT_QUANT_MIN_ROWS = 8
 
 
@@ -78,18 +78,24 @@ def _check_device(target: Target, scheme: str) -> None:
     if target.device.type == "cpu":
         from shard.kernels import cpu_int8
 
-        ok, reason = cpu_int8.available()
+        ok, reason = cpu_int8.available(dynamic=scheme == "int8-dynamic")
         if not ok:
-            raise QuantizationError(f"--quantize {scheme} on CPU needs the C++ int8 kernels: {reason}")
+            raise QuantizationError(f"--quantize {scheme} cannot run fast on this CPU: {reason}")
     elif target.device.type != "cuda":
         raise QuantizationError(f"--quantize {scheme} runs on CPU and CUDA, not {target.device.type}")
 
 
 def weight_only(target: Target) -> Quantization:
     _check_device(target, "int8")
+    act_quant_min_rows = CPU_ACT_QUANT_MIN_ROWS
+    if target.device.type == "cpu":
+        from shard.kernels import cpu_int8
+
+        # integer compute pays only with VNNI: without it (AVX2), every batch stays weight-only
+        act_quant_min_rows = CPU_ACT_QUANT_MIN_ROWS if cpu_int8.available(dynamic=True)[0] else None
     return Quantization(
         "int8",
-        Int8LinearMethod(target.device, dynamic=False, act_quant_min_rows=CPU_ACT_QUANT_MIN_ROWS),
+        Int8LinearMethod(target.device, dynamic=False, act_quant_min_rows=act_quant_min_rows),
         Int8LinearMethod(target.device, dynamic=False),
     )
 

@@ -20,14 +20,28 @@ SHAPES = [(80, 96), (33, 70), (130, 257), (960, 576)]  # [N, K]: K % 64 != 0, K 
 ROWS = [1, 3, 17, 64]
 
 
-@pytest.fixture(params=["simd", "generic"])
+NATIVE = torch.ops.sluice_cpu.int8_kernels()
+
+
+@pytest.fixture(params=["native", "avx2", "generic"])
 def kernels(request):
-    """Each test runs on this CPU's SIMD kernels and on the scalar loops other CPUs get."""
-    if request.param == "simd" and torch.ops.sluice_cpu.int8_kernels() == "generic":
-        pytest.skip("no AVX-512 on this CPU")
-    torch.ops.sluice_cpu.int8_force_generic(request.param == "generic")
-    yield request.param
-    torch.ops.sluice_cpu.int8_force_generic(False)
+    """Each test runs on this CPU's SIMD kernels, on the AVX2 ones CPUs without AVX-512 get, and on
+    the scalar loops."""
+    if request.param == "native" and NATIVE == "generic":
+        pytest.skip("no SIMD kernels for this CPU")
+    if request.param == "avx2" and (NATIVE == "avx2" or not _has_avx2()):
+        pytest.skip("`native` runs the AVX2 kernels here" if NATIVE == "avx2" else "no AVX2 on this CPU")
+    torch.ops.sluice_cpu.int8_force_kernels(request.param)
+    yield torch.ops.sluice_cpu.int8_kernels()
+    torch.ops.sluice_cpu.int8_force_kernels("native")
+
+
+def _has_avx2() -> bool:
+    torch.ops.sluice_cpu.int8_force_kernels("avx2")
+    try:
+        return torch.ops.sluice_cpu.int8_kernels() == "avx2"
+    finally:
+        torch.ops.sluice_cpu.int8_force_kernels("native")
 
 
 def _weight(n, k, seed=0):
@@ -164,10 +178,15 @@ def test_released_handles_are_refused():
         torch.ops.sluice_cpu.int8_linear(torch.randn(1, 96), handle, 80, None, 0)
 
 
-def test_available_names_the_kernels():
-    ok, kernels = cpu_int8.available()
-    assert ok
-    assert kernels == torch.ops.sluice_cpu.int8_kernels() or kernels.startswith("generic")
+def test_available_names_the_kernels_and_refuses_slow_ones(kernels):
+    """--quantize int8 needs AVX2 or AVX-512 (the scalar loops are slower than float32), and
+    int8-dynamic needs VNNI; the reason says which."""
+    ok, reason = cpu_int8.available()
+    assert (ok, reason) == (True, kernels) if kernels != "generic" else not ok and "neither" in reason
+    ok, reason = cpu_int8.available(dynamic=True)
+    assert ok == ("vnni" in kernels), reason
+    if kernels != "generic" and not ok:
+        assert "VNNI" in reason and "--quantize int8" in reason
 
 
 def test_torch_compile_fullgraph():

@@ -20,8 +20,9 @@
 // columns x 4 consecutive k (VNNI order); N and K are zero-padded to multiples of 16 and 4.
 //
 // The SIMD kernels carry target attributes and are chosen at run time from the CPU's features
-// (AVX-512 VNNI for W8A8, AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8); scalar loops over the
-// same layout serve other CPUs, slowly but with the same results up to summation order.
+// (AVX-512 VNNI for W8A8, AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2 with FMA for W8 in
+// fp32 on CPUs without AVX-512); scalar loops over the same layout serve other CPUs, slowly (50-100x
+// the time of a float32 matmul) but with the same results up to summation order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,6 +42,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SLUICE_X86 1
 #include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
 #define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
@@ -120,14 +122,16 @@ std::shared_ptr<const PackedInt8> lookup(int64_t handle) {
 // Which kernels this CPU runs
 
 struct Isa {
-  bool avx512 = false, vnni = false, bf16 = false, vbmi = false;
+  bool avx2 = false, avx512 = false, vnni = false, bf16 = false, vbmi = false;
 };
 
-std::atomic<bool> force_generic{false};  // tests check the scalar kernels on any machine
+// Tests check the kernels of lesser CPUs on any machine: 0 this CPU's, 1 AVX2's at most, 2 the scalar loops.
+std::atomic<int> forced_level{0};
 
 Isa detect() {
   Isa isa;
 #if SLUICE_X86
+  isa.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   isa.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   isa.vnni = isa.avx512 && __builtin_cpu_supports("avx512vnni");
@@ -139,16 +143,30 @@ Isa detect() {
 
 Isa isa() {
   static const Isa detected = detect();
-  return force_generic ? Isa{} : detected;
+  switch (forced_level.load()) {
+    case 0:
+      return detected;
+    case 1: {
+      Isa avx2;
+      avx2.avx2 = detected.avx2;
+      return avx2;
+    }
+    default:
+      return Isa{};
+  }
 }
 
 std::string int8_kernels() {
   const Isa i = isa();
-  if (!i.avx512) return "generic";
+  if (!i.avx512) return i.avx2 ? "avx2" : "generic";
   return std::string("avx512") + (i.vnni ? "+vnni" : "") + (i.bf16 ? "+bf16" : "") + (i.vbmi ? "+vbmi" : "");
 }
 
-void int8_force_generic(bool generic) { force_generic = generic; }
+// "native" (this CPU's best), "avx2" (at most AVX2's, where the CPU has it) or "generic".
+void int8_force_kernels(const std::string& kernels) {
+  TORCH_CHECK(kernels == "native" || kernels == "avx2" || kernels == "generic", "no int8 kernels named ", kernels);
+  forced_level = kernels == "native" ? 0 : kernels == "avx2" ? 1 : 2;
+}
 
 // ---------------------------------------------------------------------------------------------
 // What both paths share
@@ -670,6 +688,75 @@ void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outp
     });
   });
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 (CPUs without AVX-512): weight-only in fp32, a chunk of the weight converted to fp32 once
+// and every row multiplied against it with 8-wide FMAs. No W8A8 here: without VNNI integer
+// multiply-adds are no faster than fp32 FMAs (int8.py keeps such CPUs weight-only).
+
+// Chunk of nr blocks -> fp32 [Kp][nr][16 columns], as dequant_f32 makes it. Each int32 lane of the
+// packing holds one column's 4 consecutive k; byte j is sign-extended by shifting it to the top.
+TARGET_AVX2 void dequant_f32_avx2(const PackedInt8& w, int64_t b0, int nr, float* out) {
+  const int64_t k4 = w.k4(), k_stride = nr * kCols;
+  for (int b = 0; b < nr; ++b) {
+    const int8_t* src = w.block(b0 + b);
+    for (int64_t i = 0; i < k4; ++i)
+      for (int h = 0; h < 2; ++h) {  // columns 0-7, then 8-15
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * 64 + h * 32));
+        float* dst = out + (4 * i * nr + b) * kCols + h * 8;
+        _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
+        _mm256_storeu_ps(dst + k_stride, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)));
+        _mm256_storeu_ps(dst + 2 * k_stride, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)));
+        _mm256_storeu_ps(dst + 3 * k_stride, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)));
+      }
+  }
+}
+
+// MR rows x one block of 16 columns: acc_out [MR][16] = x[:MR, :k] @ w[:k, 16], w's rows ldw apart.
+// 2 MR accumulators + 2 weight vectors + a broadcast fit AVX2's 16 registers up to MR = 6.
+template <int MR>
+TARGET_AVX2 void w8_f32_tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k,
+                                  float* acc_out) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m256 w0 = _mm256_loadu_ps(w + kk * ldw), w1 = _mm256_loadu_ps(w + kk * ldw + 8);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk);
+      acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(acc_out + m * kCols, acc[m][0]);
+    _mm256_storeu_ps(acc_out + m * kCols + 8, acc[m][1]);
+  }
+}
+
+void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
+  using Tile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+  static constexpr Tile tiles[kMaxMR] = {&w8_f32_tile_avx2<1>, &w8_f32_tile_avx2<2>, &w8_f32_tile_avx2<3>,
+                                         &w8_f32_tile_avx2<4>, &w8_f32_tile_avx2<5>, &w8_f32_tile_avx2<6>};
+  for_each_chunk(w.blocks(), rows, w.k4() * 4, [&](int64_t b0, int nr) {
+    float* chunk = scratch<float>(w.k4() * 4 * nr * kCols);
+    dequant_f32_avx2(w, b0, nr, chunk);
+    alignas(32) float acc[kMaxMR * kCols];
+    for_each_tile(rows, [&](int64_t m0, int mr) {
+      for (int b = 0; b < nr; ++b) {
+        tiles[mr - 1](x + m0 * ldx, ldx, chunk + b * kCols, nr * kCols, w.k, acc);
+        const int64_t col0 = (b0 + b) * kCols;
+        for (int m = 0; m < mr; ++m)
+          for (int64_t c = 0; c < kCols && col0 + c < o.n; ++c) {
+            const float v = acc[m * kCols + c] * o.scale[col0 + c];
+            o.bf16 ? store_generic<at::BFloat16>(o, m0 + m, col0 + c, v) : store_generic<float>(o, m0 + m, col0 + c, v);
+          }
+      }
+    });
+  });
+}
 #endif  // SLUICE_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -732,9 +819,9 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
     const at::Tensor xe = k < kp ? at::constant_pad_nd(x, {0, kp - k}) : x;
     return w8_bf16(xe.const_data_ptr<at::BFloat16>(), xe.stride(0), rows, w, o, cpu.vbmi);
   }
-  if (cpu.avx512) {
+  if (cpu.avx512 || cpu.avx2) {
     const at::Tensor xf = x.to(at::kFloat);  // bf16 -> fp32 is exact
-    return w8_f32(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
+    return (cpu.avx512 ? w8_f32 : w8_f32_avx2)(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
   }
 #endif
   if (x.scalar_type() == at::kBFloat16) return w8_generic(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, w, o);
@@ -774,7 +861,7 @@ TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
   m.def("pack_int8_weight(Tensor weight, Tensor scales) -> int", &pack_int8_weight);
   m.def("release_int8_weight(int handle) -> ()", &release_int8_weight);
   m.def("int8_kernels() -> str", &int8_kernels);
-  m.def("int8_force_generic(bool generic) -> ()", &int8_force_generic);
+  m.def("int8_force_kernels(str kernels) -> ()", &int8_force_kernels);
   m.def("int8_linear(Tensor x, int handle, int out_features, Tensor? bias, int act_quant_min_rows) -> Tensor");
 }
 
