@@ -736,7 +736,60 @@ TARGET_AVX2 void w8_f32_tile_avx2(const float* x, int64_t ldx, const float* w, i
   }
 }
 
+// Up to kMaxFusedMR rows (decode, where reading the weight is the cost): one block of the packed
+// weight converted in registers as it streams in, without the scratch round trip. x has Kp
+// readable k (zero past K).
+template <int MR>
+TARGET_AVX2 void w8_f32_fused_tile_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t k4, float* acc_out) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k4; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i * 64 + kPrefetch), _MM_HINT_T0);
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 64));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 64 + 32));
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 f0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * j), 24));
+      const __m256 f1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * j), 24));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + 4 * i + j);
+        acc[m][0] = _mm256_fmadd_ps(xb, f0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xb, f1, acc[m][1]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(acc_out + m * kCols, acc[m][0]);
+    _mm256_storeu_ps(acc_out + m * kCols + 8, acc[m][1]);
+  }
+}
+
+// out[m0 + m, col0 + c] = acc [mr][16] * scale (+ bias), the columns past N dropped.
+void finish_w8_generic(const float* acc, int mr, const Output& o, int64_t m0, int64_t col0) {
+  for (int m = 0; m < mr; ++m)
+    for (int64_t c = 0; c < kCols && col0 + c < o.n; ++c) {
+      const float v = acc[m * kCols + c] * o.scale[col0 + c];
+      o.bf16 ? store_generic<at::BFloat16>(o, m0 + m, col0 + c, v) : store_generic<float>(o, m0 + m, col0 + c, v);
+    }
+}
+
+// x [rows, ldx] fp32, with Kp readable k (zero past K) when rows <= kMaxFusedMR.
 void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
+  if (rows <= kMaxFusedMR) {
+    using Fused = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
+    static constexpr Fused fused[kMaxFusedMR] = {&w8_f32_fused_tile_avx2<1>, &w8_f32_fused_tile_avx2<2>,
+                                                 &w8_f32_fused_tile_avx2<3>, &w8_f32_fused_tile_avx2<4>};
+    return for_each_chunk(w.blocks(), rows, w.k4() * 4, [&](int64_t b0, int nr) {
+      alignas(32) float acc[kMaxFusedMR * kCols];
+      for (int b = 0; b < nr; ++b) {
+        fused[rows - 1](x, ldx, w.block(b0 + b), w.k4(), acc);
+        finish_w8_generic(acc, static_cast<int>(rows), o, 0, (b0 + b) * kCols);
+      }
+    });
+  }
   using Tile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
   static constexpr Tile tiles[kMaxMR] = {&w8_f32_tile_avx2<1>, &w8_f32_tile_avx2<2>, &w8_f32_tile_avx2<3>,
                                          &w8_f32_tile_avx2<4>, &w8_f32_tile_avx2<5>, &w8_f32_tile_avx2<6>};
@@ -747,12 +800,7 @@ void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w,
     for_each_tile(rows, [&](int64_t m0, int mr) {
       for (int b = 0; b < nr; ++b) {
         tiles[mr - 1](x + m0 * ldx, ldx, chunk + b * kCols, nr * kCols, w.k, acc);
-        const int64_t col0 = (b0 + b) * kCols;
-        for (int m = 0; m < mr; ++m)
-          for (int64_t c = 0; c < kCols && col0 + c < o.n; ++c) {
-            const float v = acc[m * kCols + c] * o.scale[col0 + c];
-            o.bf16 ? store_generic<at::BFloat16>(o, m0 + m, col0 + c, v) : store_generic<float>(o, m0 + m, col0 + c, v);
-          }
+        finish_w8_generic(acc, mr, o, m0, (b0 + b) * kCols);
       }
     });
   });
@@ -819,9 +867,15 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
     const at::Tensor xe = k < kp ? at::constant_pad_nd(x, {0, kp - k}) : x;
     return w8_bf16(xe.const_data_ptr<at::BFloat16>(), xe.stride(0), rows, w, o, cpu.vbmi);
   }
-  if (cpu.avx512 || cpu.avx2) {
+  if (cpu.avx512) {
     const at::Tensor xf = x.to(at::kFloat);  // bf16 -> fp32 is exact
-    return (cpu.avx512 ? w8_f32 : w8_f32_avx2)(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
+    return w8_f32(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
+  }
+  if (cpu.avx2) {
+    const int64_t kp = w.k4() * 4;
+    at::Tensor xf = x.to(at::kFloat);
+    if (rows <= kMaxFusedMR && k < kp) xf = at::constant_pad_nd(xf, {0, kp - k});  // the fused tiles read Kp
+    return w8_f32_avx2(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
   }
 #endif
   if (x.scalar_type() == at::kBFloat16) return w8_generic(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, w, o);
