@@ -19,13 +19,16 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def available(weight: torch.Tensor) -> bool:
-    """Whether `weight` can be packed: a CPU float32/bfloat16 matrix, oneDNN and our kernels present."""
+    """Whether `weight` can be packed: a CPU float32/bfloat16 matrix, oneDNN and our kernels present,
+    and for bfloat16 a CPU oneDNN runs it on (AVX-512BW/VL/DQ or AVX-NE-CONVERT; on AVX2 alone it
+    refuses to pack, and the layer keeps `F.linear`)."""
     return (
         weight.device.type == "cpu"
         and weight.dtype in _DTYPES
         and weight.dim() == 2
         and torch.backends.mkldnn.is_available()
         and cpu_native.is_loaded()
+        and (weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
 
 

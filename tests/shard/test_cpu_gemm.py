@@ -30,6 +30,18 @@ def test_packed_linear_matches_f_linear(rows, bias):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_weights_pack_only_where_onednn_runs_them():
+    """oneDNN refuses bf16 weights on AVX2-only CPUs: there the layer keeps F.linear, and computes the same."""
+    g = torch.Generator().manual_seed(5)
+    layer = ReplicatedLinear(96, 80).to(torch.bfloat16)
+    layer.weight.data.copy_(torch.randn(80, 96, generator=g))
+    x = torch.randn(3, 96, generator=g).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float()).bfloat16()
+    layer.process_weights_after_loading()
+    assert (layer.packed_weight is not None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    torch.testing.assert_close(layer(x), expected, rtol=2**-7, atol=1e-2)
+
+
 def test_unsupported_weights_stay_dense():
     layer = ReplicatedLinear(8, 8).to(torch.float64)
     layer.process_weights_after_loading()
