@@ -51,7 +51,8 @@ clean:
 
 # Benchmarks (benchmarks/RESULTS.md): Sluice against vLLM's CPU build (its own venv, .venv-vllm/, created on
 # first use) and transformers' pipeline and static batching, on the same prompts in one command. Per dtype
-# pairing (`auto`: each server's own default; float32) Sluice and vLLM start fresh one after the other, stay
+# pairing (`auto`: each server's own default; float32; bfloat16, which on a CPU with AVX-512 BF16 is the default
+# pairing again and adds nothing, and elsewhere compares like with like) Sluice and vLLM start fresh one after the other, stay
 # resident, and take turns on each load (C=32: S V S V; C=8 and C=1: S V V S, the table showing the mean of
 # each server's two runs), with the memory bandwidth before and after as a drift check; prefix caching off on
 # both; the baselines run once, in float32. The default pairing's Sluice also runs the C=32 load unconstrained
@@ -67,7 +68,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: install model $(VENV)/.bench-installed
 	$(PY) -m benchmarks.run --num-requests 64 --prompt-len 32 256 --output-len 128 128 \
 		--concurrency 1 8 32 --requests-at 1=4 8=16 --pipeline-max-requests 4 --skip static:1 --static-max-batches 1 \
-		--baselines pipeline static --peers $(BENCH_PEERS) sluice-int8 --dtypes auto float32 \
+		--baselines pipeline static --peers $(BENCH_PEERS) sluice-int8 --dtypes auto float32 bfloat16 \
 		--long-prompt-tokens 2000 --constrained 2 --profile 32 --profile-requests 32
 
 # The GPU check (benchmarks/gpu_check.py): `make gpu-kit` here gathers what the lent GPU machine lacks into

@@ -44,9 +44,12 @@ def pairings(requests: list[str], resolved: dict[str, dict[str, str]]) -> list[d
     """One row per request: the dtype each system used for it.
 
     `resolved` is {system: {request: dtype used}}; a system missing a request leaves it out of the row.
+    A request every system served at the dtypes of an earlier row (`bfloat16` where every default
+    is bfloat16) ran the same starts: it has no row of its own.
     """
     rows = []
     for request in dict.fromkeys(requests):
         dtypes = {system: done[request] for system, done in resolved.items() if request in done}
-        rows.append({"request": request, "name": pairing_name(request), "dtypes": dtypes})
+        if all(dtypes != row["dtypes"] for row in rows):
+            rows.append({"request": request, "name": pairing_name(request), "dtypes": dtypes})
     return rows

@@ -56,6 +56,17 @@ def test_pairings_name_each_request_and_the_dtype_each_system_used():
         {"request": "auto", "name": "default", "dtypes": {"sluice": "bfloat16", "vllm": "bfloat16"}},
         {"request": "float32", "name": "float32", "dtypes": {"sluice": "float32", "vllm": "float32"}},
     ]
+    same = {"auto": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}  # an AVX-512 BF16 CPU: bfloat16 is auto
+    assert [r["name"] for r in pairing.pairings(["auto", "float32", "bfloat16"], {"sluice": same, "vllm": same})] == [
+        "default",
+        "float32",
+    ]
+    avx2 = {"sluice": {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16"}, "vllm": same}
+    assert [r["name"] for r in pairing.pairings(["auto", "float32", "bfloat16"], avx2)] == [
+        "default",
+        "float32",
+        "bfloat16",
+    ]
     missing = pairing.pairings(["auto"], {"sluice": {"auto": "float32"}})
     assert missing[0]["dtypes"] == {"sluice": "float32"}
 
