@@ -34,6 +34,7 @@ def batch_sizes(text: str) -> tuple[int, ...]:
 
 
 CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CPU_GEMM_KERNELS = ("auto", "onednn", "avx2", "aten")  # shard/kernels/cpu_gemm.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,10 @@ class ShardConfig:
         4 << 30, "KV cache size on CPU in GiB (default: 4)", option="--cpu-kv-cache-gb", type=gigabytes, forward=True
     )
     cpu_gemm: str = flag(
-        "onednn", "CPU linear layers: oneDNN with weights packed at load, or F.linear (MKL)", choices=("onednn", "aten")
+        "auto",
+        "CPU linear layers, weights packed at load: oneDNN, or our AVX2 kernels (auto: AVX2 ones on CPUs "
+        "without AVX-512, oneDNN elsewhere); aten: F.linear (MKL)",
+        choices=CPU_GEMM_KERNELS,
     )
     enforce_eager: bool = flag(False, "run the model eagerly: no compiled forward (CPU), no CUDA graphs", forward=True)
     cuda_graphs: tuple[int, ...] = flag(
@@ -108,8 +112,8 @@ class ShardConfig:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block size must be a power of two, got {self.block_size}")
-        if self.cpu_gemm not in ("onednn", "aten"):
-            raise ValueError(f"cpu_gemm must be 'onednn' or 'aten', got {self.cpu_gemm!r}")
+        if self.cpu_gemm not in CPU_GEMM_KERNELS:
+            raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_KERNELS)}, got {self.cpu_gemm!r}")
         if not 0 < self.cuda_memory_fraction <= 1:
             raise ValueError(f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}")
         if self.enforce_eager:

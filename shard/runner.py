@@ -90,7 +90,7 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(config.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.device, self.hf_config)
         self.kernel_backend = kernels.select_backend(self.device, config.compile_cache_dir)
-        target = quantization.Target(self.device, self.dtype, cpu_gemm=config.cpu_gemm == "onednn")
+        target = quantization.Target(self.device, self.dtype, cpu_gemm=config.cpu_gemm)
         self.quantization = quantization.resolve(config.quantize, self.hf_config, target)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)

@@ -1,51 +1,80 @@
-"""Linear layers on CPU through oneDNN with weights packed once at load.
+"""Linear layers on CPU with weights packed once at load, by one of two kernel sets.
 
-`F.linear` on CPU calls MKL, which on AMD processors takes a generic code path: on this
-project's EPYC (AVX-512) oneDNN with a prepacked weight runs the model's matmuls 2-3.5x
-faster (batch 1 to 1024, float32, same results within float32 rounding). The ops are
-PyTorch's own (`torch.ops.mkldnn`, the ones Inductor emits for frozen CPU linears).
+- `onednn`: PyTorch's own oneDNN ops (`torch.ops.mkldnn`, the ones Inductor emits for frozen CPU
+  linears). `F.linear` on CPU calls MKL, which on AMD processors takes a generic code path: on
+  this project's AVX-512 EPYC a prepacked oneDNN weight runs the model's matmuls 2-3.5x faster
+  (batch 1 to 1024, float32, same results within float32 rounding).
+- `avx2`: our kernels for CPUs with AVX2 but no AVX-512 (csrc/cpu_dense_avx2.cpp), where oneDNN
+  streams a decode step's weights at two thirds of the memory's speed and does not take bfloat16
+  weights at all. On a 2-core AVX2 EPYC, the model's 120 decoder linears in float32: 1 row 29.5 ->
+  18.8 ms, 8 rows 37.7 -> 29.0 ms, 512 rows level; bfloat16 weights 12.5 ms with 1 row.
 
-A packed weight is an opaque oneDNN tensor, which a compiled graph cannot take as an input, so
-it lives in the C++ kernels (csrc/cpu_linear.cpp) under an integer handle and the graph calls
-`sluice_cpu::packed_linear(x, handle, ...)`. Packing needs those kernels built; without them
-(no C++ compiler) the layers keep `F.linear`.
+`auto` takes `avx2` on CPUs without AVX-512 and `onednn` elsewhere; `aten` keeps `F.linear`.
+
+A packed weight is opaque to a compiled graph (oneDNN's is not even a strided tensor), so it lives
+in the C++ kernels under an integer handle and the graph calls `sluice_cpu::packed_linear(x,
+handle, ...)` or `sluice_cpu::dense_avx2_linear(...)`. Packing needs those kernels built; without
+them (no C++ compiler) the layers keep `F.linear`.
 """
 
 import torch
 
+from shard.config import CPU_GEMM_KERNELS as KERNELS
 from shard.kernels import cpu_native
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-def available(weight: torch.Tensor) -> bool:
-    """Whether `weight` can be packed: a CPU float32/bfloat16 matrix, oneDNN and our kernels present,
-    and for bfloat16 a CPU oneDNN runs it on (AVX-512BW/VL/DQ or AVX-NE-CONVERT; on AVX2 alone it
-    refuses to pack, and the layer keeps `F.linear`)."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in _DTYPES
-        and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
-        and cpu_native.is_loaded()
-        and (weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def resolve(kernels: str) -> str:
+    """`auto` -> the kernel set for this CPU; other names as they are."""
+    if kernels not in KERNELS:
+        raise ValueError(f"CPU linear kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels != "auto":
+        return kernels
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return "avx2" if cpu_native.is_loaded() and not avx512 and torch.ops.sluice_cpu.dense_avx2_available() else "onednn"
+
+
+def available(weight: torch.Tensor, kernels: str = "auto") -> bool:
+    """Whether `kernels` can pack `weight`: a CPU float32/bfloat16 matrix and our C++ kernels loaded;
+    for `onednn`, oneDNN present and, for bfloat16, a CPU it runs it on (AVX-512BW/VL/DQ or
+    AVX-NE-CONVERT); for `avx2`, a CPU with AVX2 and FMA."""
+    kernels = resolve(kernels)
+    if kernels == "aten" or not cpu_native.is_loaded():
+        return False
+    if not (weight.device.type == "cpu" and weight.dtype in _DTYPES and weight.dim() == 2):
+        return False
+    if kernels == "avx2":
+        return torch.ops.sluice_cpu.dense_avx2_available()
+    return torch.backends.mkldnn.is_available() and (
+        weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
 
 class PackedWeight:
-    """A weight [out, in] in oneDNN's blocked layout (for any batch size), held by its handle."""
+    """A weight [out, in] packed by `kernels` (oneDNN's blocked layout, or our AVX2 panels), held by
+    its handle and released with the object."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, kernels: str = "auto"):
         self.out_features = weight.shape[0]
-        self.handle = torch.ops.sluice_cpu.pack_linear_weight(weight)
+        self.kernels = resolve(kernels)
+        if self.kernels == "avx2":
+            self.handle = torch.ops.sluice_cpu.pack_dense_avx2(weight)
+        else:
+            self.handle = torch.ops.sluice_cpu.pack_linear_weight(weight)
 
     def __del__(self):
         try:
-            torch.ops.sluice_cpu.release_linear_weight(self.handle)
+            if self.kernels == "avx2":
+                torch.ops.sluice_cpu.release_dense_avx2(self.handle)
+            else:
+                torch.ops.sluice_cpu.release_linear_weight(self.handle)
         except (RuntimeError, AttributeError):  # the interpreter is shutting down
             pass
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out], as `F.linear(x, dense_weight, bias)`."""
+    if weight.kernels == "avx2":
+        return torch.ops.sluice_cpu.dense_avx2_linear(x, weight.handle, weight.out_features, bias)
     return torch.ops.sluice_cpu.packed_linear(x, weight.handle, weight.out_features, bias)

@@ -15,7 +15,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / f"cpu_{name}.cpp" for name in ("attention", "extend", "step", "sampling", "linear", "int8")]
+_SOURCES = [
+    _CSRC / f"cpu_{name}.cpp" for name in ("attention", "extend", "step", "sampling", "linear", "int8", "dense_avx2")
+]
 _ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -64,6 +66,10 @@ def _register_fakes() -> None:
     """Shapes of the ops a compiled forward calls, for tracing."""
 
     @torch.library.register_fake("sluice_cpu::packed_linear")
+    def _(x, handle, out_features, bias):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("sluice_cpu::dense_avx2_linear")
     def _(x, handle, out_features, bias):
         return x.new_empty(*x.shape[:-1], out_features)
 

@@ -17,7 +17,7 @@ __all__ = ["Quantization", "QuantizationError", "Target", "resolve", "weight_byt
 
 
 def none(target: Target) -> Quantization:
-    dense = UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm)
+    dense = UnquantizedLinearMethod(target.cpu_gemm)
     return Quantization(None, dense, dense)
 
 

@@ -86,11 +86,11 @@ class LinearMethod(ABC):
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """A dense weight [out, in] in the model's dtype; on CPU packed for oneDNN after loading
-    (cpu_gemm: 2-3.5x MKL's speed on AMD processors)."""
+    """A dense weight [out, in] in the model's dtype; on CPU packed after loading by the `cpu_gemm`
+    kernels (oneDNN or our AVX2 ones: 2-3.5x MKL's speed on AMD processors; `aten`: none)."""
 
-    def __init__(self, pack_for_cpu: bool = True):
-        self.pack_for_cpu = pack_for_cpu
+    def __init__(self, cpu_gemm: str = "auto"):
+        self.cpu_gemm = cpu_gemm
 
     def create_weights(self, layer: nn.Module, shape: LayerShape) -> None:
         weight = torch.empty(shape.output_size, shape.input_size, dtype=shape.dtype)
@@ -98,8 +98,8 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def process_after_loading(self, layer: nn.Module) -> None:
         layer.packed_weight = None
-        if self.pack_for_cpu and cpu_gemm.available(layer.weight):
-            layer.packed_weight = cpu_gemm.PackedWeight(layer.weight.data)
+        if cpu_gemm.available(layer.weight, self.cpu_gemm):
+            layer.packed_weight = cpu_gemm.PackedWeight(layer.weight.data, self.cpu_gemm)
             layer.weight_nbytes = layer.weight.numel() * layer.weight.element_size()
             del layer.weight  # the packed copy replaces it: no second copy of the weights in memory
 
@@ -118,11 +118,12 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What a scheme is resolved for: the device, the compute dtype and whether CPU linears use oneDNN."""
+    """What a scheme is resolved for: the device, the compute dtype and the CPU linears' kernels
+    (shard.kernels.cpu_gemm.KERNELS)."""
 
     device: torch.device
     dtype: torch.dtype
-    cpu_gemm: bool = True
+    cpu_gemm: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

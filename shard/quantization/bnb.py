@@ -89,7 +89,7 @@ def _build(quant_type: str, target: Target) -> Quantization:
             bitsandbytes.__version__,
         )
     method = BitsAndBytesLinearMethod(quant_type, target.device)
-    return Quantization(scheme, method, UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm))
+    return Quantization(scheme, method, UnquantizedLinearMethod(target.cpu_gemm))
 
 
 def llm_int8(target: Target) -> Quantization:

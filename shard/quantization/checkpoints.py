@@ -40,7 +40,7 @@ def decoder_linear_names() -> list[str]:
 
 
 def _quantization(name: str, linear, target: Target) -> Quantization:
-    return Quantization(name, linear, UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm), pre_quantized=True)
+    return Quantization(name, linear, UnquantizedLinearMethod(target.cpu_gemm), pre_quantized=True)
 
 
 def _int(config: dict, keys: tuple[str, ...], what: str, default=None) -> int:

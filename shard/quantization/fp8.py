@@ -76,7 +76,7 @@ class EightBitLinearMethod(LinearMethod):
     def __init__(self, config: EightBitConfig, target: Target):
         self.config = config
         self.target = target
-        self.dense = UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm)
+        self.dense = UnquantizedLinearMethod(target.cpu_gemm)
         self.use_kernels = target.device.type != "cpu"
         self.name = config.format_name.lower()
 
@@ -219,4 +219,4 @@ def on_the_fly(target: Target) -> Quantization:
             "there is no FP8 CPU kernel; on CPU use --quantize int8 or int8-dynamic"
         )
     check_fp8_device(target, "--quantize fp8")
-    return Quantization("fp8", Fp8OnTheFlyMethod(target), UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm))
+    return Quantization("fp8", Fp8OnTheFlyMethod(target), UnquantizedLinearMethod(target.cpu_gemm))

@@ -176,7 +176,7 @@ class Int4LinearMethod(LinearMethod):
 
     def __init__(self, target: Target):
         self.target = target
-        self.dense = UnquantizedLinearMethod(pack_for_cpu=target.cpu_gemm)
+        self.dense = UnquantizedLinearMethod(target.cpu_gemm)
         self.use_kernels = target.device.type != "cpu"
 
     @abstractmethod

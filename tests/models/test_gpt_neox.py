@@ -58,7 +58,7 @@ def test_attention_mask_buffers_of_older_checkpoints_are_skipped(model_dir, tmp_
     tensors["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     tensors["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
     save_file(tensors, tmp_path / "model.safetensors")
-    target = quantization.Target(torch.device("cpu"), torch.float32, cpu_gemm=False)
+    target = quantization.Target(torch.device("cpu"), torch.float32, cpu_gemm="aten")
     model = build_model(AutoConfig.from_pretrained(model_dir), quantization.none(target))
     load_weights(model, tmp_path)
     loaded = model.gpt_neox.layers[0].attention.dense.weight

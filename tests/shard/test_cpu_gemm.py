@@ -1,45 +1,69 @@
-"""oneDNN-packed CPU linears compute what F.linear does, and the runner uses them on CPU."""
+"""Packed CPU linears (oneDNN, our AVX2 kernels) compute what F.linear does, and the runner uses them on CPU."""
 
 import pytest
 import torch
 
 from shard.config import ShardConfig, default_cache_dir
-from shard.kernels import cpu_native
+from shard.kernels import cpu_gemm, cpu_native
 from shard.layers.linear import ReplicatedLinear
+from shard.quantization.base import UnquantizedLinearMethod
 from shard.runner import ModelRunner
 from shard.sampler import SamplingParams
 from shard.step import Batch, RequestState
 
 cpu_native.load(default_cache_dir())  # packing needs the C++ kernels; a machine that cannot build them fails here
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+HAS_AVX2 = torch.ops.sluice_cpu.dense_avx2_available()
+KERNELS = [
+    pytest.param("onednn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")),
+    pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU without AVX2")),
+]
 
 
-@pytest.mark.parametrize("rows", [0, 1, 7, 33, 300])
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 33, 300])  # 300: more than the AVX2 kernels' 48-row chunk
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(rows, bias):
+def test_packed_linear_matches_f_linear(kernels, rows, bias):
     g = torch.Generator().manual_seed(rows)
-    layer = ReplicatedLinear(96, 80, bias=bias)
-    layer.weight.data.copy_(torch.randn(80, 96, generator=g))
+    layer = ReplicatedLinear(97, 83, bias=bias)  # neither a multiple of 16 outputs nor of 4 inputs
+    layer.quant_method = UnquantizedLinearMethod(kernels)
+    layer.weight.data.copy_(torch.randn(83, 97, generator=g))
     if bias:
-        layer.bias.data.copy_(torch.randn(80, generator=g))
-    x = torch.randn(rows, 192, generator=g)[:, ::2]  # strided input, as a slice of a wider tensor
+        layer.bias.data.copy_(torch.randn(83, generator=g))
+    x = torch.randn(rows, 194, generator=g)[:, ::2]  # strided input, as a slice of a wider tensor
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     layer.process_weights_after_loading()
-    assert layer.packed_weight is not None
+    assert layer.packed_weight is not None and layer.packed_weight.kernels == kernels
     assert not hasattr(layer, "weight")  # the dense copy is released
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_weights_pack_only_where_onednn_runs_them():
-    """oneDNN refuses bf16 weights on AVX2-only CPUs: there the layer keeps F.linear, and computes the same."""
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("rows", [1, 5, 60])
+def test_bfloat16_weights_pack_where_the_kernels_run_them(kernels, rows):
+    """oneDNN refuses bf16 weights on AVX2-only CPUs (the layer keeps F.linear there); the AVX2
+    kernels widen them to float32 in registers. Either way: F.linear's result in float32, rounded
+    to bfloat16 (to within one bf16 rounding: the sums' order differs)."""
     g = torch.Generator().manual_seed(5)
     layer = ReplicatedLinear(96, 80).to(torch.bfloat16)
+    layer.quant_method = UnquantizedLinearMethod(kernels)
     layer.weight.data.copy_(torch.randn(80, 96, generator=g))
-    x = torch.randn(3, 96, generator=g).bfloat16()
+    x = torch.randn(rows, 96, generator=g).bfloat16()
     expected = torch.nn.functional.linear(x.float(), layer.weight.float()).bfloat16()
     layer.process_weights_after_loading()
-    assert (layer.packed_weight is not None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    packs = kernels == "avx2" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert (layer.packed_weight is not None) == packs
     torch.testing.assert_close(layer(x), expected, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"), [("AVX2", "avx2"), ("AVX512", "onednn"), ("AVX512_BF16", "onednn")]
+)
+def test_auto_takes_the_avx2_kernels_only_without_avx512(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_gemm.resolve("auto") == (expected if HAS_AVX2 else "onednn")
+    assert cpu_gemm.resolve("aten") == "aten"
+    with pytest.raises(ValueError, match="must be one of auto, onednn, avx2, aten"):
+        cpu_gemm.resolve("mkl")
 
 
 def test_unsupported_weights_stay_dense():
@@ -52,14 +76,17 @@ def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
     # eager: the packed weights' math is what differs (the compiled forward over them: test_compiled_forward)
     ids = torch.randint(2, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     logits = []
-    for gemm in ("aten", "onednn"):
+    for gemm in ("aten", "onednn", "avx2"):
+        if gemm == "avx2" and not HAS_AVX2:
+            continue
         runner = ModelRunner(
             ShardConfig(model_dir=tiny_model_dir, device="cpu", dtype="float32", cpu_gemm=gemm, enforce_eager=True)
         )
         layers = [m for m in runner.model.modules() if hasattr(m, "quant_method")]
         packed = [m.packed_weight is not None for m in layers] + [runner.model.lm_head.head.packed_weight is not None]
-        assert all(packed) if gemm == "onednn" else not any(packed)
+        assert all(packed) if gemm != "aten" else not any(packed)
         runner.warmup(64, 4, max_num_blocks=8)
         state = RequestState(0, ids, len(ids), 0, [1, 2, 3], SamplingParams())
         logits.append(runner.forward(Batch([state], [len(ids)]), sample_rows_override=torch.arange(40)))
-    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+    for packed_logits in logits[1:]:
+        torch.testing.assert_close(packed_logits, logits[0], rtol=0, atol=1e-4)

@@ -462,7 +462,7 @@ def shard_model(model_dir: Path, kernels: bool = False, **target):
     from shard.quantization import Target, resolve
 
     hf_config = AutoConfig.from_pretrained(model_dir)
-    quant = resolve(None, hf_config, Target(torch.device("cpu"), torch.float32, **{"cpu_gemm": False, **target}))
+    quant = resolve(None, hf_config, Target(torch.device("cpu"), torch.float32, **{"cpu_gemm": "aten", **target}))
     quant.linear.use_kernels = kernels
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)

@@ -1,0 +1,248 @@
+// Dense linear layers (float32 or bfloat16 weights, float32 math) for CPUs with AVX2 but no AVX-512.
+//
+// oneDNN serves such CPUs poorly where the server spends its time: a decode step multiplies a few
+// rows by every weight, and on a 2-core AVX2 EPYC oneDNN's float32 matmuls stream the weights at
+// 15 GB/s with one row (the machine reads 23) and reach a fifth of the FMA peak with 8 rows; it
+// refuses bfloat16 weights outright (it needs AVX-512 or AVX-NE-CONVERT for them), which leaves
+// ATen's emulated bf16 matmul. These kernels keep each weight once, in panels of 16 output columns,
+// and multiply up to 6 rows at a time against a panel with 8-wide FMAs, bfloat16 weights widened
+// to float32 in registers as they stream in (a 16-bit shift: exact). The panels of a layer are
+// contiguous, so a thread's share of the weight is one sequential stream for the hardware prefetcher.
+//
+// Layout: [Np/16][K][16] (float32, or bfloat16 as uint16), N zero-padded to a multiple of 16.
+// Activations are float32 or bfloat16 rows; the result has the activations' dtype, accumulated in
+// float32 (bfloat16 outputs rounded to nearest even).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SLUICE_X86 1
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define SLUICE_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kCols = 16;  // output columns per panel: two 8-float vectors
+constexpr int kMaxMR = 6;      // rows per tile: 6 x 2 accumulators + 2 weight vectors + a broadcast = 15 registers
+constexpr int64_t kRowChunk = 48;  // rows whose activations stay cache-resident while a thread's panels stream past
+
+struct PackedDense {
+  at::Tensor panels;  // float32 or uint16 (bf16 bits) [Np/16, K, 16]
+  int64_t n = 0, k = 0;
+  bool bf16 = false;
+  int64_t blocks() const { return panels.size(0); }
+};
+
+std::mutex registry_mutex;
+std::deque<std::shared_ptr<const PackedDense>> registry;  // released slots hold nullptr
+
+bool cpu_supported() {
+#if SLUICE_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool dense_avx2_available() { return cpu_supported(); }
+
+int64_t pack_dense_avx2(const at::Tensor& weight) {
+  TORCH_CHECK(cpu_supported(), "the AVX2 dense kernels need a CPU with AVX2 and FMA");
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "weight must be a CPU float32 or bfloat16 [out, in] matrix");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(k > 0, "weight has no inputs");
+  const int64_t np = (n + kCols - 1) / kCols * kCols;
+  auto padded = at::zeros({np, k}, weight.options());  // [Np, K]
+  padded.narrow(0, 0, n).copy_(weight);
+  auto p = std::make_shared<PackedDense>();
+  p->panels = padded.view({np / kCols, kCols, k}).transpose(1, 2).contiguous();  // [Np/16, K, 16]
+  if (weight.scalar_type() == at::kBFloat16) p->panels = p->panels.view(at::kShort);
+  p->n = n;
+  p->k = k;
+  p->bf16 = weight.scalar_type() == at::kBFloat16;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry.push_back(std::move(p));
+  return static_cast<int64_t>(registry.size()) - 1;
+}
+
+void release_dense_avx2(int64_t handle) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no dense weight ", handle);
+  registry[handle] = nullptr;
+}
+
+std::shared_ptr<const PackedDense> lookup(int64_t handle) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no dense weight ", handle);
+  TORCH_CHECK(registry[handle], "dense weight ", handle, " was released");
+  return registry[handle];
+}
+
+#if SLUICE_X86
+// 8 weights of a panel row as float32.
+TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TARGET_AVX2 inline __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// A tile of MR activation rows (float32, ldx apart; bf16 rows are widened into a float32 copy
+// first) x one panel: acc [MR][16]. With fewer than 4 rows the k loop keeps U independent sets of
+// accumulators (summed at the end), or an FMA's latency would idle the units.
+template <int MR, typename W>
+TARGET_AVX2 void tile(const float* x, int64_t ldx, const W* panel, int64_t k, float* acc_out) {
+  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  __m256 acc[U][MR][2];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) acc[u][m][0] = acc[u][m][1] = _mm256_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + U <= k; kk += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const W* w = panel + (kk + u) * kCols;
+      const __m256 w0 = load8(w), w1 = load8(w + 8);
+#pragma GCC unroll 6
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk + u);
+        acc[u][m][0] = _mm256_fmadd_ps(xb, w0, acc[u][m][0]);
+        acc[u][m][1] = _mm256_fmadd_ps(xb, w1, acc[u][m][1]);
+      }
+    }
+  }
+  for (; kk < k; ++kk) {
+    const W* w = panel + kk * kCols;
+    const __m256 w0 = load8(w), w1 = load8(w + 8);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk);
+      acc[0][m][0] = _mm256_fmadd_ps(xb, w0, acc[0][m][0]);
+      acc[0][m][1] = _mm256_fmadd_ps(xb, w1, acc[0][m][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) {
+      acc[0][m][0] = _mm256_add_ps(acc[0][m][0], acc[u][m][0]);
+      acc[0][m][1] = _mm256_add_ps(acc[0][m][1], acc[u][m][1]);
+    }
+    _mm256_storeu_ps(acc_out + m * kCols, acc[0][m][0]);
+    _mm256_storeu_ps(acc_out + m * kCols + 8, acc[0][m][1]);
+  }
+}
+
+template <typename W>
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*);
+
+template <typename W>
+TileFn<W> tile_for(int mr) {
+  static constexpr TileFn<W> tiles[kMaxMR] = {&tile<1, W>, &tile<2, W>, &tile<3, W>,
+                                               &tile<4, W>, &tile<5, W>, &tile<6, W>};
+  return tiles[mr - 1];
+}
+
+// out[m0 + m, col0 + c] = acc [mr][16] (+ bias), the columns past N dropped.
+template <typename T>
+void finish(const float* acc, int mr, T* out, int64_t n, const float* bias, int64_t m0, int64_t col0) {
+  const int64_t cols = std::min<int64_t>(kCols, n - col0);
+  for (int m = 0; m < mr; ++m) {
+    T* row = out + (m0 + m) * n + col0;
+    const float* a = acc + m * kCols;
+    for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(a[c] + (bias ? bias[col0 + c] : 0.f));
+  }
+}
+
+// Rows in as few tiles as kMaxMR allows, of near-equal heights (8 rows: 4 + 4, not 6 + 2).
+template <typename F>
+void for_each_tile(int64_t rows, const F& f) {  // f(m0, mr)
+  const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR, base = rows / tiles, taller = rows % tiles;
+  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+    const int mr = static_cast<int>(base + (t < taller));
+    f(m0, mr);
+    m0 += mr;
+  }
+}
+
+// x [rows, K] float32 (contiguous) -> out [rows, N] of type T.
+template <typename W, typename T>
+void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels, T* out, const float* bias) {
+  const int64_t k = w.k, panel_size = k * kCols;
+  // A thread takes a contiguous range of panels; small layers stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, k * kCols));
+  at::parallel_for(0, w.blocks(), grain, [&](int64_t begin, int64_t end) {
+    alignas(32) float acc[kMaxMR * kCols];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+      const int64_t chunk = std::min(kRowChunk, rows - r0);
+      for (int64_t b = begin; b < end; ++b)
+        for_each_tile(chunk, [&](int64_t m0, int mr) {
+          tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, k, acc);
+          finish(acc, mr, out, w.n, bias, r0 + m0, b * kCols);
+        });
+    }
+  });
+}
+#endif  // SLUICE_X86
+
+at::Tensor dense_avx2_linear(const at::Tensor& x, int64_t handle, int64_t out_features,
+                             const std::optional<at::Tensor>& bias) {
+  const auto w = lookup(handle);
+  TORCH_CHECK(out_features == w->n, "dense weight ", handle, " has ", w->n, " outputs, not ", out_features);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w->k, "x [..., ", w->k, "] expected, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const at::Tensor xf = x.reshape({-1, w->k}).to(at::kFloat).contiguous();  // [M, K]; bf16 -> fp32 is exact
+  const int64_t rows = xf.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w->n;
+  auto out = at::empty({rows, w->n}, x.options());  // [M, N]
+  if (rows == 0 || w->n == 0) return out.view(out_shape);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == w->n, "bias must have ", w->n, " elements");
+    b = bias->to(at::kFloat).contiguous();
+  }
+#if SLUICE_X86
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const float* xp = xf.const_data_ptr<float>();
+  const bool bf16_out = x.scalar_type() == at::kBFloat16;
+  if (w->bf16) {
+    const auto* panels = reinterpret_cast<const uint16_t*>(w->panels.const_data_ptr<int16_t>());
+    bf16_out ? matmul(xp, rows, *w, panels, out.data_ptr<at::BFloat16>(), bp)
+             : matmul(xp, rows, *w, panels, out.data_ptr<float>(), bp);
+  } else {
+    const float* panels = w->panels.const_data_ptr<float>();
+    bf16_out ? matmul(xp, rows, *w, panels, out.data_ptr<at::BFloat16>(), bp)
+             : matmul(xp, rows, *w, panels, out.data_ptr<float>(), bp);
+  }
+#else
+  TORCH_CHECK(false, "the AVX2 dense kernels need an x86-64 CPU");
+#endif
+  return out.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
+  m.def("dense_avx2_available() -> bool", &dense_avx2_available);
+  m.def("pack_dense_avx2(Tensor weight) -> int", &pack_dense_avx2);
+  m.def("release_dense_avx2(int handle) -> ()", &release_dense_avx2);
+  m.def("dense_avx2_linear(Tensor x, int handle, int out_features, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sluice_cpu, CPU, m) { m.impl("dense_avx2_linear", &dense_avx2_linear); }
