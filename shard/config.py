@@ -88,6 +88,7 @@ class ShardConfig:
         "CPU linear layers, weights packed at load: oneDNN, or our AVX2 kernels (auto: AVX2 ones on CPUs "
         "without AVX-512, oneDNN elsewhere); aten: F.linear (MKL)",
         choices=CPU_GEMM_KERNELS,
+        forward=True,
     )
     enforce_eager: bool = flag(False, "run the model eagerly: no compiled forward (CPU), no CUDA graphs", forward=True)
     cuda_graphs: tuple[int, ...] = flag(

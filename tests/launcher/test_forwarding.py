@@ -22,6 +22,7 @@ FORWARDED = [(cls, flag) for cls in CHILDREN for flag in configflags.flags(cls) 
 SAMPLES = {  # for a flag of its own type, or where sample() would break the config's checks or choices
     "--block-size": "32",
     "--cpu-kv-cache-gb": "0.5",
+    "--cpu-gemm": "aten",
     "--cuda-memory-fraction": "0.5",
     "--dtype": "float16",
     "--quantize": "int8",
