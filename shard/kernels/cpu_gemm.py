@@ -5,9 +5,10 @@
   this project's AVX-512 EPYC a prepacked oneDNN weight runs the model's matmuls 2-3.5x faster
   (batch 1 to 1024, float32, same results within float32 rounding).
 - `avx2`: our kernels for CPUs with AVX2 but no AVX-512 (csrc/cpu_dense_avx2.cpp), where oneDNN
-  streams a decode step's weights at two thirds of the memory's speed and does not take bfloat16
-  weights at all. On a 2-core AVX2 EPYC, the model's 120 decoder linears in float32: 1 row 29.5 ->
-  18.8 ms, 8 rows 37.7 -> 29.0 ms, 512 rows level; bfloat16 weights 12.5 ms with 1 row.
+  falls short of the memory's speed on a decode step and does not take bfloat16 weights at all. On
+  a 2-core AVX2 EPYC, the model's 120 decoder linears (each set in turn, median of 15 rounds):
+  float32 1 row 22.5 -> 19.7 ms, 8 rows 28.9 -> 25.8 ms, 32 rows 58.7 -> 54.5 ms, 512 rows level;
+  bfloat16 weights 12.0 ms with 1 row.
 
 `auto` takes `avx2` on CPUs without AVX-512 and `onednn` elsewhere; `aten` keeps `F.linear`.
 
