@@ -4,10 +4,12 @@
 // few rows by every weight, and on a 2-core AVX2 EPYC oneDNN's float32 matmuls streamed the weights
 // at 21.5 GB/s with one row where these kernels reach 24.7 (the machine's bandwidth), and took
 // 1.08-1.12x these kernels' time at 4-32 rows; it refuses bfloat16 weights outright (it needs
-// AVX-512 or AVX-NE-CONVERT for them), which leaves ATen's emulated bf16 matmul. These kernels keep each weight once, in panels of 16 output columns,
-// and multiply up to 6 rows at a time against a panel with 8-wide FMAs, bfloat16 weights widened
-// to float32 in registers as they stream in (a 16-bit shift: exact). The panels of a layer are
-// contiguous, so a thread's share of the weight is one sequential stream for the hardware prefetcher.
+// AVX-512 or AVX-NE-CONVERT for them), which leaves ATen's emulated bf16 matmul.
+//
+// These kernels keep each weight once, in panels of 16 output columns, and multiply up to 6 rows
+// at a time against a panel with 8-wide FMAs, bfloat16 weights widened to float32 in registers as
+// they stream in (a 16-bit shift: exact). The panels of a layer are contiguous, so a thread's share
+// of the weight is one sequential stream for the hardware prefetcher.
 //
 // Layout: [Np/16][K][16] (float32, or bfloat16 as uint16), N zero-padded to a multiple of 16.
 // Activations are float32 or bfloat16 rows; the result has the activations' dtype, accumulated in
