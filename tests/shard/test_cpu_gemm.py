@@ -90,3 +90,16 @@ def test_runner_logits_are_the_same_with_and_without_packing(tiny_model_dir):
         logits.append(runner.forward(Batch([state], [len(ids)]), sample_rows_override=torch.arange(40)))
     for packed_logits in logits[1:]:
         torch.testing.assert_close(packed_logits, logits[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="CPU without AVX2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_rows_come_out_the_same_alone_or_in_any_batch(dtype):
+    """Each output sums its products in k order whatever the tile, so a request's logits do not
+    depend on what it is batched with (the grammar tests compare a row alone and batched exactly)."""
+    g = torch.Generator().manual_seed(9)
+    weight = cpu_gemm.PackedWeight(torch.randn(200, 576, generator=g).to(dtype), "avx2")
+    x = torch.randn(50, 576, generator=g).to(dtype)
+    batched = cpu_gemm.linear(x, weight, None)
+    for rows in (1, 2, 3, 7, 13):
+        assert torch.equal(cpu_gemm.linear(x[:rows], weight, None), batched[:rows])

@@ -2,8 +2,8 @@
 //
 // oneDNN serves such CPUs less well where the server spends its time: a decode step multiplies a
 // few rows by every weight, and on a 2-core AVX2 EPYC oneDNN's float32 matmuls streamed the weights
-// at 21.5 GB/s with one row where these kernels reach 24.7 (the machine's bandwidth), and took
-// 1.08-1.12x these kernels' time at 4-32 rows; it refuses bfloat16 weights outright (it needs
+// with one row about as fast as these kernels (both near the machine's bandwidth) but took
+// 1.08-1.14x their time at 8-32 rows; it refuses bfloat16 weights outright (it needs
 // AVX-512 or AVX-NE-CONVERT for them), which leaves ATen's emulated bf16 matmul.
 //
 // These kernels keep each weight once, in panels of 16 output columns, and multiply up to 6 rows
@@ -104,69 +104,57 @@ TARGET_AVX2 inline __m256 load8(const uint16_t* p) {
 }
 
 // A tile of MR activation rows (float32, ldx apart; bf16 rows are widened into a float32 copy
-// first) x one panel: acc [MR][16]. With fewer than 4 rows the k loop keeps U independent sets of
-// accumulators (summed at the end), or an FMA's latency would idle the units.
-template <int MR, typename W>
-TARGET_AVX2 void tile(const float* x, int64_t ldx, const W* panel, int64_t k, float* acc_out) {
-  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-  __m256 acc[U][MR][2];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u)
+// first) x NP consecutive panels (panel_size apart): acc [MR][NP * 16]. Every output sums its
+// products in k order, one FMA chain each, whatever the tile: a row's result does not depend on
+// the rows batched with it. One or two rows take 4 or 2 panels at a time, so that 8 chains keep
+// the FMA units busy between dependent FMAs.
+template <int MR, int NP, typename W>
+TARGET_AVX2 void tile(const float* x, int64_t ldx, const W* panel, int64_t panel_size, int64_t k, float* acc_out) {
+  __m256 acc[MR][NP][2];
 #pragma GCC unroll 6
-    for (int m = 0; m < MR; ++m) acc[u][m][0] = acc[u][m][1] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + U <= k; kk += U) {
+  for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) {
-      const W* w = panel + (kk + u) * kCols;
+    for (int p = 0; p < NP; ++p) acc[m][p][0] = acc[m][p][1] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t kk = 0; kk < k; ++kk) {
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const W* w = panel + p * panel_size + kk * kCols;
       const __m256 w0 = load8(w), w1 = load8(w + 8);
 #pragma GCC unroll 6
       for (int m = 0; m < MR; ++m) {
-        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk + u);
-        acc[u][m][0] = _mm256_fmadd_ps(xb, w0, acc[u][m][0]);
-        acc[u][m][1] = _mm256_fmadd_ps(xb, w1, acc[u][m][1]);
+        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk);
+        acc[m][p][0] = _mm256_fmadd_ps(xb, w0, acc[m][p][0]);
+        acc[m][p][1] = _mm256_fmadd_ps(xb, w1, acc[m][p][1]);
       }
     }
   }
-  for (; kk < k; ++kk) {
-    const W* w = panel + kk * kCols;
-    const __m256 w0 = load8(w), w1 = load8(w + 8);
 #pragma GCC unroll 6
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk);
-      acc[0][m][0] = _mm256_fmadd_ps(xb, w0, acc[0][m][0]);
-      acc[0][m][1] = _mm256_fmadd_ps(xb, w1, acc[0][m][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int m = 0; m < MR; ++m) {
+  for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int u = 1; u < U; ++u) {
-      acc[0][m][0] = _mm256_add_ps(acc[0][m][0], acc[u][m][0]);
-      acc[0][m][1] = _mm256_add_ps(acc[0][m][1], acc[u][m][1]);
+    for (int p = 0; p < NP; ++p) {
+      _mm256_storeu_ps(acc_out + (m * NP + p) * kCols, acc[m][p][0]);
+      _mm256_storeu_ps(acc_out + (m * NP + p) * kCols + 8, acc[m][p][1]);
     }
-    _mm256_storeu_ps(acc_out + m * kCols, acc[0][m][0]);
-    _mm256_storeu_ps(acc_out + m * kCols + 8, acc[0][m][1]);
-  }
 }
 
 template <typename W>
-using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*);
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, float*);
 
 template <typename W>
 TileFn<W> tile_for(int mr) {
-  static constexpr TileFn<W> tiles[kMaxMR] = {&tile<1, W>, &tile<2, W>, &tile<3, W>,
-                                               &tile<4, W>, &tile<5, W>, &tile<6, W>};
+  static constexpr TileFn<W> tiles[kMaxMR] = {&tile<1, 1, W>, &tile<2, 1, W>, &tile<3, 1, W>,
+                                               &tile<4, 1, W>, &tile<5, 1, W>, &tile<6, 1, W>};
   return tiles[mr - 1];
 }
 
-// out[m0 + m, col0 + c] = acc [mr][16] (+ bias), the columns past N dropped.
+// out[m0 + m, col0 + c] = acc [mr][ld] (+ bias) for c < 16, the columns past N dropped.
 template <typename T>
-void finish(const float* acc, int mr, T* out, int64_t n, const float* bias, int64_t m0, int64_t col0) {
+void finish(const float* acc, int64_t ld, int mr, T* out, int64_t n, const float* bias, int64_t m0, int64_t col0) {
   const int64_t cols = std::min<int64_t>(kCols, n - col0);
   for (int m = 0; m < mr; ++m) {
     T* row = out + (m0 + m) * n + col0;
-    const float* a = acc + m * kCols;
+    const float* a = acc + m * ld;
     for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(a[c] + (bias ? bias[col0 + c] : 0.f));
   }
 }
@@ -182,6 +170,23 @@ void for_each_tile(int64_t rows, const F& f) {  // f(m0, mr)
   }
 }
 
+// One or two rows x NP panels at a time (tile's wide form), the last few panels one by one.
+template <int MR, int NP, typename W, typename T>
+void few_rows(const float* x, int64_t k, const PackedDense& w, const W* panels, int64_t begin, int64_t end, T* out,
+              const float* bias) {
+  alignas(32) float acc[MR * NP * kCols];
+  const int64_t panel_size = k * kCols;
+  int64_t b = begin;
+  for (; b + NP <= end; b += NP) {
+    tile<MR, NP, W>(x, k, panels + b * panel_size, panel_size, k, acc);
+    for (int p = 0; p < NP; ++p) finish(acc + p * kCols, NP * kCols, MR, out, w.n, bias, 0, (b + p) * kCols);
+  }
+  for (; b < end; ++b) {
+    tile<MR, 1, W>(x, k, panels + b * panel_size, panel_size, k, acc);
+    finish(acc, kCols, MR, out, w.n, bias, 0, b * kCols);
+  }
+}
+
 // x [rows, K] float32 (contiguous) -> out [rows, N] of type T.
 template <typename W, typename T>
 void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels, T* out, const float* bias) {
@@ -189,13 +194,15 @@ void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels,
   // A thread takes a contiguous range of panels; small layers stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, k * kCols));
   at::parallel_for(0, w.blocks(), grain, [&](int64_t begin, int64_t end) {
+    if (rows == 1) return few_rows<1, 4>(x, k, w, panels, begin, end, out, bias);
+    if (rows == 2) return few_rows<2, 2>(x, k, w, panels, begin, end, out, bias);
     alignas(32) float acc[kMaxMR * kCols];
     for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
       const int64_t chunk = std::min(kRowChunk, rows - r0);
       for (int64_t b = begin; b < end; ++b)
         for_each_tile(chunk, [&](int64_t m0, int mr) {
-          tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, k, acc);
-          finish(acc, mr, out, w.n, bias, r0 + m0, b * kCols);
+          tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, panel_size, k, acc);
+          finish(acc, kCols, mr, out, w.n, bias, r0 + m0, b * kCols);
         });
     }
   });
