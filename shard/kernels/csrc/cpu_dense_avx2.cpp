@@ -19,11 +19,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_packed.h"
+
 #include <algorithm>
 #include <cstring>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <optional>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -47,8 +47,7 @@ struct PackedDense {
   int64_t blocks() const { return panels.size(0); }
 };
 
-std::mutex registry_mutex;
-std::deque<std::shared_ptr<const PackedDense>> registry;  // released slots hold nullptr
+sluice::PackedRegistry<PackedDense> registry("dense weight");
 
 bool cpu_supported() {
 #if SLUICE_X86
@@ -77,22 +76,11 @@ int64_t pack_dense_avx2(const at::Tensor& weight) {
   p->n = n;
   p->k = k;
   p->bf16 = weight.scalar_type() == at::kBFloat16;
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  registry.push_back(std::move(p));
-  return static_cast<int64_t>(registry.size()) - 1;
+  return registry.add(std::move(p));
 }
 
 void release_dense_avx2(int64_t handle) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no dense weight ", handle);
-  registry[handle] = nullptr;
-}
-
-std::shared_ptr<const PackedDense> lookup(int64_t handle) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no dense weight ", handle);
-  TORCH_CHECK(registry[handle], "dense weight ", handle, " was released");
-  return registry[handle];
+  registry.release(handle);
 }
 
 #if SLUICE_X86
@@ -159,17 +147,6 @@ void finish(const float* acc, int64_t ld, int mr, T* out, int64_t n, const float
   }
 }
 
-// Rows in as few tiles as kMaxMR allows, of near-equal heights (8 rows: 4 + 4, not 6 + 2).
-template <typename F>
-void for_each_tile(int64_t rows, const F& f) {  // f(m0, mr)
-  const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR, base = rows / tiles, taller = rows % tiles;
-  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
-    const int mr = static_cast<int>(base + (t < taller));
-    f(m0, mr);
-    m0 += mr;
-  }
-}
-
 // One or two rows x NP panels at a time (tile's wide form), the last few panels one by one.
 template <int MR, int NP, typename W, typename T>
 void few_rows(const float* x, int64_t k, const PackedDense& w, const W* panels, int64_t begin, int64_t end, T* out,
@@ -200,7 +177,7 @@ void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels,
     for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
       const int64_t chunk = std::min(kRowChunk, rows - r0);
       for (int64_t b = begin; b < end; ++b)
-        for_each_tile(chunk, [&](int64_t m0, int mr) {
+        sluice::for_each_tile<kMaxMR>(chunk, [&](int64_t m0, int mr) {
           tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, panel_size, k, acc);
           finish(acc, kCols, mr, out, w.n, bias, r0 + m0, b * kCols);
         });
@@ -211,7 +188,7 @@ void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels,
 
 at::Tensor dense_avx2_linear(const at::Tensor& x, int64_t handle, int64_t out_features,
                              const std::optional<at::Tensor>& bias) {
-  const auto w = lookup(handle);
+  const auto w = registry.get(handle);
   TORCH_CHECK(out_features == w->n, "dense weight ", handle, " has ", w->n, " outputs, not ", out_features);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w->k, "x [..., ", w->k, "] expected, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");

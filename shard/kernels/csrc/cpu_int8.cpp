@@ -28,13 +28,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_packed.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -77,8 +77,7 @@ struct PackedInt8 {
   const int8_t* block(int64_t b) const { return packed.const_data_ptr<int8_t>() + b * k4() * 64; }
 };
 
-std::mutex registry_mutex;
-std::deque<std::shared_ptr<const PackedInt8>> registry;  // released slots hold nullptr
+sluice::PackedRegistry<PackedInt8> registry("int8 weight");
 
 int64_t pack_int8_weight(const at::Tensor& weight, const at::Tensor& scales) {
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.scalar_type() == at::kChar,
@@ -100,22 +99,11 @@ int64_t pack_int8_weight(const at::Tensor& weight, const at::Tensor& scales) {
   p->scales.narrow(0, 0, n).copy_(scales);
   p->n = n;
   p->k = k;
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  registry.push_back(std::move(p));
-  return static_cast<int64_t>(registry.size()) - 1;
+  return registry.add(std::move(p));
 }
 
 void release_int8_weight(int64_t handle) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no int8 weight ", handle);
-  registry[handle] = nullptr;
-}
-
-std::shared_ptr<const PackedInt8> lookup(int64_t handle) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry.size()), "no int8 weight ", handle);
-  TORCH_CHECK(registry[handle], "int8 weight ", handle, " was released");
-  return registry[handle];
+  registry.release(handle);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,18 +603,6 @@ TARGET_AVX512 void finish_w8a8(const int32_t* acc, int mr, int nr, const QuantRo
   {SLUICE_TILE_ROW(fn, 1), SLUICE_TILE_ROW(fn, 2), SLUICE_TILE_ROW(fn, 3), SLUICE_TILE_ROW(fn, 4), \
    SLUICE_TILE_ROW(fn, 5), SLUICE_TILE_ROW(fn, 6)}
 
-// Rows in as few tiles as kMaxMR allows, of near-equal heights (8 rows: 4 + 4, not 6 + 2: a short
-// tile reloads the weights for few multiply-adds).
-template <typename F>
-void for_each_tile(int64_t rows, const F& tile) {  // tile(m0, mr)
-  const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR, base = rows / tiles, taller = rows % tiles;
-  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
-    const int mr = static_cast<int>(base + (t < taller));
-    tile(m0, mr);
-    m0 += mr;
-  }
-}
-
 // The nr blocks after chunk [b0, b0 + nr), to prefetch, if the weight has them.
 const int8_t* next_chunk(const PackedInt8& w, int64_t b0, int nr) {
   return b0 + 2 * nr <= w.blocks() ? w.block(b0 + nr) : nullptr;
@@ -654,7 +630,7 @@ void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8&
     uint16_t* chunk = scratch<uint16_t>(k4 * 4 * nr * kCols);
     vbmi ? dequant_bf16_lut(w, b0, nr, chunk) : dequant_bf16(w, b0, nr, chunk);
     alignas(64) float acc[kMaxMR * kMaxNR * kCols];
-    for_each_tile(rows, [&](int64_t m0, int mr) {
+    sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       tiles[mr - 1][nr - 1](x + m0 * ldx, ldx, chunk, k_pairs, m0 == 0 ? next_chunk(w, b0, nr) : nullptr, acc);
       finish_w8(acc, mr, nr, o, m0, b0 * kCols);
     });
@@ -668,7 +644,7 @@ void w8_f32(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w, cons
     float* chunk = scratch<float>(w.k4() * 4 * nr * kCols);
     dequant_f32(w, b0, nr, chunk);
     alignas(64) float acc[kMaxMR * kMaxNR * kCols];
-    for_each_tile(rows, [&](int64_t m0, int mr) {
+    sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       tiles[mr - 1][nr - 1](x + m0 * ldx, ldx, chunk, w.k, m0 == 0 ? next_chunk(w, b0, nr) : nullptr, acc);
       finish_w8(acc, mr, nr, o, m0, b0 * kCols);
     });
@@ -682,7 +658,7 @@ void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outp
   const int64_t k4 = w.k4();
   for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
     alignas(64) int32_t acc[kMaxMR * kMaxNR * kCols];
-    for_each_tile(rows, [&](int64_t m0, int mr) {
+    sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       tiles[mr - 1][nr - 1](a.q + m0 * a.ld, a.ld, w.block(b0), k4, acc);
       finish_w8a8(acc, mr, nr, a, col_sums, o, m0, b0 * kCols);
     });
@@ -797,7 +773,7 @@ void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w,
     float* chunk = scratch<float>(w.k4() * 4 * nr * kCols);
     dequant_f32_avx2(w, b0, nr, chunk);
     alignas(32) float acc[kMaxMR * kCols];
-    for_each_tile(rows, [&](int64_t m0, int mr) {
+    sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       for (int b = 0; b < nr; ++b) {
         tiles[mr - 1](x + m0 * ldx, ldx, chunk + b * kCols, nr * kCols, w.k, acc);
         finish_w8_generic(acc, mr, o, m0, (b0 + b) * kCols);
@@ -884,7 +860,7 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
 
 at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features,
                        const std::optional<at::Tensor>& bias, int64_t act_quant_min_rows) {
-  const auto w = lookup(handle);
+  const auto w = registry.get(handle);
   TORCH_CHECK(out_features == w->n, "int8 weight ", handle, " has ", w->n, " outputs, not ", out_features);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w->k, "x [..., ", w->k, "] expected, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
