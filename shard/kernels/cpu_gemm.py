@@ -6,9 +6,9 @@
   (batch 1 to 1024, float32, same results within float32 rounding).
 - `avx2`: our kernels for CPUs with AVX2 but no AVX-512 (csrc/cpu_dense_avx2.cpp), where oneDNN
   falls short of the memory's speed on a decode step and does not take bfloat16 weights at all. On
-  a 2-core AVX2 EPYC, the model's 120 decoder linears (each set in turn, median of 15 rounds):
-  float32 level with oneDNN at 1-2 rows (where both stream the weights at the memory's speed),
-  0.88-0.93x its time at 8-32 rows, level at 512; bfloat16 weights 0.52-0.59x at 1-8 rows.
+  a 2-core AVX2 EPYC, the model's 120 decoder linears (each set in turn, median of 11 rounds):
+  float32 0.65x oneDNN's time at 1-2 rows, 0.54-0.71x at 4-32, 0.9x at 64-256; bfloat16
+  weights 0.37-0.40x at 1-8 rows.
   Every output sums in k order whatever the batch: a row's result does not depend on its neighbours.
 
 `auto` takes `avx2` on CPUs without AVX-512 and `onednn` elsewhere; `aten` keeps `F.linear`.

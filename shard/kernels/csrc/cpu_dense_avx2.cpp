@@ -1,15 +1,16 @@
 // Dense linear layers (float32 or bfloat16 weights, float32 math) for CPUs with AVX2 but no AVX-512.
 //
 // oneDNN serves such CPUs less well where the server spends its time: a decode step multiplies a
-// few rows by every weight, and on a 2-core AVX2 EPYC oneDNN's float32 matmuls streamed the weights
-// with one row about as fast as these kernels (both near the machine's bandwidth) but took
-// 1.08-1.14x their time at 8-32 rows; it refuses bfloat16 weights outright (it needs
-// AVX-512 or AVX-NE-CONVERT for them), which leaves ATen's emulated bf16 matmul.
+// few rows by every weight, and on a 2-core AVX2 EPYC the model's 120 decoder linears took
+// oneDNN 1.5x these kernels' time with 1-2 rows, 1.4-1.8x with 4-32 and 1.1x with 64-256
+// (float32, interleaved in one process); it refuses bfloat16 weights outright (it needs AVX-512
+// or AVX-NE-CONVERT for them), which leaves ATen's emulated bf16 matmul.
 //
 // These kernels keep each weight once, in panels of 16 output columns, and multiply up to 6 rows
 // at a time against a panel with 8-wide FMAs, bfloat16 weights widened to float32 in registers as
 // they stream in (a 16-bit shift: exact). The panels of a layer are contiguous, so a thread's share
-// of the weight is one sequential stream for the hardware prefetcher.
+// of the weight is one sequential stream, which a decode batch takes a block at a time while
+// prefetching the next.
 //
 // Layout: [Np/16][K][16] (float32, or bfloat16 as uint16), N zero-padded to a multiple of 16.
 // Activations are float32 or bfloat16 rows; the result has the activations' dtype, accumulated in
@@ -39,6 +40,7 @@ namespace {
 constexpr int64_t kCols = 16;  // output columns per panel: two 8-float vectors
 constexpr int kMaxMR = 6;      // rows per tile: 6 x 2 accumulators + 2 weight vectors + a broadcast = 15 registers
 constexpr int64_t kRowChunk = 48;  // rows whose activations stay cache-resident while a thread's panels stream past
+constexpr int64_t kBlockK = 96;    // k rows of a panel that a decode batch's tiles take in turn
 
 struct PackedDense {
   at::Tensor panels;  // float32 or uint16 (bf16 bits) [Np/16, K, 16]
@@ -92,19 +94,30 @@ TARGET_AVX2 inline __m256 load8(const uint16_t* p) {
 }
 
 // A tile of MR activation rows (float32, ldx apart; bf16 rows are widened into a float32 copy
-// first) x NP consecutive panels (panel_size apart): acc [MR][NP * 16]. Every output sums its
-// products in k order, one FMA chain each, whatever the tile: a row's result does not depend on
-// the rows batched with it. One or two rows take 4 or 2 panels at a time, so that 8 chains keep
-// the FMA units busy between dependent FMAs.
+// first) x NP consecutive panels (panel_size apart), over k rows [k0, k1): acc_io [MR][NP * 16],
+// started from zero or, with `resume`, from the sums of the k rows before k0. Every output sums
+// its products in k order, one FMA chain each (a chain resumed from memory is the same chain),
+// whatever the tile: a row's result does not depend on the rows batched with it. One or two rows
+// take 4 or 2 panels at a time, so that 8 chains keep the FMA units busy between dependent FMAs.
+// The first pf_lines k steps each prefetch one cache line from pf on.
 template <int MR, int NP, typename W>
-TARGET_AVX2 void tile(const float* x, int64_t ldx, const W* panel, int64_t panel_size, int64_t k, float* acc_out) {
+TARGET_AVX2 void tile(const float* x, int64_t ldx, const W* panel, int64_t panel_size, int64_t k0, int64_t k1,
+                      float* acc_io, bool resume, const char* pf = nullptr, int64_t pf_lines = 0) {
   __m256 acc[MR][NP][2];
 #pragma GCC unroll 6
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p) acc[m][p][0] = acc[m][p][1] = _mm256_setzero_ps();
+    for (int p = 0; p < NP; ++p) {
+      if (resume) {
+        acc[m][p][0] = _mm256_loadu_ps(acc_io + (m * NP + p) * kCols);
+        acc[m][p][1] = _mm256_loadu_ps(acc_io + (m * NP + p) * kCols + 8);
+      } else {
+        acc[m][p][0] = acc[m][p][1] = _mm256_setzero_ps();
+      }
+    }
 #pragma GCC unroll 2
-  for (int64_t kk = 0; kk < k; ++kk) {
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    if (kk - k0 < pf_lines) _mm_prefetch(pf + (kk - k0) * 64, _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
       const W* w = panel + p * panel_size + kk * kCols;
@@ -121,13 +134,13 @@ TARGET_AVX2 void tile(const float* x, int64_t ldx, const W* panel, int64_t panel
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
-      _mm256_storeu_ps(acc_out + (m * NP + p) * kCols, acc[m][p][0]);
-      _mm256_storeu_ps(acc_out + (m * NP + p) * kCols + 8, acc[m][p][1]);
+      _mm256_storeu_ps(acc_io + (m * NP + p) * kCols, acc[m][p][0]);
+      _mm256_storeu_ps(acc_io + (m * NP + p) * kCols + 8, acc[m][p][1]);
     }
 }
 
 template <typename W>
-using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, float*);
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, int64_t, float*, bool, const char*, int64_t);
 
 template <typename W>
 TileFn<W> tile_for(int mr) {
@@ -155,11 +168,11 @@ void few_rows(const float* x, int64_t k, const PackedDense& w, const W* panels, 
   const int64_t panel_size = k * kCols;
   int64_t b = begin;
   for (; b + NP <= end; b += NP) {
-    tile<MR, NP, W>(x, k, panels + b * panel_size, panel_size, k, acc);
+    tile<MR, NP, W>(x, k, panels + b * panel_size, panel_size, 0, k, acc, false);
     for (int p = 0; p < NP; ++p) finish(acc + p * kCols, NP * kCols, MR, out, w.n, bias, 0, (b + p) * kCols);
   }
   for (; b < end; ++b) {
-    tile<MR, 1, W>(x, k, panels + b * panel_size, panel_size, k, acc);
+    tile<MR, 1, W>(x, k, panels + b * panel_size, panel_size, 0, k, acc, false);
     finish(acc, kCols, MR, out, w.n, bias, 0, b * kCols);
   }
 }
@@ -173,14 +186,33 @@ void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels,
   at::parallel_for(0, w.blocks(), grain, [&](int64_t begin, int64_t end) {
     if (rows == 1) return few_rows<1, 4>(x, k, w, panels, begin, end, out, bias);
     if (rows == 2) return few_rows<2, 2>(x, k, w, panels, begin, end, out, bias);
-    alignas(32) float acc[kMaxMR * kCols];
+    // Up to kRowChunk rows (a decode batch) take each panel kBlockK k rows at a time, every tile in
+    // turn, while the tiles prefetch the stream's next block between them: the weights come from
+    // memory once, at an even pace, while the FMAs run (taking whole panels tile after tile left
+    // the memory idle while the first tile's loads waited on it: 0.7-0.85x the time at 8-32 rows).
+    // More rows (prefill) re-read each panel from L2 for every tile anyway and take it whole.
+    const bool blocked = rows <= kRowChunk;
+    const int64_t block = blocked ? kBlockK : k;
+    const int64_t lines = blocked ? block * kCols * int64_t(sizeof(W)) / 64 : 0;  // cache lines of a block
+    alignas(32) float acc[kRowChunk * kCols];  // [chunk rows][16]
     for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
       const int64_t chunk = std::min(kRowChunk, rows - r0);
-      for (int64_t b = begin; b < end; ++b)
-        sluice::for_each_tile<kMaxMR>(chunk, [&](int64_t m0, int mr) {
-          tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, panel_size, k, acc);
-          finish(acc, kCols, mr, out, w.n, bias, r0 + m0, b * kCols);
-        });
+      const int64_t tiles = (chunk + kMaxMR - 1) / kMaxMR;
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t k0 = 0; k0 < k; k0 += block) {
+          const int64_t k1 = std::min(k, k0 + block);
+          // The block after this one in the thread's stream (the next panel's first, past the last).
+          const char* ahead = reinterpret_cast<const char*>(panels + b * panel_size + (k0 + block) * kCols);
+          int64_t t = 0;
+          sluice::for_each_tile<kMaxMR>(chunk, [&](int64_t m0, int mr) {
+            const int64_t l0 = t * lines / tiles, l1 = (t + 1) * lines / tiles;
+            ++t;
+            tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, panel_size, k0, k1, acc + m0 * kCols,
+                            k0 > 0, ahead + l0 * 64, l1 - l0);
+          });
+        }
+        finish(acc, kCols, static_cast<int>(chunk), out, w.n, bias, r0, b * kCols);
+      }
     }
   });
 }
