@@ -107,6 +107,20 @@ def test_matches_reference(kernels, scheme, n, k, dtype):
             check(out, x, w8, scales, b)
 
 
+def test_avx2_weight_only_rows_come_out_the_same_alone_or_in_any_batch(kernels):
+    """The AVX2 weight-only kernels sum each output's products in k order on every path (a few
+    rows converting the weight in registers, a decode batch by k blocks, a prefill by chunks), so a
+    row's result does not depend on the rows batched with it."""
+    if torch.ops.sluice_cpu.int8_kernels() != "avx2":
+        pytest.skip("the AVX2 kernels are not the ones running")
+    w8, scales, bias = _weight(200, 257)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    x = torch.randn(70, 257, generator=torch.Generator().manual_seed(3))
+    batched = cpu_int8.linear_w8(x, weight, bias)
+    for rows in (1, 2, 5, 13, 48):
+        assert torch.equal(cpu_int8.linear_w8(x[:rows], weight, bias), batched[:rows])
+
+
 def test_w8a8_is_close_to_the_weight_only_result():
     """Quantizing activations per row costs about 1/255 of each row's range: a few tenths of a
     percent relative error on Gaussian activations (the accuracy the VNNI path trades for speed)."""

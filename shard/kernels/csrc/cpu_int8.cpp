@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_avx2_tile.h"
 #include "cpu_packed.h"
 
 #include <algorithm>
@@ -666,50 +667,31 @@ void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outp
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX2 (CPUs without AVX-512): weight-only in fp32, a chunk of the weight converted to fp32 once
-// and every row multiplied against it with 8-wide FMAs. No W8A8 here: without VNNI integer
-// multiply-adds are no faster than fp32 FMAs (int8.py keeps such CPUs weight-only).
+// AVX2 (CPUs without AVX-512): weight-only in fp32, the weight converted to fp32 panels ([K][16]
+// per block of 16 columns) that cpu_avx2_tile.h's tiles multiply rows against with 8-wide FMAs. No
+// W8A8 here: without VNNI integer multiply-adds are no faster than fp32 FMAs (int8.py keeps such
+// CPUs weight-only).
+//   - up to kMaxFusedMR rows: the weight converted in registers as it streams in (below);
+//   - up to kBlockedRows (a decode batch): each block converted kBlockK4 * 4 k at a time into a
+//     small panel that every row tile takes in turn, resuming its sums, while the tiles prefetch
+//     the packed bytes of the next (the dense kernels' way: the memory busy while the FMAs run);
+//   - more rows (prefill): a chunk of up to 4 blocks converted whole, each tile running the whole K.
+constexpr int64_t kBlockedRows = 48;
+constexpr int64_t kBlockK4 = 24;  // 96 k
 
-// Chunk of nr blocks -> fp32 [Kp][nr][16 columns], as dequant_f32 makes it. Each int32 lane of the
-// packing holds one column's 4 consecutive k; byte j is sign-extended by shifting it to the top.
-TARGET_AVX2 void dequant_f32_avx2(const PackedInt8& w, int64_t b0, int nr, float* out) {
-  const int64_t k4 = w.k4(), k_stride = nr * kCols;
-  for (int b = 0; b < nr; ++b) {
-    const int8_t* src = w.block(b0 + b);
-    for (int64_t i = 0; i < k4; ++i)
-      for (int h = 0; h < 2; ++h) {  // columns 0-7, then 8-15
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * 64 + h * 32));
-        float* dst = out + (4 * i * nr + b) * kCols + h * 8;
-        _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
-        _mm256_storeu_ps(dst + k_stride, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)));
-        _mm256_storeu_ps(dst + 2 * k_stride, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)));
-        _mm256_storeu_ps(dst + 3 * k_stride, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)));
-      }
-  }
-}
-
-// MR rows x one block of 16 columns: acc_out [MR][16] = x[:MR, :k] @ w[:k, 16], w's rows ldw apart.
-// 2 MR accumulators + 2 weight vectors + a broadcast fit AVX2's 16 registers up to MR = 6.
-template <int MR>
-TARGET_AVX2 void w8_f32_tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k,
-                                  float* acc_out) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 6
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 w0 = _mm256_loadu_ps(w + kk * ldw), w1 = _mm256_loadu_ps(w + kk * ldw + 8);
-#pragma GCC unroll 6
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + kk);
-      acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
+// n4 groups of 4 k of one block (src: its packed bytes from the first group on) -> fp32 panel
+// rows [4 * n4][16]. Each int32 lane of the packing holds one column's 4 consecutive k; byte j is
+// sign-extended by shifting it to the top.
+TARGET_AVX2 void dequant_panel_avx2(const int8_t* src, int64_t n4, float* out) {
+  for (int64_t i = 0; i < n4; ++i)
+    for (int h = 0; h < 2; ++h) {  // columns 0-7, then 8-15
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * 64 + h * 32));
+      float* dst = out + 4 * i * kCols + h * 8;
+      _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
+      _mm256_storeu_ps(dst + kCols, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)));
+      _mm256_storeu_ps(dst + 2 * kCols, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)));
+      _mm256_storeu_ps(dst + 3 * kCols, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)));
     }
-  }
-#pragma GCC unroll 6
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_ps(acc_out + m * kCols, acc[m][0]);
-    _mm256_storeu_ps(acc_out + m * kCols + 8, acc[m][1]);
-  }
 }
 
 // Up to kMaxFusedMR rows (decode, where reading the weight is the cost): one block of the packed
@@ -752,30 +734,53 @@ void finish_w8_generic(const float* acc, int mr, const Output& o, int64_t m0, in
     }
 }
 
-// x [rows, ldx] fp32, with Kp readable k (zero past K) when rows <= kMaxFusedMR.
+// x [rows, ldx] fp32, with Kp readable k (zero past K) when rows <= kBlockedRows.
 void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
+  using sluice::avx2::tile_for;
+  const int64_t k4 = w.k4();
   if (rows <= kMaxFusedMR) {
     using Fused = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
     static constexpr Fused fused[kMaxFusedMR] = {&w8_f32_fused_tile_avx2<1>, &w8_f32_fused_tile_avx2<2>,
                                                  &w8_f32_fused_tile_avx2<3>, &w8_f32_fused_tile_avx2<4>};
-    return for_each_chunk(w.blocks(), rows, w.k4() * 4, [&](int64_t b0, int nr) {
+    return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
       alignas(32) float acc[kMaxFusedMR * kCols];
       for (int b = 0; b < nr; ++b) {
-        fused[rows - 1](x, ldx, w.block(b0 + b), w.k4(), acc);
+        fused[rows - 1](x, ldx, w.block(b0 + b), k4, acc);
         finish_w8_generic(acc, static_cast<int>(rows), o, 0, (b0 + b) * kCols);
       }
     });
   }
-  using Tile = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
-  static constexpr Tile tiles[kMaxMR] = {&w8_f32_tile_avx2<1>, &w8_f32_tile_avx2<2>, &w8_f32_tile_avx2<3>,
-                                         &w8_f32_tile_avx2<4>, &w8_f32_tile_avx2<5>, &w8_f32_tile_avx2<6>};
-  for_each_chunk(w.blocks(), rows, w.k4() * 4, [&](int64_t b0, int nr) {
-    float* chunk = scratch<float>(w.k4() * 4 * nr * kCols);
-    dequant_f32_avx2(w, b0, nr, chunk);
+  if (rows <= kBlockedRows) {
+    const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR;
+    return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
+      alignas(32) float acc[kBlockedRows * kCols];  // [rows][16]
+      alignas(64) float panel[kBlockK4 * 4 * kCols];
+      for (int b = 0; b < nr; ++b) {
+        const int8_t* src = w.block(b0 + b);
+        for (int64_t i0 = 0; i0 < k4; i0 += kBlockK4) {
+          const int64_t n4 = std::min(kBlockK4, k4 - i0);
+          dequant_panel_avx2(src + i0 * 64, n4, panel);
+          // The packed bytes of the next k block (the next column block's first, past the last).
+          const char* ahead = reinterpret_cast<const char*>(src + (i0 + kBlockK4) * 64);
+          int64_t t = 0;
+          sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
+            const int64_t l0 = t * kBlockK4 / tiles, l1 = (t + 1) * kBlockK4 / tiles;
+            ++t;
+            tile_for<float>(mr)(x + m0 * ldx + 4 * i0, ldx, panel, 0, 0, 4 * n4, acc + m0 * kCols, i0 > 0,
+                                ahead + l0 * 64, l1 - l0);
+          });
+        }
+        finish_w8_generic(acc, static_cast<int>(rows), o, 0, (b0 + b) * kCols);
+      }
+    });
+  }
+  for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
+    float* chunk = scratch<float>(k4 * 4 * nr * kCols);  // [nr][Kp][16]
+    for (int b = 0; b < nr; ++b) dequant_panel_avx2(w.block(b0 + b), k4, chunk + b * k4 * 4 * kCols);
     alignas(32) float acc[kMaxMR * kCols];
     sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       for (int b = 0; b < nr; ++b) {
-        tiles[mr - 1](x + m0 * ldx, ldx, chunk + b * kCols, nr * kCols, w.k, acc);
+        tile_for<float>(mr)(x + m0 * ldx, ldx, chunk + b * k4 * 4 * kCols, 0, 0, w.k, acc, false, nullptr, 0);
         finish_w8_generic(acc, mr, o, m0, (b0 + b) * kCols);
       }
     });
@@ -850,7 +855,7 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
   if (cpu.avx2) {
     const int64_t kp = w.k4() * 4;
     at::Tensor xf = x.to(at::kFloat);
-    if (rows <= kMaxFusedMR && k < kp) xf = at::constant_pad_nd(xf, {0, kp - k});  // the fused tiles read Kp
+    if (rows <= kBlockedRows && k < kp) xf = at::constant_pad_nd(xf, {0, kp - k});  // those tiles read Kp
     return w8_f32_avx2(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
   }
 #endif
