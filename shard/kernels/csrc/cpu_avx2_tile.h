@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "cpu_packed.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -77,6 +79,19 @@ TileFn<W> tile_for(int mr) {
   static constexpr TileFn<W> tiles[kMaxMR] = {&tile<1, 1, W>, &tile<2, 1, W>, &tile<3, 1, W>,
                                                &tile<4, 1, W>, &tile<5, 1, W>, &tile<6, 1, W>};
   return tiles[mr - 1];
+}
+
+// `rows` cut into tiles (sluice::for_each_tile) that share out, in order, the prefetch of `lines`
+// cache lines from `ahead` (the stream's next block): tile(m0, mr, pf, pf_lines).
+template <typename F>
+void for_each_tile_prefetching(int64_t rows, const char* ahead, int64_t lines, const F& tile) {
+  const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR;
+  int64_t t = 0;
+  sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
+    const int64_t l0 = t * lines / tiles, l1 = (t + 1) * lines / tiles;
+    ++t;
+    tile(m0, mr, ahead + l0 * 64, l1 - l0);
+  });
 }
 
 #undef SLUICE_AVX2

@@ -38,7 +38,7 @@ namespace {
 
 #if SLUICE_X86
 using sluice::avx2::kCols;
-using sluice::avx2::kMaxMR;
+using sluice::avx2::for_each_tile_prefetching;
 using sluice::avx2::tile;
 using sluice::avx2::tile_for;
 #else
@@ -140,18 +140,14 @@ void matmul(const float* x, int64_t rows, const PackedDense& w, const W* panels,
     alignas(32) float acc[kRowChunk * kCols];  // [chunk rows][16]
     for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
       const int64_t chunk = std::min(kRowChunk, rows - r0);
-      const int64_t tiles = (chunk + kMaxMR - 1) / kMaxMR;
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t k0 = 0; k0 < k; k0 += block) {
           const int64_t k1 = std::min(k, k0 + block);
           // The block after this one in the thread's stream (the next panel's first, past the last).
           const char* ahead = reinterpret_cast<const char*>(panels + b * panel_size + (k0 + block) * kCols);
-          int64_t t = 0;
-          sluice::for_each_tile<kMaxMR>(chunk, [&](int64_t m0, int mr) {
-            const int64_t l0 = t * lines / tiles, l1 = (t + 1) * lines / tiles;
-            ++t;
+          for_each_tile_prefetching(chunk, ahead, lines, [&](int64_t m0, int mr, const char* pf, int64_t pf_lines) {
             tile_for<W>(mr)(x + (r0 + m0) * k, k, panels + b * panel_size, panel_size, k0, k1, acc + m0 * kCols,
-                            k0 > 0, ahead + l0 * 64, l1 - l0);
+                            k0 > 0, pf, pf_lines);
           });
         }
         finish(acc, kCols, static_cast<int>(chunk), out, w.n, bias, r0, b * kCols);

@@ -751,7 +751,6 @@ void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w,
     });
   }
   if (rows <= kBlockedRows) {
-    const int64_t tiles = (rows + kMaxMR - 1) / kMaxMR;
     return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
       alignas(32) float acc[kBlockedRows * kCols];  // [rows][16]
       alignas(64) float panel[kBlockK4 * 4 * kCols];
@@ -762,13 +761,11 @@ void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w,
           dequant_panel_avx2(src + i0 * 64, n4, panel);
           // The packed bytes of the next k block (the next column block's first, past the last).
           const char* ahead = reinterpret_cast<const char*>(src + (i0 + kBlockK4) * 64);
-          int64_t t = 0;
-          sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
-            const int64_t l0 = t * kBlockK4 / tiles, l1 = (t + 1) * kBlockK4 / tiles;
-            ++t;
-            tile_for<float>(mr)(x + m0 * ldx + 4 * i0, ldx, panel, 0, 0, 4 * n4, acc + m0 * kCols, i0 > 0,
-                                ahead + l0 * 64, l1 - l0);
-          });
+          sluice::avx2::for_each_tile_prefetching(
+              rows, ahead, kBlockK4, [&](int64_t m0, int mr, const char* pf, int64_t pf_lines) {
+                tile_for<float>(mr)(x + m0 * ldx + 4 * i0, ldx, panel, 0, 0, 4 * n4, acc + m0 * kCols, i0 > 0, pf,
+                                    pf_lines);
+              });
         }
         finish_w8_generic(acc, static_cast<int>(rows), o, 0, (b0 + b) * kCols);
       }
