@@ -17,7 +17,9 @@
 Packed weights live in the C++ kernels (csrc/cpu_int8.cpp) under an integer handle, like
 cpu_gemm's oneDNN weights, so that a compiled graph calls `sluice_cpu::int8_linear(x, handle, ...)`
 with a constant. The kernels need cpu_native.load(). CPUs with AVX2 but no AVX-512 run weight-only
-in fp32 with AVX2 FMAs (W8A8 there falls back to plain C++ loops, as everything does on CPUs with
+in integers: each activation row rounded to 16 bits, q = rne(x * 32767 / max|x|), multiplied with
+vpmaddwd (16 products an instruction, twice an fp32 FMA's), the error at most 2^-16 of the row's
+largest magnitude (W8A8 there falls back to plain C++ loops, as everything does on CPUs with
 neither: the same results, 50-100x slower than a float32 matmul).
 """
 
@@ -41,8 +43,8 @@ def available(dynamic: bool = False) -> tuple[bool, str]:
         )
     if dynamic and "vnni" not in kernels:
         return False, (
-            f"W8A8 multiplies u8 x s8 with AVX-512 VNNI, which this CPU lacks (kernels: {kernels}); "
-            "without it integer products are no faster than float ones: use --quantize int8"
+            f"W8A8 multiplies u8 x s8 with AVX-512 VNNI, which this CPU lacks (kernels: {kernels}): use "
+            "--quantize int8, which multiplies in integers here too, with activations rounded to 16 bits"
         )
     return True, kernels
 
@@ -80,7 +82,8 @@ def linear_w8(
     x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None, act_quant_min_rows: int = NEVER
 ) -> torch.Tensor:
     """x [..., K] bfloat16/float32 -> [..., N] in x's dtype: x @ dequantized(weight).T + bias, with
-    x kept in its precision, unless x has >= act_quant_min_rows rows (then as linear_w8a8)."""
+    x kept in its precision (on AVX2-only CPUs: rounded to 16 bits a row, see above), unless x has
+    >= act_quant_min_rows rows (then as linear_w8a8)."""
     return torch.ops.sluice_cpu.int8_linear(x, weight.handle, weight.out_features, bias, act_quant_min_rows)
 
 

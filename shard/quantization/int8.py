@@ -91,7 +91,8 @@ def weight_only(target: Target) -> Quantization:
     if target.device.type == "cpu":
         from shard.kernels import cpu_int8
 
-        # integer compute pays only with VNNI: without it (AVX2), every batch stays weight-only
+        # 8-bit activations need VNNI: without it (AVX2) every batch stays weight-only, which the
+        # AVX2 kernels multiply in integers with the activations rounded to 16 bits (cpu_int8.py)
         act_quant_min_rows = CPU_ACT_QUANT_MIN_ROWS if cpu_int8.available(dynamic=True)[0] else None
     return Quantization(
         "int8",

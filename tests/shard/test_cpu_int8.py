@@ -2,10 +2,11 @@
 within the rounding their arithmetic allows, on the SIMD kernels and on the generic C++ loops.
 
 Tolerances are bounds, not guesses. The kernels multiply exact values (bf16/fp32 x, int8 weights
-as exact bf16/fp32, or u8 x s8 in exact int32) and accumulate K products in fp32, so an entry
-differs from the exact sum by at most gamma * sum_k |x_k w_k| (gamma = (K + 3) * 2^-24: K additions,
-the scale multiply, the bias add); a bf16 output adds its rounding, half a unit in the last
-place (2^-9 relative; 2^-8 allowed, to cover that and the fp32 noise before it).
+as exact bf16/fp32; u8 x s8, or on AVX2 x rounded to int16 x s8, in exact int32) and accumulate K
+products in fp32, so an entry differs from the exact sum of what they multiply by at most
+gamma * sum_k |x_k w_k| (gamma = (K + 3) * 2^-24: K additions, the scale multiply, the bias add); a
+bf16 output adds its rounding, half a unit in the last place (2^-9 relative; 2^-8 allowed, to
+cover that and the fp32 noise before it).
 """
 
 import pytest
@@ -75,10 +76,23 @@ def _assert_within(out, expected, magnitude, k):
     assert (err <= bound + 1e-30).all(), f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
 
 
+def _weight_only_x(x):
+    """The activations weight-only multiplies, exactly (float64): x itself, but on the AVX2 kernels,
+    which multiply in integers, x's rows rounded to 16 bits: q = rne(x * inv), inv = 32767 / max|x|
+    in float32 (0 for an all-zero row), times s = 1 / inv."""
+    if torch.ops.sluice_cpu.int8_kernels() != "avx2":
+        return x.double()
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    s = torch.where(amax > 0, 1 / inv, torch.zeros_like(amax))
+    return torch.round(xf * inv).double() * s.double()
+
+
 def _check_w8(out, x, w8, scales, bias):
-    w = _dequantized(w8, scales)
-    expected = x.double() @ w.T + (bias.double() if bias is not None else 0)
-    magnitude = x.double().abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
+    w, xw = _dequantized(w8, scales), _weight_only_x(x)
+    expected = xw @ w.T + (bias.double() if bias is not None else 0)
+    magnitude = xw.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
     _assert_within(out, expected, magnitude, x.shape[-1])
 
 
@@ -108,8 +122,8 @@ def test_matches_reference(kernels, scheme, n, k, dtype):
 
 
 def test_avx2_weight_only_rows_come_out_the_same_alone_or_in_any_batch(kernels):
-    """The AVX2 weight-only kernels sum each output's products in k order on every path (a few
-    rows converting the weight in registers, a decode batch by k blocks, a prefill by chunks), so a
+    """The AVX2 weight-only kernels add up each output's exact int32 sums of 96 k in k order on
+    every path (a few rows widening the weight in registers, more rows by widened panels), so a
     row's result does not depend on the rows batched with it."""
     if torch.ops.sluice_cpu.int8_kernels() != "avx2":
         pytest.skip("the AVX2 kernels are not the ones running")
@@ -119,6 +133,21 @@ def test_avx2_weight_only_rows_come_out_the_same_alone_or_in_any_batch(kernels):
     batched = cpu_int8.linear_w8(x, weight, bias)
     for rows in (1, 2, 5, 13, 48):
         assert torch.equal(cpu_int8.linear_w8(x[:rows], weight, bias), batched[:rows])
+
+
+def test_a_row_with_nan_or_inf_spoils_only_its_own_outputs(kernels):
+    """Weight-only: a NaN or infinity in a row makes that row's outputs non-finite (the AVX2 kernels
+    give it NaN, as its 16-bit rounding has no scale), an all-zero row gives the bias, and the
+    other rows come out as they would alone."""
+    w8, scales, bias = _weight(80, 96)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(4))
+    x[1, 7], x[3, 50], x[4] = float("nan"), float("inf"), 0.0
+    out = cpu_int8.linear_w8(x, weight, bias)
+    assert not torch.isfinite(out[1]).any() and not torch.isfinite(out[3]).any()
+    assert torch.equal(out[4], bias)
+    for row in (0, 2, 5):
+        assert torch.equal(out[row], cpu_int8.linear_w8(x[row : row + 1], weight, bias)[0])
 
 
 def test_w8a8_is_close_to_the_weight_only_result():

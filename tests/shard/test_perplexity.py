@@ -17,7 +17,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from shard.config import ShardConfig
+from shard.config import ShardConfig, default_cache_dir
+from shard.kernels import cpu_int8, cpu_native
 from shard.runner import ModelRunner
 from shard.sampler import SamplingParams
 from shard.step import Batch, RequestState
@@ -116,6 +117,11 @@ def unquantized(bundled_model_dir, text_ids) -> tuple[float, int]:
 def test_quantized_perplexity_stays_within_bounds(bundled_model_dir, text_ids, unquantized, scheme):
     if scheme.startswith("bitsandbytes"):
         pytest.importorskip("bitsandbytes")
+    if scheme == "int8-dynamic":
+        cpu_native.load(default_cache_dir())
+        runs, why = cpu_int8.available(dynamic=True)
+        if not runs:
+            pytest.skip(f"--quantize int8-dynamic is refused on this CPU: {why}")
     base, base_bytes = unquantized
     ppl, nbytes = perplexity(bundled_model_dir, text_ids, scheme)
     print(

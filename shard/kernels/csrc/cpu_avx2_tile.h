@@ -1,6 +1,7 @@
 // The AVX2 FMA micro-kernel that the dense (cpu_dense_avx2.cpp) and int8 (cpu_int8.cpp) linears
 // share: rows of float32 activations against panels of 16 output columns, [K][16] each, of float32
-// or bfloat16 (uint16 bits) weights; the int8 kernels run it on panels they convert to float32.
+// or bfloat16 (uint16 bits) weights; and the share-out of a stream's prefetch among a batch's
+// tiles, which the int8 kernels' integer tiles (cpu_int8.cpp) use too.
 #pragma once
 
 #include <cstdint>

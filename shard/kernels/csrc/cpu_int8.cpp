@@ -20,9 +20,10 @@
 // columns x 4 consecutive k (VNNI order); N and K are zero-padded to multiples of 16 and 4.
 //
 // The SIMD kernels carry target attributes and are chosen at run time from the CPU's features
-// (AVX-512 VNNI for W8A8, AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2 with FMA for W8 in
-// fp32 on CPUs without AVX-512); scalar loops over the same layout serve other CPUs, slowly (50-100x
-// the time of a float32 matmul) but with the same results up to summation order.
+// (AVX-512 VNNI for W8A8, AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2 for W8 on CPUs
+// without AVX-512, which multiplies in integers, the activations rounded to 16 bits: see its
+// section); scalar loops over the same layout serve other CPUs, slowly (50-100x the time of a
+// float32 matmul) but with the same results up to summation order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -35,6 +36,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -667,120 +669,218 @@ void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outp
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX2 (CPUs without AVX-512): weight-only in fp32, the weight converted to fp32 panels ([K][16]
-// per block of 16 columns) that cpu_avx2_tile.h's tiles multiply rows against with 8-wide FMAs. No
-// W8A8 here: without VNNI integer multiply-adds are no faster than fp32 FMAs (int8.py keeps such
-// CPUs weight-only).
-//   - up to kMaxFusedMR rows: the weight converted in registers as it streams in (below);
-//   - up to kBlockedRows (a decode batch): each block converted kBlockK4 * 4 k at a time into a
-//     small panel that every row tile takes in turn, resuming its sums, while the tiles prefetch
-//     the packed bytes of the next (the dense kernels' way: the memory busy while the FMAs run);
-//   - more rows (prefill): a chunk of up to 4 blocks converted whole, each tile running the whole K.
-constexpr int64_t kBlockedRows = 48;
+// AVX2 (CPUs without AVX-512): weight-only, multiplied in integers. Without VNNI the fastest
+// multiply-add AVX2 has is vpmaddwd (16-bit pairs summed into int32: 16 products an instruction
+// against an fp32 FMA's 8; 78 against 50 GMAC/s on one Zen 3 core), so each activation row is
+// rounded to 16-bit integers with its own scale and the int8 weights are widened to 16 bits in
+// registers:
+//   out[m, n] = s[m] * scale[n] * sum_k q[m, k] w[n, k] (+ bias[n]),
+//   q[m, k] = rne(x[m, k] * inv[m]), inv[m] = 32767 / max_k |x[m, k]|, s[m] = 1 / inv[m]
+// (x off by at most 2^-16 of its row's largest magnitude: finer than bf16's own rounding for every
+// value within 128x of that largest one). The int32 sums are exact; they are taken kBlockK4 * 4 k
+// at a time (|sum| <= 96 * 32767 * 127 < 2^31) and added up in fp32 in k order, on every path, so
+// a row's result does not depend on the rows batched with it. A row with a NaN or infinity gets
+// NaN (s = NaN).
+//   - up to kMaxFusedMR rows (decoding few sequences: reading the weight is the cost) the packed
+//     bytes are widened in registers as they stream in;
+//   - more rows: each block of 16 columns is widened kBlockK4 * 4 k at a time into a small panel
+//     that every tile of rows takes in turn, while the tiles prefetch the next packed bytes (the
+//     dense kernels' way: the memory busy while the multiply-adds run).
 constexpr int64_t kBlockK4 = 24;  // 96 k
+static_assert(kBlockK4 * 4 * int64_t{32767} * 127 < (int64_t{1} << 31), "a k block's int32 sum must not overflow");
 
-// n4 groups of 4 k of one block (src: its packed bytes from the first group on) -> fp32 panel
-// rows [4 * n4][16]. Each int32 lane of the packing holds one column's 4 consecutive k; byte j is
-// sign-extended by shifting it to the top.
-TARGET_AVX2 void dequant_panel_avx2(const int8_t* src, int64_t n4, float* out) {
-  for (int64_t i = 0; i < n4; ++i)
-    for (int h = 0; h < 2; ++h) {  // columns 0-7, then 8-15
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * 64 + h * 32));
-      float* dst = out + 4 * i * kCols + h * 8;
-      _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
-      _mm256_storeu_ps(dst + kCols, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)));
-      _mm256_storeu_ps(dst + 2 * kCols, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)));
-      _mm256_storeu_ps(dst + 3 * kCols, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)));
-    }
+// Activation rows as 16-bit integers [M, Kp] (zero past K), each group of 4 k stored as k0, k2,
+// k1, k3: a 32-bit broadcast of a group's first pair multiplies the widened weights' (k0, k2)
+// lanes, of its second pair their (k1, k3) lanes (widen(), below).
+struct I16Rows {
+  const int16_t* q;
+  int64_t ld;          // Kp
+  const float* scale;  // [M]: s
+};
+
+TARGET_AVX2 void quantize_row_i16(const float* x, int64_t k, int16_t* q, int64_t kp, float* scale) {
+  __m256 amax = _mm256_setzero_ps(), poison = _mm256_setzero_ps();  // poison: NaN once a NaN or inf is seen
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v, abs_mask));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, _mm256_setzero_ps()));
+  }
+  alignas(32) float lanes[8], bad[8];
+  _mm256_store_ps(lanes, amax);
+  _mm256_store_ps(bad, poison);
+  float m = 0.f, p = 0.f;
+  for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]), p += bad[j];
+  for (; i < k; ++i) m = std::max(m, std::fabs(x[i])), p += x[i] * 0.f;
+  if (!std::isfinite(p)) {
+    std::memset(q, 0, kp * sizeof(int16_t));
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const float inv = m > 0.f ? 32767.f / m : 0.f;
+  *scale = m > 0.f ? 1.f / inv : 0.f;
+  static constexpr int kSlot[4] = {0, 2, 1, 3};  // where k0..k3 of a group go
+  const __m256 vinv = _mm256_set1_ps(inv);
+  alignas(32) int32_t r[8];
+  for (i = 0; i + 8 <= k; i += 8) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(r), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)));
+    for (int j = 0; j < 8; ++j) q[(i + j) / 4 * 4 + kSlot[(i + j) % 4]] = static_cast<int16_t>(r[j]);
+  }
+  for (; i < kp; ++i)
+    q[i / 4 * 4 + kSlot[i % 4]] = i < k ? static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(x[i] * inv))) : int16_t{0};
 }
 
-// Up to kMaxFusedMR rows (decode, where reading the weight is the cost): one block of the packed
-// weight converted in registers as it streams in, without the scratch round trip. x has Kp
-// readable k (zero past K).
-template <int MR>
-TARGET_AVX2 void w8_f32_fused_tile_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t k4, float* acc_out) {
-  __m256 acc[MR][2];
+// One 32-byte half of a packed group (8 columns x 4 k, a column's k0..k3 in each int32 lane) as
+// 16-bit lanes: even = (k0, k2) and odd = (k1, k3) of each column, sign-extended.
+TARGET_AVX2 inline void widen(__m256i v, __m256i& even, __m256i& odd) {
+  even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+  odd = _mm256_srai_epi16(v, 8);
+}
+
+TARGET_AVX2 inline __m256i pair_at(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// acc_io [16] (+)= the int32 sums as fp32.
+TARGET_AVX2 inline void add_sums(float* acc_io, __m256i s0, __m256i s1, bool resume) {
+  __m256 f0 = _mm256_cvtepi32_ps(s0), f1 = _mm256_cvtepi32_ps(s1);
+  if (resume) {
+    f0 = _mm256_add_ps(_mm256_loadu_ps(acc_io), f0);
+    f1 = _mm256_add_ps(_mm256_loadu_ps(acc_io + 8), f1);
+  }
+  _mm256_storeu_ps(acc_io, f0);
+  _mm256_storeu_ps(acc_io + 8, f1);
+}
+
+// Up to kMaxFusedMR rows against NB consecutive blocks of the packed weight (w: the first's first
+// group), widened in registers as they stream in: acc_out [NB][MR][16], the fp32 sum of each k
+// block's int32 sums. One or two rows take 4 or 2 blocks at a time: 4 streams from memory in flight
+// rather than one.
+template <int MR, int NB>
+TARGET_AVX2 void w8_i16_fused_tile_avx2(const int16_t* q, int64_t ldq, const int8_t* w, int64_t k4, float* acc_out) {
+  for (int64_t i0 = 0; i0 < k4; i0 += kBlockK4) {
+    const int64_t i1 = std::min(k4, i0 + kBlockK4);
+    __m256i acc[NB][MR][2];
 #pragma GCC unroll 4
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k4; ++i) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + i * 64 + kPrefetch), _MM_HINT_T0);
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 64));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * 64 + 32));
+    for (int b = 0; b < NB; ++b)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m256 f0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * j), 24));
-      const __m256 f1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * j), 24));
+      for (int m = 0; m < MR; ++m) acc[b][m][0] = acc[b][m][1] = _mm256_setzero_si256();
+    for (int64_t i = i0; i < i1; ++i) {
 #pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + 4 * i + j);
-        acc[m][0] = _mm256_fmadd_ps(xb, f0, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(xb, f1, acc[m][1]);
+      for (int b = 0; b < NB; ++b) {
+        const int8_t* g = w + (b * k4 + i) * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(g + kPrefetch), _MM_HINT_T0);
+        __m256i e0, o0, e1, o1;
+        widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)), e0, o0);
+        widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32)), e1, o1);
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xe = pair_at(q + m * ldq + 4 * i), xo = pair_at(q + m * ldq + 4 * i + 2);
+          acc[b][m][0] = _mm256_add_epi32(acc[b][m][0], _mm256_madd_epi16(e0, xe));
+          acc[b][m][1] = _mm256_add_epi32(acc[b][m][1], _mm256_madd_epi16(e1, xe));
+          acc[b][m][0] = _mm256_add_epi32(acc[b][m][0], _mm256_madd_epi16(o0, xo));
+          acc[b][m][1] = _mm256_add_epi32(acc[b][m][1], _mm256_madd_epi16(o1, xo));
+        }
       }
     }
-  }
 #pragma GCC unroll 4
-  for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_ps(acc_out + m * kCols, acc[m][0]);
-    _mm256_storeu_ps(acc_out + m * kCols + 8, acc[m][1]);
+    for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m)
+        add_sums(acc_out + (b * MR + m) * kCols, acc[b][m][0], acc[b][m][1], i0 > 0);
   }
 }
 
-// out[m0 + m, col0 + c] = acc [mr][16] * scale (+ bias), the columns past N dropped.
-void finish_w8_generic(const float* acc, int mr, const Output& o, int64_t m0, int64_t col0) {
-  for (int m = 0; m < mr; ++m)
+// n4 groups of one block's packed bytes (src: the first) -> panel [n4][4][16] int16: per group
+// the even lanes of columns 0-7 and 8-15, then the odd lanes of both.
+TARGET_AVX2 void widen_panel_avx2(const int8_t* src, int64_t n4, int16_t* panel) {
+  for (int64_t i = 0; i < n4; ++i) {
+    __m256i e0, o0, e1, o1;
+    widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * 64)), e0, o0);
+    widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * 64 + 32)), e1, o1);
+    __m256i* dst = reinterpret_cast<__m256i*>(panel + i * 64);
+    _mm256_store_si256(dst, e0);
+    _mm256_store_si256(dst + 1, e1);
+    _mm256_store_si256(dst + 2, o0);
+    _mm256_store_si256(dst + 3, o1);
+  }
+}
+
+// MR rows (q: their groups of this k block) against a widened panel of n4 groups: acc_io [MR][16]
+// (+)= the block's sums. The first pf_lines groups each prefetch one cache line from pf on.
+template <int MR>
+TARGET_AVX2 void w8_i16_tile_avx2(const int16_t* q, int64_t ldq, const int16_t* panel, int64_t n4, float* acc_io,
+                                  bool resume, const char* pf, int64_t pf_lines) {
+  __m256i acc[MR][2];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < n4; ++i) {
+    if (i < pf_lines) _mm_prefetch(pf + i * 64, _MM_HINT_T0);
+    const __m256i* p = reinterpret_cast<const __m256i*>(panel + i * 64);
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; ++m) {
+      const __m256i xe = pair_at(q + m * ldq + 4 * i), xo = pair_at(q + m * ldq + 4 * i + 2);
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(_mm256_load_si256(p), xe));
+      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_load_si256(p + 1), xe));
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(_mm256_load_si256(p + 2), xo));
+      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(_mm256_load_si256(p + 3), xo));
+    }
+  }
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; ++m) add_sums(acc_io + m * kCols, acc[m][0], acc[m][1], resume);
+}
+
+// out[m0 + m, col0 + c] = acc [mr][16] * scale * s[m] (+ bias), the columns past N dropped.
+void finish_w8_i16(const float* acc, int64_t mr, const I16Rows& a, const Output& o, int64_t m0, int64_t col0) {
+  for (int64_t m = 0; m < mr; ++m)
     for (int64_t c = 0; c < kCols && col0 + c < o.n; ++c) {
-      const float v = acc[m * kCols + c] * o.scale[col0 + c];
+      const float v = acc[m * kCols + c] * o.scale[col0 + c] * a.scale[m0 + m];
       o.bf16 ? store_generic<at::BFloat16>(o, m0 + m, col0 + c, v) : store_generic<float>(o, m0 + m, col0 + c, v);
     }
 }
 
-// x [rows, ldx] fp32, with Kp readable k (zero past K) when rows <= kBlockedRows.
-void w8_f32_avx2(const float* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
-  using sluice::avx2::tile_for;
+void w8_i16_avx2(const I16Rows& a, int64_t rows, const PackedInt8& w, const Output& o) {
   const int64_t k4 = w.k4();
   if (rows <= kMaxFusedMR) {
-    using Fused = void (*)(const float*, int64_t, const int8_t*, int64_t, float*);
-    static constexpr Fused fused[kMaxFusedMR] = {&w8_f32_fused_tile_avx2<1>, &w8_f32_fused_tile_avx2<2>,
-                                                 &w8_f32_fused_tile_avx2<3>, &w8_f32_fused_tile_avx2<4>};
+    using Fused = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, float*);
+    // [rows - 1]: the tile of as many blocks at a time as it takes, then the one-block tile.
+    static constexpr Fused wide[kMaxFusedMR] = {&w8_i16_fused_tile_avx2<1, 4>, &w8_i16_fused_tile_avx2<2, 2>,
+                                                &w8_i16_fused_tile_avx2<3, 1>, &w8_i16_fused_tile_avx2<4, 1>};
+    static constexpr Fused one[kMaxFusedMR] = {&w8_i16_fused_tile_avx2<1, 1>, &w8_i16_fused_tile_avx2<2, 1>,
+                                               &w8_i16_fused_tile_avx2<3, 1>, &w8_i16_fused_tile_avx2<4, 1>};
+    const int width = rows == 1 ? 4 : rows == 2 ? 2 : 1;
     return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
-      alignas(32) float acc[kMaxFusedMR * kCols];
-      for (int b = 0; b < nr; ++b) {
-        fused[rows - 1](x, ldx, w.block(b0 + b), k4, acc);
-        finish_w8_generic(acc, static_cast<int>(rows), o, 0, (b0 + b) * kCols);
-      }
+      alignas(32) float acc[kMaxNR * kMaxFusedMR * kCols];  // [blocks][rows][16]
+      const int together = nr % width == 0 ? width : 1;
+      for (int b = 0; b < nr; b += together)
+        (together > 1 ? wide : one)[rows - 1](a.q, a.ld, w.block(b0 + b), k4, acc + b * rows * kCols);
+      for (int b = 0; b < nr; ++b) finish_w8_i16(acc + b * rows * kCols, rows, a, o, 0, (b0 + b) * kCols);
     });
   }
-  if (rows <= kBlockedRows) {
-    return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
-      alignas(32) float acc[kBlockedRows * kCols];  // [rows][16]
-      alignas(64) float panel[kBlockK4 * 4 * kCols];
-      for (int b = 0; b < nr; ++b) {
-        const int8_t* src = w.block(b0 + b);
-        for (int64_t i0 = 0; i0 < k4; i0 += kBlockK4) {
-          const int64_t n4 = std::min(kBlockK4, k4 - i0);
-          dequant_panel_avx2(src + i0 * 64, n4, panel);
-          // The packed bytes of the next k block (the next column block's first, past the last).
-          const char* ahead = reinterpret_cast<const char*>(src + (i0 + kBlockK4) * 64);
-          sluice::avx2::for_each_tile_prefetching(
-              rows, ahead, kBlockK4, [&](int64_t m0, int mr, const char* pf, int64_t pf_lines) {
-                tile_for<float>(mr)(x + m0 * ldx + 4 * i0, ldx, panel, 0, 0, 4 * n4, acc + m0 * kCols, i0 > 0, pf,
-                                    pf_lines);
-              });
-        }
-        finish_w8_generic(acc, static_cast<int>(rows), o, 0, (b0 + b) * kCols);
-      }
-    });
-  }
+  using Tile = void (*)(const int16_t*, int64_t, const int16_t*, int64_t, float*, bool, const char*, int64_t);
+  static constexpr Tile tiles[kMaxMR] = {&w8_i16_tile_avx2<1>, &w8_i16_tile_avx2<2>, &w8_i16_tile_avx2<3>,
+                                         &w8_i16_tile_avx2<4>, &w8_i16_tile_avx2<5>, &w8_i16_tile_avx2<6>};
   for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
-    float* chunk = scratch<float>(k4 * 4 * nr * kCols);  // [nr][Kp][16]
-    for (int b = 0; b < nr; ++b) dequant_panel_avx2(w.block(b0 + b), k4, chunk + b * k4 * 4 * kCols);
-    alignas(32) float acc[kMaxMR * kCols];
-    sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
-      for (int b = 0; b < nr; ++b) {
-        tile_for<float>(mr)(x + m0 * ldx, ldx, chunk + b * k4 * 4 * kCols, 0, 0, w.k, acc, false, nullptr, 0);
-        finish_w8_generic(acc, mr, o, m0, (b0 + b) * kCols);
+    float* acc = scratch<float>(rows * kCols);  // [rows][16]
+    alignas(64) int16_t panel[kBlockK4 * 64];
+    for (int b = 0; b < nr; ++b) {
+      const int8_t* src = w.block(b0 + b);
+      for (int64_t i0 = 0; i0 < k4; i0 += kBlockK4) {
+        const int64_t n4 = std::min(kBlockK4, k4 - i0);
+        widen_panel_avx2(src + i0 * 64, n4, panel);
+        // The packed bytes of the next k block (the next column block's first, past the last).
+        const char* ahead = reinterpret_cast<const char*>(src + (i0 + kBlockK4) * 64);
+        sluice::avx2::for_each_tile_prefetching(
+            rows, ahead, kBlockK4, [&](int64_t m0, int mr, const char* pf, int64_t pf_lines) {
+              tiles[mr - 1](a.q + m0 * a.ld + 4 * i0, a.ld, panel, n4, acc + m0 * kCols, i0 > 0, pf, pf_lines);
+            });
       }
-    });
+      finish_w8_i16(acc, rows, a, o, 0, (b0 + b) * kCols);
+    }
   });
 }
 #endif  // SLUICE_X86
@@ -851,9 +951,14 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
   }
   if (cpu.avx2) {
     const int64_t kp = w.k4() * 4;
-    at::Tensor xf = x.to(at::kFloat);
-    if (rows <= kBlockedRows && k < kp) xf = at::constant_pad_nd(xf, {0, kp - k});  // those tiles read Kp
-    return w8_f32_avx2(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
+    const at::Tensor xf = x.to(at::kFloat);  // bf16 -> fp32 is exact
+    at::Tensor q = at::empty({rows, kp}, x.options().dtype(at::kShort)), s = at::empty({rows}, xf.options());
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        quantize_row_i16(xf.const_data_ptr<float>() + m * xf.stride(0), k, q.data_ptr<int16_t>() + m * kp, kp,
+                         s.data_ptr<float>() + m);
+    });
+    return w8_i16_avx2({q.const_data_ptr<int16_t>(), kp, s.const_data_ptr<float>()}, rows, w, o);
   }
 #endif
   if (x.scalar_type() == at::kBFloat16) return w8_generic(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, w, o);
