@@ -24,7 +24,8 @@ from router.http.openapi import add_openapi_routes
 from router.http.protocol import parse
 from router.http.responses import error_response, model_response
 from router.http.state import STATE, ServerState, json_body
-from router.http.tgi.protocol import Info, TokenizedToken, TokenizeRequest, TokenizeResponse, check_input_length
+from router.http.tgi.protocol import TokenizeRequest, check_input_length
+from router.http.tgi.responses import Info, TokenizedToken, TokenizeResponse
 from router.http.tgi.routes import add_tgi_routes
 from router.tokenizer import Tokenizer
 from router.version import VERSION

@@ -18,18 +18,19 @@ from router.http.openai import protocol as openai_req
 from router.http.openai import responses as openai_resp
 from router.http.protocol import ErrorResponse
 from router.http.state import STATE
-from router.http.tgi import protocol as tgi
+from router.http.tgi import protocol as tgi_req
+from router.http.tgi import responses as tgi_resp
 from router.version import VERSION
 
 TGI, OPENAI, SERVICE = "Text Generation Inference", "OpenAI", "Service"
 JSON, SSE = "application/json", "text/event-stream"
 
-REQUESTS = [tgi.GenerateRequest, tgi.CompatGenerateRequest, tgi.TokenizeRequest, openai_req.ChatRequest,
+REQUESTS = [tgi_req.GenerateRequest, tgi_req.CompatGenerateRequest, tgi_req.TokenizeRequest, openai_req.ChatRequest,
             openai_req.CompletionRequest]  # fmt: skip
 RESPONSES = [
-    ErrorResponse, tgi.GenerateResponse, tgi.CompatGenerateResponse, tgi.GenerateStreamEvent, tgi.TokenizeResponse,
-    tgi.Info, openai_resp.ChatCompletion, openai_resp.ChatCompletionStreamEvent, openai_resp.Completion,
-    openai_resp.CompletionStreamEvent, openai_resp.ModelList,
+    ErrorResponse, tgi_resp.GenerateResponse, tgi_resp.CompatGenerateResponse, tgi_resp.GenerateStreamEvent,
+    tgi_resp.TokenizeResponse, tgi_resp.Info, openai_resp.ChatCompletion, openai_resp.ChatCompletionStreamEvent,
+    openai_resp.Completion, openai_resp.CompletionStreamEvent, openai_resp.ModelList,
 ]  # fmt: skip
 
 _HEADERS = {
@@ -209,26 +210,26 @@ def _tgi_paths() -> dict:
         "parameters": {"do_sample": True, "top_p": 0.9, "seed": 42, "details": True},
     }
     examples = {"greedy": _example("Greedy (the README's)", prompt), "sampled": _example("Sampled, details", sampled)}
-    generated = {JSON: _media(ref(tgi.GenerateResponse))}
-    events = _media(ref(tgi.GenerateStreamEvent), TGI_SSE)
+    generated = {JSON: _media(ref(tgi_resp.GenerateResponse))}
+    events = _media(ref(tgi_resp.GenerateStreamEvent), TGI_SSE)
     compat = {
-        JSON: _media(ref(tgi.CompatGenerateResponse)),
+        JSON: _media(ref(tgi_resp.CompatGenerateResponse)),
         SSE: events,
     }
-    tokens = {JSON: _media(ref(tgi.TokenizeResponse))}
-    info = {JSON: _media(ref(tgi.Info))}
+    tokens = {JSON: _media(ref(tgi_resp.TokenizeResponse))}
+    info = {JSON: _media(ref(tgi_resp.Info))}
     metrics = {"text/plain": _media(_schema(str))}
     return {
-        **_post("/generate", "generate", TGI, "Generate text", tgi.GenerateRequest,
+        **_post("/generate", "generate", TGI, "Generate text", tgi_req.GenerateRequest,
                 _ok("The generated text.", generated, TGI_TIMING), examples),
         **_post("/generate_stream", "generate_stream", TGI, "Generate text, streamed token by token",
-                tgi.GenerateRequest, _ok("One event per token.", {SSE: events}, TGI_STREAM), examples, can_fail=False,
-                description="Errors after the stream started arrive as an `ErrorResponse` event."),
-        **_post("/", "compat_generate", TGI, "Generate text (api-inference format)", tgi.CompatGenerateRequest,
+                tgi_req.GenerateRequest, _ok("One event per token.", {SSE: events}, TGI_STREAM), examples,
+                can_fail=False, description="Errors after the stream started arrive as an `ErrorResponse` event."),
+        **_post("/", "compat_generate", TGI, "Generate text (api-inference format)", tgi_req.CompatGenerateRequest,
                 _ok("A JSON array of one response; with `stream: true`, the events (and headers) of "
                     "/generate_stream.", compat, TGI_TIMING),
                 {"stream": _example("Streamed", {**prompt, "stream": True}), **examples}),
-        **_post("/tokenize", "tokenize", TGI, "Tokenize a prompt", tgi.TokenizeRequest,
+        **_post("/tokenize", "tokenize", TGI, "Tokenize a prompt", tgi_req.TokenizeRequest,
                 _ok("The tokens, with byte offsets into `inputs`.", tokens),
                 {"text": _example("Text", {"inputs": "Hello world"})}, can_fail=False),
         **_get("/health", "health", SERVICE, "Shard health (readiness)",

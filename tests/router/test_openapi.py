@@ -23,7 +23,8 @@ from router.http.openai.plan import Plan, parse_chat, parse_completion
 from router.http.openai.routes import _ChatChunks, _CompletionChunks, _error_event, add_openai_routes
 from router.http.openapi import add_openapi_routes, openapi_document
 from router.http.responses import error_json
-from router.http.tgi.protocol import BestOfSequence, GenerateResponse, StreamResponse, validate
+from router.http.tgi.protocol import validate
+from router.http.tgi.responses import BestOfSequence, GenerateResponse, StreamResponse
 from tests.router.stand_ins import LIMITS, ByteTokenizer, stand_in_state
 
 DOC = openapi_document("test-model", "0.1.0")

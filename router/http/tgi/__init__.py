@@ -1,1 +1,2 @@
-"""TGI's API: request validation (protocol.py) and the generation routes (routes.py)."""
+"""TGI's API: request validation (protocol.py), response bodies (responses.py) and the generation
+routes (routes.py)."""

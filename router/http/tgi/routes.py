@@ -14,14 +14,8 @@ from router.http.protocol import ErrorResponse, dump
 from router.http.responses import model_response
 from router.http.sse import open_stream, reporting_failures
 from router.http.state import STATE, json_body
-from router.http.tgi.protocol import (
-    BestOfSequence,
-    CompatGenerateResponse,
-    GenerateResponse,
-    StreamResponse,
-    ValidRequest,
-    validate,
-)
+from router.http.tgi.protocol import ValidRequest, validate
+from router.http.tgi.responses import BestOfSequence, CompatGenerateResponse, GenerateResponse, StreamResponse
 
 
 async def _validated(request: web.Request, stream: bool) -> tuple[ValidRequest, float]:
