@@ -698,12 +698,18 @@ struct I16Rows {
   const float* scale;  // [M]: s
 };
 
-TARGET_AVX2 void quantize_row_i16(const float* x, int64_t k, int16_t* q, int64_t kp, float* scale) {
+TARGET_AVX2 inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+TARGET_AVX2 inline __m256 load8_f32(const at::BFloat16* p) {
+  return sluice::avx2::load8(reinterpret_cast<const uint16_t*>(p));  // bf16 -> fp32 is exact
+}
+
+template <typename T>
+TARGET_AVX2 void quantize_row_i16(const T* x, int64_t k, int16_t* q, int64_t kp, float* scale) {
   __m256 amax = _mm256_setzero_ps(), poison = _mm256_setzero_ps();  // poison: NaN once a NaN or inf is seen
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 v = load8_f32(x + i);
     amax = _mm256_max_ps(amax, _mm256_and_ps(v, abs_mask));
     poison = _mm256_add_ps(poison, _mm256_mul_ps(v, _mm256_setzero_ps()));
   }
@@ -712,7 +718,7 @@ TARGET_AVX2 void quantize_row_i16(const float* x, int64_t k, int16_t* q, int64_t
   _mm256_store_ps(bad, poison);
   float m = 0.f, p = 0.f;
   for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]), p += bad[j];
-  for (; i < k; ++i) m = std::max(m, std::fabs(x[i])), p += x[i] * 0.f;
+  for (; i < k; ++i) m = std::max(m, std::fabs(static_cast<float>(x[i]))), p += static_cast<float>(x[i]) * 0.f;
   if (!std::isfinite(p)) {
     std::memset(q, 0, kp * sizeof(int16_t));
     *scale = std::numeric_limits<float>::quiet_NaN();
@@ -722,13 +728,15 @@ TARGET_AVX2 void quantize_row_i16(const float* x, int64_t k, int16_t* q, int64_t
   *scale = m > 0.f ? 1.f / inv : 0.f;
   static constexpr int kSlot[4] = {0, 2, 1, 3};  // where k0..k3 of a group go
   const __m256 vinv = _mm256_set1_ps(inv);
-  alignas(32) int32_t r[8];
+  const __m256i order = _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
   for (i = 0; i + 8 <= k; i += 8) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(r), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)));
-    for (int j = 0; j < 8; ++j) q[(i + j) / 4 * 4 + kSlot[(i + j) % 4]] = static_cast<int16_t>(r[j]);
+    const __m256i r = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(load8_f32(x + i), vinv)), order);
+    // packs works within 128-bit lanes: the 8 values end up in 64-bit chunks 0 and 2.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm256_castsi256_si128(packed));
   }
   for (; i < kp; ++i)
-    q[i / 4 * 4 + kSlot[i % 4]] = i < k ? static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(x[i] * inv))) : int16_t{0};
+    q[i / 4 * 4 + kSlot[i % 4]] = i < k ? static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(static_cast<float>(x[i]) * inv))) : int16_t{0};
 }
 
 // One 32-byte half of a packed group (8 columns x 4 k, a column's k0..k3 in each int32 lane) as
@@ -951,14 +959,23 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
   }
   if (cpu.avx2) {
     const int64_t kp = w.k4() * 4;
-    const at::Tensor xf = x.to(at::kFloat);  // bf16 -> fp32 is exact
-    at::Tensor q = at::empty({rows, kp}, x.options().dtype(at::kShort)), s = at::empty({rows}, xf.options());
+    // This thread's buffers, kept between calls: [rows, Kp] and [rows]. (A lambda that named a
+    // thread_local would reach each thread's own: the threads get the pointers.)
+    thread_local std::vector<int16_t> q_buffer;
+    thread_local std::vector<float> s_buffer;
+    if (q_buffer.size() < static_cast<size_t>(rows * kp)) q_buffer.resize(rows * kp);
+    if (s_buffer.size() < static_cast<size_t>(rows)) s_buffer.resize(rows);
+    int16_t* q = q_buffer.data();
+    float* s = s_buffer.data();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        quantize_row_i16(xf.const_data_ptr<float>() + m * xf.stride(0), k, q.data_ptr<int16_t>() + m * kp, kp,
-                         s.data_ptr<float>() + m);
+      for (int64_t m = begin; m < end; ++m) {
+        if (x.scalar_type() == at::kBFloat16)
+          quantize_row_i16(x.const_data_ptr<at::BFloat16>() + m * x.stride(0), k, q + m * kp, kp, s + m);
+        else
+          quantize_row_i16(x.const_data_ptr<float>() + m * x.stride(0), k, q + m * kp, kp, s + m);
+      }
     });
-    return w8_i16_avx2({q.const_data_ptr<int16_t>(), kp, s.const_data_ptr<float>()}, rows, w, o);
+    return w8_i16_avx2({q, kp, s}, rows, w, o);
   }
 #endif
   if (x.scalar_type() == at::kBFloat16) return w8_generic(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, w, o);
