@@ -137,15 +137,15 @@ def test_avx2_weight_only_rows_come_out_the_same_alone_or_in_any_batch(kernels):
 
 def test_a_row_with_nan_or_inf_spoils_only_its_own_outputs(kernels):
     """Weight-only: a NaN or infinity in a row makes that row's outputs non-finite (the AVX2 kernels
-    give it NaN, as its 16-bit rounding has no scale), an all-zero row gives the bias, and the
-    other rows come out as they would alone."""
+    give it NaN, as its 16-bit rounding has no scale), an all-zero or subnormal row gives the bias,
+    and the other rows come out as they would alone."""
     w8, scales, bias = _weight(80, 96)
     weight = cpu_int8.Int8Weight(w8, scales)
-    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(4))
-    x[1, 7], x[3, 50], x[4] = float("nan"), float("inf"), 0.0
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4))
+    x[1, 7], x[3, 50], x[4], x[6] = float("nan"), float("inf"), 0.0, 1e-40
     out = cpu_int8.linear_w8(x, weight, bias)
     assert not torch.isfinite(out[1]).any() and not torch.isfinite(out[3]).any()
-    assert torch.equal(out[4], bias)
+    assert torch.equal(out[4], bias) and torch.equal(out[6], bias)
     for row in (0, 2, 5):
         assert torch.equal(out[row], cpu_int8.linear_w8(x[row : row + 1], weight, bias)[0])
 

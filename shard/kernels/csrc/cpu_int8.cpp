@@ -687,7 +687,7 @@ void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outp
 //     that every tile of rows takes in turn, while the tiles prefetch the next packed bytes (the
 //     dense kernels' way: the memory busy while the multiply-adds run).
 constexpr int64_t kBlockK4 = 24;  // 96 k
-static_assert(kBlockK4 * 4 * int64_t{32767} * 127 < (int64_t{1} << 31), "a k block's int32 sum must not overflow");
+static_assert(kBlockK4 * 4 * int64_t{32767} * 127 < (int64_t{1} << 31), "a k block's int32 sums overflow");
 
 // Activation rows as 16-bit integers [M, Kp] (zero past K), each group of 4 k stored as k0, k2,
 // k1, k3: a 32-bit broadcast of a group's first pair multiplies the widened weights' (k0, k2)
@@ -724,8 +724,9 @@ TARGET_AVX2 void quantize_row_i16(const T* x, int64_t k, int16_t* q, int64_t kp,
     *scale = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  const float inv = m > 0.f ? 32767.f / m : 0.f;
-  *scale = m > 0.f ? 1.f / inv : 0.f;
+  float inv = 32767.f / m;
+  if (!(inv < std::numeric_limits<float>::infinity())) inv = 0.f;  // all zero (or subnormal): q = 0
+  *scale = inv > 0.f ? 1.f / inv : 0.f;
   static constexpr int kSlot[4] = {0, 2, 1, 3};  // where k0..k3 of a group go
   const __m256 vinv = _mm256_set1_ps(inv);
   const __m256i order = _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
@@ -735,8 +736,10 @@ TARGET_AVX2 void quantize_row_i16(const T* x, int64_t k, int16_t* q, int64_t kp,
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm256_castsi256_si128(packed));
   }
-  for (; i < kp; ++i)
-    q[i / 4 * 4 + kSlot[i % 4]] = i < k ? static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(static_cast<float>(x[i]) * inv))) : int16_t{0};
+  for (; i < kp; ++i) {
+    const int32_t r = i < k ? _mm_cvtss_si32(_mm_set_ss(static_cast<float>(x[i]) * inv)) : 0;
+    q[i / 4 * 4 + kSlot[i % 4]] = static_cast<int16_t>(r);
+  }
 }
 
 // One 32-byte half of a packed group (8 columns x 4 k, a column's k0..k3 in each int32 lane) as
