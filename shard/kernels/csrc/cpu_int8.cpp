@@ -845,13 +845,27 @@ TARGET_AVX2 void w8_i16_tile_avx2(const int16_t* q, int64_t ldq, const int16_t* 
   for (int m = 0; m < MR; ++m) add_sums(acc_io + m * kCols, acc[m][0], acc[m][1], resume);
 }
 
-// out[m0 + m, col0 + c] = acc [mr][16] * scale * s[m] (+ bias), the columns past N dropped.
+// out[m0 + m, col0 + c] = acc [mr][16] * scale * s[m] (+ bias), the columns past N dropped; loops
+// without branches inside, which the compiler vectorizes.
+template <typename T>
 void finish_w8_i16(const float* acc, int64_t mr, const I16Rows& a, const Output& o, int64_t m0, int64_t col0) {
-  for (int64_t m = 0; m < mr; ++m)
-    for (int64_t c = 0; c < kCols && col0 + c < o.n; ++c) {
-      const float v = acc[m * kCols + c] * o.scale[col0 + c] * a.scale[m0 + m];
-      o.bf16 ? store_generic<at::BFloat16>(o, m0 + m, col0 + c, v) : store_generic<float>(o, m0 + m, col0 + c, v);
+  const int64_t cols = std::min<int64_t>(kCols, o.n - col0);
+  const float* scale = o.scale + col0;
+  for (int64_t m = 0; m < mr; ++m) {
+    T* row = static_cast<T*>(o.data) + (m0 + m) * o.n + col0;
+    const float* sums = acc + m * kCols;
+    const float s = a.scale[m0 + m];
+    if (o.bias) {
+      const float* bias = o.bias + col0;
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(sums[c] * scale[c] * s + bias[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<T>(sums[c] * scale[c] * s);
     }
+  }
+}
+
+void finish_w8_i16(const float* acc, int64_t mr, const I16Rows& a, const Output& o, int64_t m0, int64_t col0) {
+  o.bf16 ? finish_w8_i16<at::BFloat16>(acc, mr, a, o, m0, col0) : finish_w8_i16<float>(acc, mr, a, o, m0, col0);
 }
 
 void w8_i16_avx2(const I16Rows& a, int64_t rows, const PackedInt8& w, const Output& o) {
