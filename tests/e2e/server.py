@@ -63,7 +63,7 @@ class LauncherProcess:
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy starting to answer
                 pass
             time.sleep(0.25)
         log = self.log()  # before stop() removes the directory it is in
