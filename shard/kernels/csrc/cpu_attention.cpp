@@ -37,8 +37,11 @@ namespace {
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int kLanes = fVec::size();
-constexpr int64_t kMinSplit = 256;  // positions per split-KV span, at least
-constexpr int kPrefetchRows = 16;    // how far ahead the K/V rows are prefetched
+// Positions per split-KV span, at least. A single decoding request of 100-300 positions takes
+// 0.7-0.8x the time split at 48 rather than 256 (2-core AVX2 EPYC, bf16 and fp32); shorter spans
+// save nothing over their merge.
+constexpr int64_t kMinSplit = 48;
+constexpr int kPrefetchRows = 16;  // how far ahead the K/V rows are prefetched
 
 template <typename T>
 inline fVec load_as_float(const T* p) {
