@@ -57,7 +57,8 @@ clean:
 # each server's two runs), with the memory bandwidth before and after as a drift check; prefix caching off on
 # both; the baselines run once, in float32. The default pairing's Sluice also runs the C=32 load unconstrained
 # and JSON-schema constrained in turns, twice each (benchmarks/constrained.py; `--constrained 0` skips it, about
-# a minute). About 14 minutes. BENCH_PEERS= (empty) skips vLLM. JSON (every run), plots and server logs land in
+# a minute). About 14 minutes on a CPU with AVX-512 BF16, 35 on an AVX2-only one (vLLM emulates bfloat16 there:
+# ~250 s a C=32 run). BENCH_PEERS= (empty) skips vLLM. JSON (every run), plots and server logs land in
 # benchmarks/out/.
 .PHONY: bench bench-gpu
 BENCH_PEERS ?= vllm
