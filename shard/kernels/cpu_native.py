@@ -33,14 +33,13 @@ def load(cache_dir: Path) -> str:
         return _loaded
     from torch.utils import cpp_extension
 
-    isa = torch.backends.cpu.get_cpu_capability()
-    isa = isa if isa in _ISA_FLAGS else "DEFAULT"
+    isa = build_isa()
     # The sources' digest names the build, headers included (torch only tracks the .cpp files).
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))).hexdigest()[:12]
     name = f"sluice_cpu_{isa.lower()}_{digest}"
     build_dir = cache_dir / "extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *_ISA_FLAGS.get(isa, [])]
+    flags = compile_flags(isa)
     try:
         cpp_extension.load(
             name=name,
@@ -56,6 +55,17 @@ def load(cache_dir: Path) -> str:
     _loaded = isa
     log.info("C++ CPU kernels loaded (%s, %s)", isa, build_dir)
     return isa
+
+
+def build_isa() -> str:
+    """The vector ISA the kernels are built for on this CPU (at::vec's CPU_CAPABILITY name)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return isa if isa in _ISA_FLAGS else "DEFAULT"
+
+
+def compile_flags(isa: str) -> list[str]:
+    """The compiler flags of a build for `isa`."""
+    return ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *_ISA_FLAGS.get(isa, [])]
 
 
 def is_loaded() -> bool:
