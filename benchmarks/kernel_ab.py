@@ -158,9 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("case", choices=sorted(SOURCES))
     p.add_argument("--rev", default="HEAD", help="the git revision of the old build (default HEAD)")
     p.add_argument("--rounds", type=int, default=12, help="timings of each build per shape")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 32, 64], help="int8/dense: activation rows")
-    p.add_argument("--cache-blocks", type=int, default=4096, help="attention: blocks per layer's K and V cache")
+    p.add_argument("--rows", type=int, nargs="+", help="int8/dense: activation rows (default 1 4 8 32 64)")
+    p.add_argument("--cache-blocks", type=int, help="attention: blocks per layer's K and V cache (default 4096)")
     args = p.parse_args(argv)
+    if args.case == "attention" and args.rows is not None:
+        p.error("--rows is for the int8 and dense cases")
+    if args.case != "attention" and args.cache_blocks is not None:
+        p.error("--cache-blocks is for the attention case")
+    args.rows = args.rows or [1, 4, 8, 32, 64]
+    args.cache_blocks = args.cache_blocks or 4096
 
     from shard.config import default_cache_dir
     from shard.kernels import cpu_native

@@ -1,7 +1,9 @@
 """benchmarks/kernel_ab.py: the renaming of a revision's ops, and the turns the two builds take (the
 builds themselves take minutes and run by hand)."""
 
-from benchmarks.kernel_ab import in_turns, renamed
+import pytest
+
+from benchmarks.kernel_ab import in_turns, main, renamed
 
 
 def test_only_the_op_namespace_is_renamed():
@@ -26,3 +28,10 @@ def test_the_builds_alternate_which_goes_first():
     old, new = in_turns(lambda: calls.append("old"), lambda: calls.append("new"), rounds=4)
     assert calls == ["old", "new", "new", "old", "old", "new", "new", "old"]
     assert old >= 0 and new >= 0
+
+
+def test_an_option_of_another_case_is_refused():
+    for argv in (["attention", "--rows", "8"], ["int8", "--cache-blocks", "64"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
