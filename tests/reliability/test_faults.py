@@ -19,7 +19,7 @@ import time
 import pytest
 import requests
 
-from tests.e2e.server import EAGER, LauncherProcess, free_port
+from tests.e2e.server import EAGER, TEST_PREFILL, LauncherProcess, free_port
 from tests.reliability.conftest import SMALL_KV, child_pids, scaled, spawn, stop_process, wait_for, wait_idle
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
@@ -173,7 +173,7 @@ def test_restarted_router_clears_the_shard_and_serves_the_same_output(bundled_mo
     log = tmp_path / "processes.log"
     socket_base = str(tmp_path / "s")
     shard_argv = [sys.executable, "-m", "shard", "--model-id", str(bundled_model_dir), "--uds-path", socket_base]
-    shard = spawn([*shard_argv, "--cpu-kv-cache-gb", "0.5"], log)
+    shard = spawn([*shard_argv, *SMALL_KV, *EAGER], log)
     routers: list[subprocess.Popen] = []
     try:
         wait_for("the shard", lambda: os.path.exists(socket_base + "-0"), shard, log)
@@ -183,6 +183,7 @@ def test_restarted_router_clears_the_shard_and_serves_the_same_output(bundled_mo
             port = free_port()
             argv = [sys.executable, "-m", "router", "--model-id", str(bundled_model_dir)]
             argv += ["--shard", f"unix://{socket_base}-0", "--port", str(port), "--hostname", "127.0.0.1"]
+            argv += TEST_PREFILL
             routers.append(spawn(argv, log))
             url = f"http://127.0.0.1:{port}"
             wait_for("the router", lambda: _router_ok(url), routers[-1], log)

@@ -14,7 +14,7 @@ SAMPLING = SamplingParams(frequency_penalty=1.5, repetition_penalty=1.3)
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
-    r = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu"))
+    r = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", enforce_eager=True))
     r.warmup(64, 4, max_num_blocks=16)
     return r
 

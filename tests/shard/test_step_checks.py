@@ -10,7 +10,7 @@ from shard.step import NewRequest, RunningRequest, StepInput
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
-    r = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu"))
+    r = ModelRunner(ShardConfig(model_dir=tiny_model_dir, device="cpu", enforce_eager=True))
     r.warmup(64, 4, max_num_blocks=16)
     return r
 
