@@ -7,7 +7,7 @@ MODEL_DIR := models/SmolLM2-135M-Instruct
 PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install proto model run test lint clean
+.PHONY: install proto kernels model run test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,7 +21,12 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps text-generation==0.7.0
 	touch $@
 
-install: $(VENV)/.installed proto
+install: $(VENV)/.installed proto kernels
+
+# The C++ CPU kernels, built once per machine into ~/.cache/sluice (a minute on 2 cores) rather
+# than by the first shard that starts.
+kernels: $(VENV)/.installed
+	$(PY) -m shard.kernels.cpu_native
 
 # Generated code is written next to each side's single pb user and never committed.
 proto: $(VENV)/.installed router/pb/shard_pb2.py shard/pb/shard_pb2.py

@@ -1,9 +1,10 @@
 """C++ CPU kernels (csrc/), compiled once per machine for its vector ISA and cached on disk.
 
 `load(cache_dir)` builds them with torch's extension builder into `cache_dir/extensions` (the
-first time on a machine: ~30 s on 2 cores; later starts only load the library) and registers the ops
-under `torch.ops.sluice_cpu`. The ISA comes from `torch.backends.cpu.get_cpu_capability()`, so
-a cache shared by different machines keeps one build per ISA.
+first time on a machine, which `make install` does: ~70 s on 2 cores; later starts only load the
+library) and registers the ops under `torch.ops.sluice_cpu`. The ISA comes from
+`torch.backends.cpu.get_cpu_capability()`, so a cache shared by different machines keeps one build
+per ISA.
 """
 
 import hashlib
@@ -166,3 +167,13 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, vocab] float32 -> (argmax [N] int64, logsumexp [N] float32), one pass per row."""
     return torch.ops.sluice_cpu.argmax_logsumexp(logits)
+
+
+if __name__ == "__main__":  # `make install`: build ahead of the first shard start (or say why not)
+    from shard.config import default_cache_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        load(default_cache_dir())
+    except RuntimeError as e:
+        log.warning("%s; shards will use the slower torch reference attention", e)
