@@ -1,16 +1,12 @@
 """Tool calling on /v1/chat/completions without a server: the format chosen per model family, the
-rendering with and without template support, the grammars of each mode and format checked by
-llguidance's own matcher over a byte-level tokenizer, the parsing of outputs, and streams whose
-deltas reassemble to exactly the non-streamed calls however the text is split."""
+rendering with and without template support, the parsing of outputs, and streams whose deltas
+reassemble to exactly the non-streamed calls however the text is split. The grammars are in
+test_tool_grammars.py."""
 
 import json
 import random
-from pathlib import Path
 
 import pytest
-from llguidance import LLMatcher, LLTokenizer
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from router.core.engine import Token, TokenEvent
 from router.http.errors import ApiError
@@ -18,113 +14,22 @@ from router.http.openai import responses as oai
 from router.http.openai import tools
 from router.http.openai.plan import Plan, parse_chat
 from router.http.openai.routes import _ChatChunks
-from router.tokenizer import Tokenizer
 from tests.router.stand_ins import LIMITS, ByteTokenizer
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-NOW = {"type": "function", "function": {"name": "now"}}
-TOOLS = [WEATHER, NOW]
-USER = [{"role": "user", "content": "Weather in Paris?"}]
-
-# Chat templates, one per family (with tool support) and one without.
-HERMES_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>"
-    "<tool_call>...</tool_call><|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>\n{{ c.function | tojson }}\n</tool_call>{% endfor %}"
-    "{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+from tests.router.tool_cases import (
+    CLOCK,
+    FORMATS,
+    HERMES_TEMPLATE,
+    LLAMA3_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    PARIS,
+    PLAIN_TEMPLATE,
+    ROME,
+    TOOLS,
+    USER,
+    WEATHER,
+    call_text,
 )
-LLAMA3_TEMPLATE = (
-    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}"
-    "{% if tools %}{{ tools | length }} tools{% endif %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-)
-MISTRAL_TEMPLATE = (
-    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
-    "{% for m in messages %}[INST]{{ m.content }}[/INST]{% endfor %}"
-    "{# a call is written [TOOL_CALLS] [...] #}"
-)
-PLAIN_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
-TEMPLATES = {"hermes": HERMES_TEMPLATE, "llama3_json": LLAMA3_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
-FORMATS = [tools.HERMES, tools.LLAMA3_JSON, tools.MISTRAL]
-MARKERS = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>"]
 
-
-# ---------------------------------------------------------------------------------------------
-# A byte-level tokenizer, for the router and for llguidance
-
-
-def _byte_level(path, specials: list[str]) -> None:
-    """One token per byte (ids 0-255), then `specials`; the first special is EOS."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": specials[0]}))
-
-
-class Vocab:
-    """The router's tokenizer and llguidance's over the same vocabulary."""
-
-    def __init__(self, path, specials: list[str]):
-        _byte_level(path, specials)
-        self.router = Tokenizer(path)
-        self.llg = LLTokenizer(str(path / "tokenizer.json"), eos_token=256)
-
-    def with_template(self, template: str) -> Tokenizer:
-        self.router.config = {**self.router.config, "chat_template": template}
-        return self.router
-
-    def accepts(self, grammar: str, text: str) -> bool:
-        """Whether the grammar lets a model generate `text` and then EOS."""
-        matcher = LLMatcher(self.llg, grammar, log_level=0)
-        assert not matcher.is_error(), matcher.get_error()
-        ok = matcher.consume_tokens(self.llg.tokenize_str(text, parse_special=True))
-        return ok and not matcher.is_error() and matcher.is_accepting()
-
-    def completes(self, grammar: str, text: str) -> bool:
-        """Whether the grammar accepts nothing more after `text` (the request then ends)."""
-        matcher = LLMatcher(self.llg, grammar, log_level=0)
-        matcher.consume_tokens(self.llg.tokenize_str(text, parse_special=True))
-        return matcher.is_stopped() and not matcher.is_error()
-
-
-@pytest.fixture(scope="module", params=["text markers", "special markers"])
-def vocab(request, tmp_path_factory) -> Vocab:
-    """Markers as plain text (lazy triggers), or as special tokens of the vocabulary (`<[id]>`)."""
-    specials = ["<|eot|>"] + (MARKERS if request.param == "special markers" else [])
-    return Vocab(tmp_path_factory.mktemp(request.param.replace(" ", "-")), specials)
-
-
-def _grammar(vocab: Vocab, family: str, **fields) -> str:
-    tokenizer = vocab.with_template(TEMPLATES[family])
-    (valid,) = parse_chat({"messages": USER, "tools": TOOLS, **fields}, tokenizer, LIMITS).prompts
-    return valid.grammar
-
-
-def _call(fmt: tools.CallFormat, *calls: tuple[str, dict]) -> str:
-    return fmt.render((name, json.dumps(arguments)) for name, arguments in calls)
-
-
-PARIS = ("get_weather", {"city": "Paris", "unit": "c"})
-ROME = ("get_weather", {"city": "Rome"})
-CLOCK = ("now", {})
-
-
-# ---------------------------------------------------------------------------------------------
 # Formats
 
 
@@ -154,15 +59,15 @@ def test_the_format_follows_the_family(template, config, family):
     ],
 )
 def test_each_format_writes_calls_as_its_family_does(fmt, text):
-    assert _call(fmt, CLOCK) == text
+    assert call_text(fmt, CLOCK) == text
 
 
 def test_several_calls_are_written_with_the_separator():
-    assert _call(tools.MISTRAL, CLOCK, CLOCK) == '[TOOL_CALLS] [{"name": "now", "arguments": {}}, ' + (
+    assert call_text(tools.MISTRAL, CLOCK, CLOCK) == '[TOOL_CALLS] [{"name": "now", "arguments": {}}, ' + (
         '{"name": "now", "arguments": {}}]'
     )
-    assert _call(tools.LLAMA3_JSON, CLOCK, CLOCK).count("; ") == 1
-    assert _call(tools.HERMES, CLOCK, CLOCK).count("</tool_call>\n<tool_call>") == 1
+    assert call_text(tools.LLAMA3_JSON, CLOCK, CLOCK).count("; ") == 1
+    assert call_text(tools.HERMES, CLOCK, CLOCK).count("</tool_call>\n<tool_call>") == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,135 +158,6 @@ def test_past_calls_are_written_in_the_models_format():
 
 
 # ---------------------------------------------------------------------------------------------
-# Grammars, checked by llguidance's matcher
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.family)
-def test_auto_is_free_text_with_calls_constrained_after_the_marker(vocab, fmt):
-    grammar = _grammar(vocab, fmt.family)
-    assert vocab.accepts(grammar, "The weather is nice.")
-    assert vocab.accepts(grammar, '{"city": "Paris"} is JSON, but not a call')  # never forced into JSON
-    assert vocab.accepts(grammar, "")
-    assert vocab.accepts(grammar, _call(fmt, PARIS))
-    assert vocab.accepts(grammar, "Let me check. " + _call(fmt, PARIS, CLOCK) + " Done.")
-    assert vocab.accepts(grammar, _call(fmt, PARIS) + "\n" + _call(fmt, ROME))  # parallel calls
-    assert not vocab.accepts(grammar, _call(fmt, ("get_weather", {"town": "Paris"})))  # against the schema
-    assert not vocab.accepts(grammar, _call(fmt, ("get_time", {})))  # no such tool
-    marker = fmt.markers[-1]
-    assert not vocab.accepts(grammar, f"Hi {marker} and then prose")  # the marker starts a call
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.family)
-def test_auto_without_parallel_calls_ends_after_one_call(vocab, fmt):
-    grammar = _grammar(vocab, fmt.family, parallel_tool_calls=False)
-    assert vocab.accepts(grammar, "No call needed.")
-    assert vocab.accepts(grammar, "Checking. " + _call(fmt, PARIS))
-    assert vocab.completes(grammar, "Checking. " + _call(fmt, PARIS))
-    assert not vocab.accepts(grammar, _call(fmt, PARIS, ROME))
-    assert not vocab.accepts(grammar, _call(fmt, PARIS) + " more text")
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.family)
-def test_required_constrains_from_the_first_token(vocab, fmt):
-    grammar = _grammar(vocab, fmt.family, tool_choice="required")
-    assert vocab.accepts(grammar, _call(fmt, PARIS))
-    assert vocab.accepts(grammar, _call(fmt, PARIS, CLOCK, ROME))
-    assert not vocab.accepts(grammar, "The weather is nice.")
-    assert not vocab.accepts(grammar, "")
-    assert not vocab.accepts(grammar, "Sure: " + _call(fmt, PARIS))
-    assert not vocab.accepts(grammar, _call(fmt, PARIS) + " Done.")
-    assert not vocab.accepts(grammar, _call(fmt, ("get_weather", {"city": 5})))
-    assert not vocab.accepts(grammar, _call(fmt, ("get_weather", {"city": "Paris", "extra": 1})))
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.family)
-def test_required_without_parallel_calls_is_one_call(vocab, fmt):
-    grammar = _grammar(vocab, fmt.family, tool_choice="required", parallel_tool_calls=False)
-    assert vocab.accepts(grammar, _call(fmt, CLOCK))
-    assert vocab.completes(grammar, _call(fmt, CLOCK))
-    assert not vocab.accepts(grammar, _call(fmt, CLOCK, CLOCK))
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.family)
-def test_a_named_function_is_the_only_one_callable(vocab, fmt):
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    grammar = _grammar(vocab, fmt.family, tool_choice=named)
-    assert vocab.accepts(grammar, _call(fmt, ROME))
-    assert vocab.accepts(grammar, _call(fmt, ROME, PARIS))
-    assert not vocab.accepts(grammar, _call(fmt, CLOCK))
-    assert not vocab.accepts(grammar, "Rome is sunny.")
-
-
-def test_llama3_calls_may_follow_the_python_tag(vocab):
-    call = _call(tools.LLAMA3_JSON, PARIS)
-    assert vocab.accepts(_grammar(vocab, "llama3_json", tool_choice="required"), "<|python_tag|>" + call)
-    assert vocab.accepts(_grammar(vocab, "llama3_json"), "Checking. <|python_tag|>" + call)
-
-
-def test_special_markers_are_the_vocabularys_tokens(tmp_path):
-    vocab = Vocab(tmp_path, ["<|eot|>"] + MARKERS)
-    grammar = _grammar(vocab, "mistral", tool_choice="required")
-    (marker_id,) = vocab.router.encode("[TOOL_CALLS]", add_special_tokens=False)
-    assert f"<[{marker_id}]>" in grammar and '"[TOOL_CALLS]' not in grammar
-    # the model must emit the special token: the marker spelled out byte by byte is refused
-    spelled = [i for c in "[TOOL_CALLS]" for i in vocab.router.encode(c, add_special_tokens=False)]
-    assert len(spelled) == len("[TOOL_CALLS]")
-    matcher = LLMatcher(vocab.llg, grammar, log_level=0)
-    assert not matcher.consume_tokens(spelled)
-
-
-BUNDLED = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct"
-
-
-@pytest.mark.skipif(not (BUNDLED / "tokenizer.json").exists(), reason="the bundled model is missing: `make model`")
-def test_the_bundled_models_grammars_over_its_own_tokens():
-    """SmolLM2's template has no tools: Hermes calls, described in the system prompt, over BPE tokens
-    that may merge text with the marker's first bytes."""
-    tokenizer = Tokenizer(BUNDLED)
-    llg = LLTokenizer(str(BUNDLED / "tokenizer.json"))
-
-    def accepts(grammar: str, text: str) -> bool:
-        matcher = LLMatcher(llg, grammar, log_level=0)
-        return matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False)) and matcher.is_accepting()
-
-    def grammar(**fields) -> str:
-        plan = parse_chat({"messages": USER, "tools": TOOLS, **fields}, tokenizer, LIMITS)
-        assert "# Tools" in plan.prompts[0].inputs and plan.tool_format is tools.HERMES
-        return plan.prompts[0].grammar
-
-    auto, required = grammar(), grammar(tool_choice="required")
-    assert accepts(auto, "It is sunny in Paris.") and not accepts(required, "It is sunny in Paris.")
-    for text in ("Let me look:<tool_call>", "Sure!\n\n<tool_call>", "<tool_call>"):
-        call = text + _call(tools.HERMES, PARIS).removeprefix("<tool_call>")
-        assert accepts(auto, call), text
-    assert accepts(required, _call(tools.HERMES, PARIS, ROME))
-    assert not accepts(auto, 'Sure:<tool_call>\n{"name": "get_weather", "arguments": {"town": 1}}')
-
-
-def test_tools_given_with_no_template_support_are_constrained_too(vocab):
-    tokenizer = vocab.with_template(PLAIN_TEMPLATE)
-    (valid,) = parse_chat({"messages": USER, "tools": TOOLS, "tool_choice": "required"}, tokenizer, LIMITS).prompts
-    assert vocab.accepts(valid.grammar, _call(tools.HERMES, PARIS))
-    assert not vocab.accepts(valid.grammar, "Paris is sunny.")
-
-
-def test_no_constraint_without_tools_or_with_tool_choice_none():
-    for body in ({}, {"tools": TOOLS, "tool_choice": "none"}, {"tool_choice": "auto"}):
-        plan = parse_chat({"messages": USER, **body}, ByteTokenizer(), LIMITS)
-        assert plan.prompts[0].grammar == "" and plan.tool_format is None
-    body = {"messages": USER, "tools": TOOLS, "tool_choice": "none", "response_format": {"type": "json_object"}}
-    plan = parse_chat(body, ByteTokenizer(), LIMITS)
-    assert "json_schema" in plan.prompts[0].grammar  # response_format alone
-
-
-def test_strict_tools_are_accepted_and_constrained(vocab):
-    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
-    tokenizer = vocab.with_template(HERMES_TEMPLATE)
-    (valid,) = parse_chat({"messages": USER, "tools": [strict]}, tokenizer, LIMITS).prompts
-    assert not vocab.accepts(valid.grammar, _call(tools.HERMES, ("get_weather", {"city": 1})))
-
-
-# ---------------------------------------------------------------------------------------------
 # Parsing
 
 
@@ -397,13 +173,13 @@ def _parse(fmt: tools.CallFormat, text: str) -> tuple[str | None, list[tuple[str
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.family)
 def test_calls_are_parsed_from_each_format(fmt):
-    assert _parse(fmt, _call(fmt, PARIS)) == (None, [PARIS])
-    assert _parse(fmt, _call(fmt, PARIS, CLOCK, ROME)) == (None, [PARIS, CLOCK, ROME])
-    assert _parse(fmt, "Let me check.\n" + _call(fmt, PARIS) + "\nOne moment.") == (
+    assert _parse(fmt, call_text(fmt, PARIS)) == (None, [PARIS])
+    assert _parse(fmt, call_text(fmt, PARIS, CLOCK, ROME)) == (None, [PARIS, CLOCK, ROME])
+    assert _parse(fmt, "Let me check.\n" + call_text(fmt, PARIS) + "\nOne moment.") == (
         "Let me check.\nOne moment.",
         [PARIS],
     )
-    assert _parse(fmt, "  " + _call(fmt, CLOCK) + "\n\n") == (None, [CLOCK])
+    assert _parse(fmt, "  " + call_text(fmt, CLOCK) + "\n\n") == (None, [CLOCK])
     assert _parse(fmt, "Just text, no call.\n") == ("Just text, no call.\n", [])
     assert _parse(fmt, "") == ("", [])
 
@@ -422,10 +198,10 @@ def test_calls_are_parsed_from_each_format(fmt):
     ],
 )
 def test_malformed_calls_are_returned_as_content(fmt, broken):
-    text = "Hi " + broken(_call(fmt, PARIS))
+    text = "Hi " + broken(call_text(fmt, PARIS))
     assert _parse(fmt, text) == (text, [])
-    assert _parse(fmt, _call(fmt, CLOCK) + " then " + broken(_call(fmt, PARIS))) == (
-        _call(fmt, CLOCK) + " then " + broken(_call(fmt, PARIS)),
+    assert _parse(fmt, call_text(fmt, CLOCK) + " then " + broken(call_text(fmt, PARIS))) == (
+        call_text(fmt, CLOCK) + " then " + broken(call_text(fmt, PARIS)),
         [],
     )
 
@@ -485,11 +261,11 @@ def _splits(text: str) -> list[list[str]]:
 
 
 STREAMED = [
-    lambda fmt: _call(fmt, PARIS),
-    lambda fmt: "Let me check the weather for you.\n" + _call(fmt, PARIS, CLOCK) + "\nDone!",
-    lambda fmt: _call(fmt, ("f", {"q": 'a}b"{\\', "deep": [[{"x": "]"}]], "emoji": "🌊"})),
+    lambda fmt: call_text(fmt, PARIS),
+    lambda fmt: "Let me check the weather for you.\n" + call_text(fmt, PARIS, CLOCK) + "\nDone!",
+    lambda fmt: call_text(fmt, ("f", {"q": 'a}b"{\\', "deep": [[{"x": "]"}]], "emoji": "🌊"})),
     lambda fmt: "A brace { and a tag < and [ bracket, no call.",
-    lambda fmt: _call(fmt, PARIS) + "\n\n" + _call(fmt, ROME),
+    lambda fmt: call_text(fmt, PARIS) + "\n\n" + call_text(fmt, ROME),
 ]
 
 
@@ -509,7 +285,7 @@ def test_a_possible_marker_is_held_back_and_calls_stream_as_they_come(fmt):
     stream = tools.CallStream(fmt, _ids())
     marker = fmt.markers[-1]
     assert stream.feed("Sure " + marker[:-1]) == ["Sure"]  # the space waits too: it may precede a call
-    call = _call(fmt, PARIS)
+    call = call_text(fmt, PARIS)
     rest = call[call.index(marker) + len(marker) - 1 :]
     head_end = rest.index('": {') + 4
     assert stream.feed(rest[:head_end]) == [tools.CallStart(0, "call_0", "get_weather"), tools.ArgumentsDelta(0, "{")]
@@ -578,7 +354,7 @@ def _without_ids(calls: list[dict]) -> list[dict]:
 )
 @pytest.mark.parametrize("special", [False, True], ids=["text marker", "special marker"])
 def test_chat_responses_carry_tool_calls_streamed_or_not(template, fmt, special):
-    marker, calls = fmt.markers[0], _call(fmt, PARIS, CLOCK)
+    marker, calls = fmt.markers[0], call_text(fmt, PARIS, CLOCK)
     text = "Checking.\n" + ("" if calls.startswith(marker) else marker) + calls  # Llama 3: after <|python_tag|>
     pieces = [text[: text.index(marker)], marker, *text[text.index(marker) + len(marker) :]]
     events = _events(pieces, frozenset([marker]) if special else frozenset())
@@ -599,7 +375,7 @@ def test_chat_responses_carry_tool_calls_streamed_or_not(template, fmt, special)
 
 def test_only_calls_give_null_content_and_text_gives_no_tool_calls():
     plan = _chat_plan(PLAIN_TEMPLATE, tool_choice="required")
-    events = _events(list(_call(tools.HERMES, CLOCK)))
+    events = _events(list(call_text(tools.HERMES, CLOCK)))
     body = json.loads(oai.ChatCompletion.of(plan, oai.envelope("chat", "m"), [events]).model_dump_json())
     assert body["choices"][0]["message"]["content"] is None
     events = _events(list("It is sunny."))
@@ -616,7 +392,7 @@ def test_only_calls_give_null_content_and_text_gives_no_tool_calls():
 
 
 def test_a_call_cut_by_max_tokens_is_content_with_finish_reason_length():
-    text = _call(tools.HERMES, PARIS)[:40]
+    text = call_text(tools.HERMES, PARIS)[:40]
     plan = _chat_plan(PLAIN_TEMPLATE)
     events = _events(list(text), reason="length")
     (choice,) = oai.ChatCompletion.of(plan, oai.envelope("chat", "m"), [events]).choices
@@ -626,7 +402,7 @@ def test_a_call_cut_by_max_tokens_is_content_with_finish_reason_length():
 
 def test_stop_sequences_are_cut_before_calls_are_parsed():
     plan = _chat_plan(PLAIN_TEMPLATE, stop=["STOP"])
-    text = _call(tools.HERMES, CLOCK) + "\nSTOP"  # the token completing the stop sequence ends the request
+    text = call_text(tools.HERMES, CLOCK) + "\nSTOP"  # the token completing the stop sequence ends the request
     events = [TokenEvent(Token(i, c, -0.5, False), []) for i, c in enumerate(text)]
     events[-1] = TokenEvent(events[-1].token, [], "stop_sequence", text)
     (choice,) = oai.ChatCompletion.of(plan, oai.envelope("chat", "m"), [events]).choices
@@ -637,7 +413,7 @@ def test_stop_sequences_are_cut_before_calls_are_parsed():
 
 def test_each_chunk_carries_one_delta_and_the_token_logprobs_once():
     plan = _chat_plan(PLAIN_TEMPLATE, logprobs=True)
-    text = _call(tools.HERMES, CLOCK)
+    text = call_text(tools.HERMES, CLOCK)
     events = _events([text[:20], text[20:]])  # the second token completes the head and the arguments
     chunks = _chunks(plan, events)[1:]
     with_logprobs = [c for c in chunks if c["choices"][0]["logprobs"] is not None]
