@@ -5,7 +5,6 @@ the HTTP API against `generate`.
 A family's test file builds its configs and calls these; `transformers` is the oracle throughout.
 """
 
-import multiprocessing as mp
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import requests
 import torch
 import transformers
 
+from tests import ranks
 from tests.conftest import BUNDLED_MODEL
 from tests.e2e.server import EAGER, LauncherProcess, free_port
 
@@ -171,9 +171,9 @@ def _rank_logits(model_dir, rank: int, world_size: int, port: int, queue, compil
 
 
 def check_tensor_parallel(model_dir: Path, world_size: int = 2, atol=ATOL, compiled: bool = False) -> None:
-    """Sharded over `world_size` gloo ranks (spawned processes; through the compiled forward, its
+    """Sharded over `world_size` gloo ranks (processes of tests/ranks.py; through the compiled forward, its
     all-reduces inside the graph, if `compiled`), the logits equal the unsharded ones computed here."""
-    ctx = mp.get_context("spawn")
+    ctx = ranks.context()
     queue, port = ctx.Queue(), free_port()
     args = [(model_dir, i, world_size, port, queue, compiled) for i in range(world_size)]
     procs = [ctx.Process(target=_rank_logits, args=a) for a in args]

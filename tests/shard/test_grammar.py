@@ -5,7 +5,6 @@ reported, preemption replays, other rows are untouched, and failures stay with t
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import re
 import shutil
 
@@ -22,6 +21,7 @@ from shard.grammar import GrammarCache, Grammars, load_tokenizer
 from shard.runner import ModelRunner
 from shard.sampler import SamplingParams, TokenBitmask, apply_token_bitmask
 from shard.step import NewRequest, RunningRequest, StepInput, TokenOutput
+from tests import ranks
 from tests.conftest import BUNDLED_MODEL, TINY_CONFIGS
 from tests.e2e.server import free_port
 
@@ -318,7 +318,7 @@ def _tp_generate(model_dir, rank: int, world_size: int, port: int, queue) -> Non
 def test_tensor_parallel_ranks_follow_rank_0s_matchers(model_dir):
     """TP=2 over gloo: rank 0 alone holds matchers, rank 1 follows the broadcast tokens, and the
     constrained output is TP=1's."""
-    ctx, results = mp.get_context("spawn"), {}
+    ctx, results = ranks.context(), {}
     for world_size in (1, 2):
         queue, port = ctx.Queue(), free_port()
         procs = [

@@ -6,12 +6,12 @@ int32 words of 8 output features on each rank. One pair of processes serves all 
 float32; sharding changes summation order only (1e-4, as tests/shard/test_tensor_parallel.py).
 """
 
-import multiprocessing as mp
 import time
 from queue import Empty
 
 import torch
 
+from tests import ranks
 from tests.e2e.server import free_port
 from tests.shard.quantization import writers as W
 
@@ -35,7 +35,7 @@ def _checkpoints() -> dict:
 def test_two_ranks_match_one():
     checkpoints = _checkpoints()
     names = list(checkpoints)
-    ctx = mp.get_context("spawn")
+    ctx = ranks.context()
     queue, port = ctx.Queue(), free_port()
     dirs = [checkpoints[n] for n in names]
     procs = [ctx.Process(target=W.tp_logits, args=(dirs, r, 2, port, queue)) for r in range(2)]
