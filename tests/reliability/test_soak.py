@@ -2,7 +2,7 @@
 one outcome, nothing hangs, and afterwards the server is idle again (every KV block free, nothing
 queued or running) with the router's memory grown by less than RSS_GROWTH_MIB.
 
-Reduced (make test): 200 requests after a 48-request warm-up. Full (SLUICE_SOAK=full, make soak): 2,000.
+Reduced (make test): 120 requests after a 32-request warm-up. Full (SLUICE_SOAK=full, make soak): 2,000.
 """
 
 import asyncio
@@ -13,8 +13,8 @@ import pytest
 from tests.reliability.conftest import FULL, child_pids, rss_mib, scaled, wait_idle
 from tests.reliability.loadgen import make_jobs, run_load
 
-NUM_REQUESTS = scaled(200, 2000)
-WARMUP = scaled(48, 200)
+NUM_REQUESTS = scaled(120, 2000)
+WARMUP = scaled(32, 200)
 CONCURRENCY = 16
 PER_REQUEST_TIMEOUT_S = 180
 RSS_GROWTH_MIB = 150  # router memory growth allowed between the end of the warm-up and the end of the run
