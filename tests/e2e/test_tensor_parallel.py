@@ -17,8 +17,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 def _greedy(url: str) -> list[list[int]]:
-    """The greedy tokens for PROMPTS, sent together: one batch, a third of the steps (TP=3 on two cores
-    takes ~250 ms a step, each of its 60 all-reduces waiting for the third process to be scheduled)."""
+    """The greedy tokens for PROMPTS, sent together: one batch, a third of the steps (TP=3 takes ~250 ms
+    a step here: three processes share two cores, and each of a step's 60 all-reduces waits for all three)."""
 
     def one(prompt: str) -> list[int]:
         body = {"inputs": prompt, "parameters": {"max_new_tokens": 16, "details": True}}
