@@ -51,13 +51,10 @@ def _git(*args: str) -> str:
 
 def load_revision(case: str, rev: str, cache_dir: Path) -> None:
     """Build and load `rev`'s copy of the case's source file (with that revision's headers) as sluice_ab."""
-    from torch.utils import cpp_extension
-
     from shard.kernels import cpu_native
 
     commit = _git("rev-parse", rev).strip()
-    isa = cpu_native.build_isa()
-    build = cache_dir / "kernel_ab" / f"{case}_{isa.lower()}_{commit[:12]}"
+    build = cache_dir / "kernel_ab" / f"{case}_{cpu_native.build_isa().lower()}_{commit[:12]}"
     build.mkdir(parents=True, exist_ok=True)
     for name in _git("ls-tree", "--name-only", f"{commit}:{CSRC}").split():
         if name.endswith(".h"):
@@ -65,14 +62,7 @@ def load_revision(case: str, rev: str, cache_dir: Path) -> None:
     source = build / f"ab_{SOURCES[case]}"
     source.write_text(renamed(_git("show", f"{commit}:{CSRC}/{SOURCES[case]}")))
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
-    cpp_extension.load(
-        name=f"sluice_ab_{case}_{digest}",
-        sources=[str(source)],
-        extra_cflags=[*cpu_native.compile_flags(isa), f"-I{build}"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        is_python_module=False,
-    )
+    cpu_native.build_library(f"sluice_ab_{case}_{digest}", [source], build, include_dir=build)
 
 
 def in_turns(old: Callable[[], None], new: Callable[[], None], rounds: int) -> tuple[float, float]:
@@ -127,11 +117,11 @@ def linear_cases(args, int8: bool) -> list[tuple[str, Callable[[], None], Callab
     from shard.kernels import cpu_int8
 
     shapes = LINEARS * 30
+    namespaces = {"old": torch.ops.sluice_ab, "new": torch.ops.sluice_cpu}
     packed = {"old": [], "new": []}
     for n, k in shapes:
         w = torch.randn(n, k) * 0.05
-        for ns in ("old", "new"):
-            ops = getattr(torch.ops, "sluice_ab" if ns == "old" else "sluice_cpu")
+        for ns, ops in namespaces.items():
             if int8:
                 w8, scales = cpu_int8.quantize_per_channel(w)
                 packed[ns].append(ops.pack_int8_weight(w8, scales))
@@ -142,7 +132,7 @@ def linear_cases(args, int8: bool) -> list[tuple[str, Callable[[], None], Callab
         xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in {k for _, k in LINEARS}}
 
         def run(ns, xs=xs):
-            ops = getattr(torch.ops, "sluice_ab" if ns == "old" else "sluice_cpu")
+            ops = namespaces[ns]
             for (n, k), handle in zip(shapes, packed[ns]):
                 if int8:
                     ops.int8_linear(xs[k], handle, n, None, cpu_int8.NEVER)

@@ -32,24 +32,13 @@ def load(cache_dir: Path) -> str:
     global _loaded
     if _loaded is not None:
         return _loaded
-    from torch.utils import cpp_extension
-
     isa = build_isa()
     # The sources' digest names the build, headers included (torch only tracks the .cpp files).
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))).hexdigest()[:12]
     name = f"sluice_cpu_{isa.lower()}_{digest}"
     build_dir = cache_dir / "extensions" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    flags = compile_flags(isa)
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            is_python_module=False,
-        )
+        build_library(name, _SOURCES, build_dir)
     except (RuntimeError, OSError) as e:  # no compiler, or it failed: the caller decides what to fall back to
         raise RuntimeError(f"could not build the C++ CPU kernels in {build_dir}: {e}") from e
     _register_fakes()
@@ -64,9 +53,22 @@ def build_isa() -> str:
     return isa if isa in _ISA_FLAGS else "DEFAULT"
 
 
-def compile_flags(isa: str) -> list[str]:
-    """The compiler flags of a build for `isa`."""
-    return ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *_ISA_FLAGS.get(isa, [])]
+def build_library(name: str, sources: list[Path], build_dir: Path, include_dir: Path | None = None) -> None:
+    """Build (if needed) `sources` into the library `name` in `build_dir` for this CPU's ISA, and
+    load it: the ops it registers appear under torch.ops."""
+    from torch.utils import cpp_extension
+
+    isa = build_isa()
+    flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *_ISA_FLAGS.get(isa, [])]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=flags + ([f"-I{include_dir}"] if include_dir else []),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+    )
 
 
 def is_loaded() -> bool:
