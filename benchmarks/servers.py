@@ -69,7 +69,9 @@ class SluiceServer:
             sys.path.insert(0, str(ROOT))
             from tests.e2e.server import LauncherProcess
 
-            self._launcher = LauncherProcess(self.model_dir, *self.passed_args(), *self.launcher_args)
+            self._launcher = LauncherProcess(
+                self.model_dir, *self.passed_args(), *self.launcher_args, as_users_start_it=True
+            )
             started = time.perf_counter()
             self._launcher.start(timeout_s=timeout_s)
             self.startup_s = time.perf_counter() - started
