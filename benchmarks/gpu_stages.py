@@ -7,15 +7,18 @@ process under its own timeout:
   id decodes.
 - `bench`: one model served by Sluice: the nano-vllm workload (256 sequences, prompt and output
   lengths uniform in [100, 1024], EOS ignored, all at once), its output tok/s and the fraction of
-  the HBM roofline it reaches, batch-1 decode tok/s, and `transformers` static-batch `generate`
-  on the first 64 sequences in the same run.
+  the HBM roofline it reaches, batch-1 decode tok/s, the shards' forward time per step against the
+  wall time per step, and `transformers` static-batch `generate` of the same prompts all at once,
+  each to its first 128 tokens (the whole workload took it 87 s for 64 of the sequences on an H200).
 """
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from benchmarks.workload import RequestSpec, make_requests, nano_vllm_requests
 
 MODELS = ("smollm2-135m", "qwen3-0.6b")
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+STATIC_TOKENS = 128  # transformers' static batch: every prompt at once, the first 128 tokens of each
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -128,16 +132,46 @@ def bench(model_dir: Path, device: str, log_dir: Path) -> dict:
     try:
         result["startup_s"], result["dtype"] = server.startup_s, server.dtype
         asyncio.run(warm_up(server.url, "openai", specs[0]))
+        before = forward_totals(server.url)
         records, duration = asyncio.run(run_load(server.url, specs, concurrency=len(specs)))
         summary = summarize(records, duration)
         result["sluice"] = {k: summary[k] for k in ("completed", "failed", "duration_s", "output_throughput", "tpot_s")}
+        result["sluice"]["steps"] = step_figures(before, forward_totals(server.url), duration)
         result["roofline"] = roofline(config, weight_bytes, specs, duration, bandwidth)
-        one, _ = asyncio.run(run_load(server.url, single, concurrency=1))
+        before = forward_totals(server.url)
+        one, duration = asyncio.run(run_load(server.url, single, concurrency=1))
         result["batch1_decode_tok_s"] = decode_tok_s(one)
+        result["batch1_steps"] = step_figures(before, forward_totals(server.url), duration)
     finally:
         server.stop()
-    result["transformers_static"] = static_baseline(model_dir, device, specs[: 4 if tiny else 64])
+    capped = [dataclasses.replace(s, max_tokens=min(s.max_tokens, STATIC_TOKENS)) for s in specs]
+    result["transformers_static"] = static_baseline(model_dir, device, capped)
     return result
+
+
+def forward_totals(url: str) -> tuple[float, float]:
+    """(seconds, steps) the shards spent in forwards so far: the router's tgi_batch_forward_duration
+    summed over its methods."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        for suffix in totals:
+            if name == "tgi_batch_forward_duration" + suffix:
+                totals[suffix] += float(line.split()[-1])
+    return totals["_sum"], totals["_count"]
+
+
+def step_figures(before: tuple[float, float], after: tuple[float, float], duration_s: float) -> dict:
+    """How a run's wall time splits: its steps, the mean forward (inputs, forward, no sampling) and
+    the mean wall time per step; the difference is sampling, transport and the router."""
+    seconds, steps = after[0] - before[0], after[1] - before[1]
+    return {
+        "steps": int(steps),
+        "forward_ms": 1000 * seconds / max(steps, 1),
+        "wall_per_step_ms": 1000 * duration_s / max(steps, 1),
+    }
 
 
 def static_baseline(model_dir: Path, device: str, specs: list[RequestSpec]) -> dict:
