@@ -314,7 +314,12 @@ class ModelRunner:
     def _check_step(self, step: StepInput) -> None:
         """Refuse (ValueError) a step that would read or write outside what it owns, before it
         changes any state: on CUDA an out-of-range index kills the whole process's context."""
-        b, bs, forgotten = self.batch, self.config.block_size, set(step.forget_req_ids)
+        b, bs, forgotten, max_positions = (
+            self.batch,
+            self.config.block_size,
+            set(step.forget_req_ids),
+            self.max_positions,
+        )
 
         def check(req_id: int, start: int, n: int, num_known: int, num_blocks: int, new_block_ids) -> None:
             if n < 1:
@@ -323,8 +328,8 @@ class ModelRunner:
                 raise ValueError(f"request {req_id}: tokens {start}..{start + n} scheduled, {num_known} known")
             if start + n > num_blocks * bs:
                 raise ValueError(f"request {req_id}: {num_blocks} blocks cannot hold {start + n} tokens")
-            if num_known > self.max_positions or num_blocks > b.max_blocks:
-                raise ValueError(f"request {req_id}: {num_known} tokens exceed the {self.max_positions} served")
+            if num_known > max_positions or num_blocks > b.max_blocks:
+                raise ValueError(f"request {req_id}: {num_known} tokens exceed the {max_positions} served")
             if any(not 0 <= x < self.num_blocks for x in new_block_ids):  # earlier blocks were checked
                 raise ValueError(f"request {req_id}: a block id outside the cache's {self.num_blocks} blocks")
 
@@ -339,13 +344,26 @@ class ModelRunner:
             self._check_encoder_input(r)
             num_blocks = len(r.block_ids)
             check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
-        for r in step.running_requests:
-            row = None if r.req_id in forgotten else b.row_of.get(r.req_id)
-            if row is None:
-                raise ValueError(f"request {r.req_id} is not running on this shard")
-            num_blocks = int(b.num_blocks[row]) + len(r.new_block_ids)
-            start, num_known = int(b.num_computed[row]), int(b.num_tokens[row])
-            check(r.req_id, start, r.num_scheduled_tokens, num_known, num_blocks, r.new_block_ids)
+        running = step.running_requests
+        if not running:
+            return
+        rows = [None if r.req_id in forgotten else b.row_of.get(r.req_id) for r in running]
+        if None in rows:
+            raise ValueError(f"request {running[rows.index(None)].req_id} is not running on this shard")
+        # The running requests at once (a decode step has one per row); `check` names the first that fails.
+        n = np.fromiter((r.num_scheduled_tokens for r in running), np.int64, len(running))
+        num_blocks = b.num_blocks[rows] + np.fromiter((len(r.new_block_ids) for r in running), np.int64, len(running))
+        start, num_known = b.num_computed[rows], b.num_tokens[rows]
+        bad = (n < 1) | (start + n > num_known) | (start + n > num_blocks * bs)
+        bad |= (num_known > max_positions) | (num_blocks > b.max_blocks)
+        bad |= np.fromiter(
+            (any(not 0 <= x < self.num_blocks for x in r.new_block_ids) for r in running), bool, len(running)
+        )
+        for i in np.flatnonzero(bad)[:1].tolist():
+            r = running[i]
+            check(
+                r.req_id, int(start[i]), r.num_scheduled_tokens, int(num_known[i]), int(num_blocks[i]), r.new_block_ids
+            )
 
     def _check_encoder_input(self, r) -> None:
         """An encoder-decoder model's new request `r` brings its encoder input and blocks; no other does."""
@@ -391,7 +409,8 @@ class ModelRunner:
             if self.grammars is not None:  # replays the tokens generated before a preemption, if any
                 self.grammars.add(r.req_id, r.grammar, r.token_ids[r.num_prompt_tokens or len(r.token_ids) :])
         for r in step.running_requests:
-            b.append_blocks(r.req_id, r.new_block_ids)
+            if r.new_block_ids:
+                b.append_blocks(r.req_id, r.new_block_ids)
             rows.append(b.row_of[r.req_id])
             num_scheduled.append(r.num_scheduled_tokens)
         return b.order(np.array(rows, dtype=np.int64), np.array(num_scheduled, dtype=np.int64))
