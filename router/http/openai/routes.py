@@ -70,6 +70,12 @@ async def _events(engine: Engine, choices: list, start_s: float) -> AsyncIterato
     Raises the first failure. Closing this iterator early (or cancelling its consumer) aborts
     every request still running.
     """
+    if len(choices) == 1:  # the usual case: the request's own events, without a task and queue between
+        timings = Timings(queued_s=time.monotonic(), start_s=start_s)
+        async with contextlib.aclosing(engine.generate(choices[0].generation(), timings)) as events:
+            async for event in events:
+                yield 0, event
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, valid) -> None:
