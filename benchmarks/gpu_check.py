@@ -151,10 +151,12 @@ class Check:
                 f"batch 1: {b['batch1_decode_tok_s']:.0f} tok/s, transformers static: "
                 f"{b['transformers_static'].get('output_throughput', float('nan')):.0f} tok/s"
             )
-            for name, steps in (("all at once", b["sluice"]["steps"]), ("batch 1", b["batch1_steps"])):
+            for name, breakdown in (("all at once", b["sluice"]["steps"]), ("batch 1", b["batch1_steps"])):
+                steps = breakdown.get("all", {})
                 self.note(
-                    f"{'':<14} {name}: {steps['steps']} steps, forward {steps['forward_ms']:.2f} ms "
-                    f"of {steps['wall_per_step_ms']:.2f} ms per step"
+                    f"{'':<14} {name}: {steps.get('steps', 0):.0f} steps; per step: shard forward "
+                    f"{steps.get('forward_ms', 0):.2f} ms + after it {steps.get('sample_ms', 0):.2f} ms, "
+                    f"of {steps.get('period_ms', 0):.2f} ms wall; router CPU {steps.get('router_cpu_pct', 0):.0f}%"
                 )
         self.note(f"gpu-check {'passed' if ok else 'FAILED'} ({self.out / 'summary.json'})")
         self.log.close()

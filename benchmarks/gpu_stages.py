@@ -18,12 +18,13 @@ import dataclasses
 import json
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
+from benchmarks import probes
 from benchmarks.loadgen import run_load, warm_up
 from benchmarks.metrics import summarize
 from benchmarks.workload import RequestSpec, make_requests, nano_vllm_requests
@@ -132,46 +133,24 @@ def bench(model_dir: Path, device: str, log_dir: Path) -> dict:
     try:
         result["startup_s"], result["dtype"] = server.startup_s, server.dtype
         asyncio.run(warm_up(server.url, "openai", specs[0]))
-        before = forward_totals(server.url)
+        router = psutil.Process(server.pids["router"])
+        before, cpu = probes.scrape(server.url), sum(router.cpu_times()[:2])
         records, duration = asyncio.run(run_load(server.url, specs, concurrency=len(specs)))
         summary = summarize(records, duration)
         result["sluice"] = {k: summary[k] for k in ("completed", "failed", "duration_s", "output_throughput", "tpot_s")}
-        result["sluice"]["steps"] = step_figures(before, forward_totals(server.url), duration)
+        steps = probes.step_breakdown(before, probes.scrape(server.url), duration, sum(router.cpu_times()[:2]) - cpu)
+        result["sluice"]["steps"] = steps
         result["roofline"] = roofline(config, weight_bytes, specs, duration, bandwidth)
-        before = forward_totals(server.url)
+        before, cpu = probes.scrape(server.url), sum(router.cpu_times()[:2])
         one, duration = asyncio.run(run_load(server.url, single, concurrency=1))
         result["batch1_decode_tok_s"] = decode_tok_s(one)
-        result["batch1_steps"] = step_figures(before, forward_totals(server.url), duration)
+        steps = probes.step_breakdown(before, probes.scrape(server.url), duration, sum(router.cpu_times()[:2]) - cpu)
+        result["batch1_steps"] = steps
     finally:
         server.stop()
     capped = [dataclasses.replace(s, max_tokens=min(s.max_tokens, STATIC_TOKENS)) for s in specs]
     result["transformers_static"] = static_baseline(model_dir, device, capped)
     return result
-
-
-def forward_totals(url: str) -> tuple[float, float]:
-    """(seconds, steps) the shards spent in forwards so far: the router's tgi_batch_forward_duration
-    summed over its methods."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    totals = {"_sum": 0.0, "_count": 0.0}
-    for line in text.splitlines():
-        name = line.split("{")[0].split(" ")[0]
-        for suffix in totals:
-            if name == "tgi_batch_forward_duration" + suffix:
-                totals[suffix] += float(line.split()[-1])
-    return totals["_sum"], totals["_count"]
-
-
-def step_figures(before: tuple[float, float], after: tuple[float, float], duration_s: float) -> dict:
-    """How a run's wall time splits: its steps, the mean forward (inputs, forward, no sampling) and
-    the mean wall time per step; the difference is sampling, transport and the router."""
-    seconds, steps = after[0] - before[0], after[1] - before[1]
-    return {
-        "steps": int(steps),
-        "forward_ms": 1000 * seconds / max(steps, 1),
-        "wall_per_step_ms": 1000 * duration_s / max(steps, 1),
-    }
 
 
 def static_baseline(model_dir: Path, device: str, specs: list[RequestSpec]) -> dict:

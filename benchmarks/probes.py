@@ -1,7 +1,9 @@
 """What happens inside and around a run: the server's step metrics, CPU contention, py-spy profiles.
 
 - `scrape` + `step_breakdown`: `GET /metrics` before and after a run. Per step method: the
-  shard's forward time (`tgi_batch_forward_duration`), the send-to-receive time of a step
+  shard's forward time (`tgi_batch_forward_duration`; on a GPU the launch, the work being
+  asynchronous), its time after the forward (`sluice_batch_sample_duration`: on a GPU the wait for
+  the forward, then sampling and outputs), the send-to-receive time of a step
   (`tgi_batch_inference_duration`) and the router's time applying its tokens
   (`tgi_batch_decode_duration`). The router overlaps steps (step N+1 is sent while the shard
   computes step N), so send-to-receive includes waiting behind the previous step and "round trip
@@ -33,7 +35,12 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 _OUR_DIRS = ("/router/", "/shard/", "/launcher/")
-_STEP_METRICS = ("tgi_batch_forward_duration", "tgi_batch_inference_duration", "tgi_batch_decode_duration")
+_STEP_METRICS = (
+    "tgi_batch_forward_duration",
+    "sluice_batch_sample_duration",
+    "tgi_batch_inference_duration",
+    "tgi_batch_decode_duration",
+)
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:
@@ -57,18 +64,20 @@ def step_breakdown(before: dict, after: dict, wall_s: float, router_cpu_s: float
         return after.get((name, method), 0.0) - before.get((name, method), 0.0)
 
     out: dict[str, dict[str, float]] = {}
-    total_steps = total_forward = 0.0
+    total_steps = total_forward = total_sample = 0.0
     for method in ("prefill", "decode"):
         steps = delta("tgi_batch_inference_duration_count", method)
         if steps <= 0:
             continue
         forward = delta("tgi_batch_forward_duration_sum", method)
+        sample = delta("sluice_batch_sample_duration_sum", method)
         round_trip = delta("tgi_batch_inference_duration_sum", method) / steps
         apply = delta("tgi_batch_decode_duration_sum", method) / steps
-        total_steps, total_forward = total_steps + steps, total_forward + forward
+        total_steps, total_forward, total_sample = total_steps + steps, total_forward + forward, total_sample + sample
         out[method] = {
             "steps": steps,
             "forward_ms": 1e3 * forward / steps,
+            "sample_ms": 1e3 * sample / steps,
             "round_trip_ms": 1e3 * round_trip,
             "apply_ms": 1e3 * apply,
             # the formula of a non-overlapped router: (round trip - forward + apply) / (round trip + apply)
@@ -80,6 +89,7 @@ def step_breakdown(before: dict, after: dict, wall_s: float, router_cpu_s: float
             "steps": total_steps,
             "period_ms": 1e3 * period,
             "forward_ms": 1e3 * total_forward / total_steps,
+            "sample_ms": 1e3 * total_sample / total_steps,
             "shard_busy_pct": 100 * total_forward / wall_s,
             "not_forward_pct": 100 * (1 - total_forward / wall_s),
             "router_cpu_ms": float("nan") if router_cpu_s is None else 1e3 * router_cpu_s / total_steps,

@@ -62,6 +62,11 @@ class Metrics:
         self.batch_inference_failure = counter("tgi_batch_inference_failure", "Steps that failed", ["method"])
         self.batch_inference_duration = duration("tgi_batch_inference_duration", "Step round trip (s)", ["method"])
         self.batch_forward_duration = duration("tgi_batch_forward_duration", "Shard forward time (s)", ["method"])
+        self.batch_sample_duration = duration(
+            "sluice_batch_sample_duration",
+            "Shard time after the forward (s): on a GPU the wait for it, then sampling and the step's outputs",
+            ["method"],
+        )
         self.batch_decode_duration = duration(
             "tgi_batch_decode_duration", "Router time applying a step's tokens (s)", ["method"]
         )

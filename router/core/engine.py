@@ -306,6 +306,7 @@ class Engine:
         m.batch_inference_success.labels(step.method).inc()
         m.batch_inference_duration.labels(step.method).observe(received - step.sent_s)
         m.batch_forward_duration.labels(step.method).observe(result.forward_ns / 1e9)
+        m.batch_sample_duration.labels(step.method).observe(result.sample_ns / 1e9)
         m.batch_decode_duration.labels(step.method).observe(time.monotonic() - received)
 
     async def _step_failed(self, in_flight: deque[_InFlight], error: ShardError) -> None:
