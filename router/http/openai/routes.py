@@ -9,6 +9,7 @@ after it started they arrive as `data: {"error": {"message", "http_status_code"}
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -170,6 +171,11 @@ class _ChatChunks:
         keep = plan.tool_format.tokens if plan.tool_format else ()
         self.texts = [ChoiceText(plan.stop, keep) for _ in range(plan.num_choices)]
         self.calls = [tools.CallStream(plan.tool_format) for _ in range(plan.num_choices)] if plan.tool_format else None
+        self.plain = _TextChunk(
+            lambda i, text: self._chunk(ChatChunkChoice(index=i, delta=ChatDelta(content=text), logprobs=None,
+                                                        finish_reason=None)),
+            plan,
+        )  # fmt: skip
 
     def opening(self) -> list[ChatCompletionChunk]:
         return [
@@ -178,8 +184,10 @@ class _ChatChunks:
             for i in range(self.plan.num_choices)
         ]  # fmt: skip
 
-    def token(self, index: int, event: TokenEvent) -> list[ChatCompletionChunk]:
+    def token(self, index: int, event: TokenEvent) -> list[ChatCompletionChunk | str]:
         text = self.texts[index].add(event)
+        if self.calls is None and not self.plan.logprobs and event.finish_reason is None:
+            return [self.plain.json(index, text)]
         logprobs = ChatLogprobs.of([event]) if self.plan.logprobs else None
         if self.calls is None:
             delta = ChatDelta(content=text)
@@ -212,13 +220,20 @@ class _CompletionChunks:
         self.texts = [ChoiceText(plan.stop) for _ in range(plan.num_choices)]
         self.offsets = [len(echoed(plan, i)) for i in range(plan.num_choices)]
         self.echo_waits_for_logprobs = plan.echo and plan.logprobs
+        self.plain = _TextChunk(
+            lambda i, text: self._chunk(CompletionChunkChoice(index=i, text=text, logprobs=None, finish_reason=None)),
+            plan,
+        )
 
     def opening(self) -> list[CompletionChunk]:
         if not self.plan.echo or self.echo_waits_for_logprobs:
             return []
         return [self._echo(i, None) for i in range(self.plan.num_choices)]
 
-    def token(self, index: int, event: TokenEvent) -> list[CompletionChunk]:
+    def token(self, index: int, event: TokenEvent) -> list[CompletionChunk | str]:
+        if not self.plan.logprobs and event.prefill is None and event.finish_reason is None:
+            self.offsets[index] += 0 if event.token.special else len(event.token.text)
+            return [self.plain.json(index, self.texts[index].add(event))]
         chunks = [self._echo(index, CompletionLogprobs.of_prompt(event))] if event.prefill is not None else []
         logprobs = CompletionLogprobs.of([event], self.offsets[index]) if self.plan.logprobs else None
         self.offsets[index] += 0 if event.token.special else len(event.token.text)
@@ -236,6 +251,31 @@ class _CompletionChunks:
         return CompletionChunk(**self.env, choices=[choice])
 
 
+class _TextChunk:
+    """The JSON of a chunk whose one choice carries text alone (most of a stream's chunks), written
+    without building its models: `build(index, text)`'s chunk is dumped once per choice index with a
+    mark for the text, and each token's text is spliced in, escaped as pydantic escapes it."""
+
+    MARK = "SLUICE-TEXT-MARK"
+
+    def __init__(self, build, plan: Plan):
+        self.build, self.exclude = build, _chunk_exclude(plan)
+        self.parts: dict[int, tuple[str, str]] = {}  # choice index -> the JSON before and after the text
+
+    def json(self, index: int, text: str) -> str:
+        if "\x7f" in text:  # the one character json.dumps escapes and pydantic does not
+            return dump(self.build(index, text), self.exclude)
+        if (parts := self.parts.get(index)) is None:
+            before, after = dump(self.build(index, self.MARK), self.exclude).split(self.MARK)
+            parts = self.parts[index] = (before, after)
+        return parts[0] + json.dumps(text)[1:-1] + parts[1]
+
+
+def _chunk_exclude(plan: Plan) -> set[str] | None:
+    """`usage` is null on every chunk with include_usage, else absent."""
+    return None if plan.include_usage else {"usage"}
+
+
 def _event(data: str) -> bytes:
     return f"data: {data}\n\n".encode()
 
@@ -247,7 +287,7 @@ def _error_event(message: str, status: int) -> bytes:
 async def _stream(request: web.Request, plan: Plan, chunks, start_s: float) -> web.StreamResponse:
     """SSE: the opening chunks, one chunk per token, the usage chunk if asked, then [DONE]."""
     response = await open_stream(request, {"x-compute-type": "sluice"})
-    exclude = None if plan.include_usage else {"usage"}  # null on every chunk with include_usage, else absent
+    exclude = _chunk_exclude(plan)
     for chunk in chunks.opening():
         await response.write(_event(dump(chunk, exclude)))
     num_generated = 0
@@ -255,8 +295,8 @@ async def _stream(request: web.Request, plan: Plan, chunks, start_s: float) -> w
         async with contextlib.aclosing(_events(request.app[STATE].engine, plan.choices(), start_s)) as events:
             async for index, event in events:
                 num_generated += 1
-                for chunk in chunks.token(index, event):
-                    await response.write(_event(dump(chunk, exclude)))
+                for chunk in chunks.token(index, event):  # a chunk, or its JSON already written
+                    await response.write(_event(chunk if isinstance(chunk, str) else dump(chunk, exclude)))
         if plan.include_usage:
             last = chunks.model(**chunks.env, choices=[], usage=Usage.of(plan, num_generated))
             await response.write(_event(dump(last)))
