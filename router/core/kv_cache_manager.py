@@ -147,6 +147,13 @@ class KVCacheManager:
         assert not (computed_blocks and num_held), "cached blocks are shared on admission only"
         start = request.num_computed_tokens + len(computed_blocks) * self.block_size  # the step's first token
         num_tokens = start + num_new_tokens
+        if (  # most decode steps: the tokens fit in the blocks held, none to give back or allocate
+            num_tokens <= num_held * self.block_size
+            and (blocks.encoder or not request.encoder_ids)
+            and self._num_out_of_window(start) <= blocks.num_dropped
+        ):
+            self._register_full_blocks(request, blocks, min(num_tokens, request.num_tokens))
+            return []
         num_needed = max(0, -(-num_tokens // self.block_size) - num_held - len(computed_blocks))
         num_encoder = -(-len(request.encoder_ids) // self.block_size) if not (blocks and blocks.encoder) else 0
         num_out = self._num_out_of_window(start)
