@@ -119,7 +119,7 @@ async def _serve(config: RouterConfig) -> None:
         info.eos_token_ids,
         metrics,
         config.step_timeout_s,
-        max_steps_in_flight=2 if config.overlap_steps else 1,
+        max_steps_in_flight=3 if config.overlap_steps else 1,  # see Engine.run
         reconnect=(
             functools.partial(reconnect, shards, info, warmup, config.shard_connect_timeout_s)
             if config.await_shard_restart

@@ -227,8 +227,11 @@ class Engine:
 
         Up to `max_steps_in_flight` steps are queued on the shards: with 2, the next step is
         scheduled and sent while the shards compute the current one, so the router's work
-        (scheduling, protobuf, detokenization) hides behind the forward. The shards feed
-        each request's last sampled token to its next decode themselves.
+        (scheduling, protobuf, detokenization) hides behind the forward. With 3 (the server's
+        default) a step's answer, the router's work on it and the next step's trip to the shards
+        also hide behind the forward of the step queued between them: at small batches on a GPU
+        that round trip is longer than a forward. The shards feed each request's last sampled
+        token to its next decode themselves.
         """
         in_flight: deque[_InFlight] = deque()
         while True:
