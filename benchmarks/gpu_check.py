@@ -33,7 +33,7 @@ EXPECTED = [
     "torch", "triton", "transformers", "aiohttp", "grpcio", "protobuf", "prometheus-client", "jinja2",
     "tokenizers", "safetensors", "pytest", "hypothesis", "numpy", "psutil", "requests",
 ]  # fmt: skip
-TIMEOUTS = {"install": 120, "models": 120, "tests": 240, "bench": 150}  # seconds, each stage (bench: per model)
+TIMEOUTS = {"install": 120, "models": 120, "tests": 180, "bench": 150}  # seconds, each stage (bench: per model)
 
 
 class Check:

@@ -149,7 +149,10 @@ def bench(model_dir: Path, device: str, log_dir: Path) -> dict:
     finally:
         server.stop()
     capped = [dataclasses.replace(s, max_tokens=min(s.max_tokens, STATIC_TOKENS)) for s in specs]
-    result["transformers_static"] = static_baseline(model_dir, device, capped)
+    try:  # the baseline failing (out of memory, another transformers) must not take Sluice's figures with it
+        result["transformers_static"] = static_baseline(model_dir, device, capped)
+    except Exception as e:
+        result["transformers_static"] = {"error": f"{type(e).__name__}: {e}"}
     return result
 
 
