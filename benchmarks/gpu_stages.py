@@ -7,9 +7,10 @@ process under its own timeout:
   id decodes.
 - `bench`: one model served by Sluice: the nano-vllm workload (256 sequences, prompt and output
   lengths uniform in [100, 1024], EOS ignored, all at once), its output tok/s and the fraction of
-  the HBM roofline it reaches, batch-1 decode tok/s, the shards' forward time per step against the
-  wall time per step, and `transformers` static-batch `generate` of the same prompts all at once,
-  each to its first 128 tokens (the whole workload took it 87 s for 64 of the sequences on an H200).
+  the HBM roofline it reaches, batch-1 decode tok/s, where each run's steps spend their time
+  (`probes.step_breakdown`, with the router's CPU), and `transformers` static-batch `generate` of
+  the same prompts all at once, each to its first 128 tokens (the whole workload took it 87 s for
+  64 of the sequences on an H200).
 """
 
 import argparse

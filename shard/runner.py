@@ -359,7 +359,8 @@ class ModelRunner:
         bad |= np.fromiter(
             (any(not 0 <= x < self.num_blocks for x in r.new_block_ids) for r in running), bool, len(running)
         )
-        for i in np.flatnonzero(bad)[:1].tolist():
+        if bad.any():
+            i = int(bad.argmax())
             r = running[i]
             check(
                 r.req_id, int(start[i]), r.num_scheduled_tokens, int(num_known[i]), int(num_blocks[i]), r.new_block_ids

@@ -171,11 +171,7 @@ class _ChatChunks:
         keep = plan.tool_format.tokens if plan.tool_format else ()
         self.texts = [ChoiceText(plan.stop, keep) for _ in range(plan.num_choices)]
         self.calls = [tools.CallStream(plan.tool_format) for _ in range(plan.num_choices)] if plan.tool_format else None
-        self.plain = _TextChunk(
-            lambda i, text: self._chunk(ChatChunkChoice(index=i, delta=ChatDelta(content=text), logprobs=None,
-                                                        finish_reason=None)),
-            plan,
-        )  # fmt: skip
+        self.plain = _TextChunk(self._text, plan)
 
     def opening(self) -> list[ChatCompletionChunk]:
         return [
@@ -205,6 +201,11 @@ class _ChatChunks:
             for i, delta in enumerate(deltas)
         ]  # fmt: skip
 
+    def _text(self, index: int, text: str) -> ChatCompletionChunk:
+        return self._chunk(
+            ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=None, finish_reason=None)
+        )
+
     def _chunk(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.env, choices=[choice])
 
@@ -220,10 +221,7 @@ class _CompletionChunks:
         self.texts = [ChoiceText(plan.stop) for _ in range(plan.num_choices)]
         self.offsets = [len(echoed(plan, i)) for i in range(plan.num_choices)]
         self.echo_waits_for_logprobs = plan.echo and plan.logprobs
-        self.plain = _TextChunk(
-            lambda i, text: self._chunk(CompletionChunkChoice(index=i, text=text, logprobs=None, finish_reason=None)),
-            plan,
-        )
+        self.plain = _TextChunk(self._text, plan)
 
     def opening(self) -> list[CompletionChunk]:
         if not self.plan.echo or self.echo_waits_for_logprobs:
@@ -246,6 +244,9 @@ class _CompletionChunks:
     def _echo(self, index: int, logprobs: CompletionLogprobs | None) -> CompletionChunk:
         text = echoed(self.plan, index)
         return self._chunk(CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=None))
+
+    def _text(self, index: int, text: str) -> CompletionChunk:
+        return self._chunk(CompletionChunkChoice(index=index, text=text, logprobs=None, finish_reason=None))
 
     def _chunk(self, choice: CompletionChunkChoice) -> CompletionChunk:
         return CompletionChunk(**self.env, choices=[choice])
