@@ -5,11 +5,12 @@
   become exact bf16 (or fp32) values inside the kernel and are multiplied with AVX-512 BF16 dot
   products (bf16 x) or FMAs (fp32 x): converted in registers as they stream in for up to 4 rows
   (decoding reads every weight once a step, and int8 halves bf16's bytes), through a
-  cache-resident scratch of 64 columns for more rows.
+  cache-resident scratch of 64 columns for more rows (multiplied on AMX-BF16 tiles where the CPU
+  has them).
 - `linear_w8a8` (`--quantize int8-dynamic`): each activation row is quantized on the fly to u8
   with its own scale and zero point (asymmetric, over the row's [min(x, 0), max(x, 0)]) and the
-  integer matmul runs on AVX-512 VNNI, twice bf16's multiply rate: faster on many rows
-  (prefill, large batches), at the price of the activations' rounding error.
+  integer matmul runs on AMX-INT8 tiles, or AVX-512 VNNI (twice bf16's multiply rate): faster on
+  many rows (prefill, large batches), at the price of the activations' rounding error.
 
 `linear_w8(..., act_quant_min_rows=R)` multiplies as `linear_w8a8` does when x has at least R rows
 (as IPEX's weight-only quantization does with lowp_mode=INT8), weight-only below.

@@ -17,19 +17,22 @@ from shard.kernels import cpu_int8, cpu_native
 
 cpu_native.load(default_cache_dir())  # a machine that cannot build the C++ kernels fails here
 
-SHAPES = [(80, 96), (33, 70), (130, 257), (960, 576)]  # [N, K]: K % 64 != 0, K odd, N % 16 != 0; a real qkv
-ROWS = [1, 3, 17, 64]
+# [N, K]: K % 64 != 0, K odd, N % 16 != 0 (with K % 64 == 0, as AMX's W8A8 needs); a real qkv
+SHAPES = [(80, 96), (33, 70), (130, 257), (130, 128), (960, 576)]
+ROWS = [1, 3, 17, 40, 64]  # on AMX: one tile, two, a pass of 32 and 8, two passes
 
 
 NATIVE = torch.ops.sluice_cpu.int8_kernels()
 
 
-@pytest.fixture(params=["native", "avx2", "generic"])
+@pytest.fixture(params=["native", "avx512", "avx2", "generic"])
 def kernels(request):
-    """Each test runs on this CPU's SIMD kernels, on the AVX2 ones CPUs without AVX-512 get, and on
-    the scalar loops."""
+    """Each test runs on this CPU's SIMD kernels, on the same without AMX where it has AMX, on the
+    AVX2 ones CPUs without AVX-512 get, and on the scalar loops."""
     if request.param == "native" and NATIVE == "generic":
         pytest.skip("no SIMD kernels for this CPU")
+    if request.param == "avx512" and not NATIVE.endswith("+amx"):
+        pytest.skip("`native` runs the AVX-512 kernels here" if NATIVE.startswith("avx512") else "no AMX on this CPU")
     if request.param == "avx2" and (NATIVE == "avx2" or not _has_avx2()):
         pytest.skip("`native` runs the AVX2 kernels here" if NATIVE == "avx2" else "no AVX2 on this CPU")
     torch.ops.sluice_cpu.int8_force_kernels(request.param)
@@ -119,6 +122,21 @@ def test_matches_reference(kernels, scheme, n, k, dtype):
             out = linear(x, weight, b)
             assert out.shape == (rows, n) and out.dtype == dtype
             check(out, x, w8, scales, b)
+
+
+def test_amx_w8a8_equals_vnni_exactly():
+    """AMX and VNNI both sum u8 x s8 products exactly in int32 and share the epilogue: the same bits."""
+    if not NATIVE.endswith("+amx"):
+        pytest.skip("no AMX on this CPU")
+    w8, scales, bias = _weight(200, 576)
+    weight = cpu_int8.Int8Weight(w8, scales)
+    x = torch.randn(70, 576, generator=torch.Generator().manual_seed(5)).bfloat16()
+    amx = cpu_int8.linear_w8a8(x, weight, bias)
+    torch.ops.sluice_cpu.int8_force_kernels("avx512")
+    try:
+        assert torch.equal(amx, cpu_int8.linear_w8a8(x, weight, bias))
+    finally:
+        torch.ops.sluice_cpu.int8_force_kernels("native")
 
 
 def test_avx2_weight_only_rows_come_out_the_same_alone_or_in_any_batch(kernels):

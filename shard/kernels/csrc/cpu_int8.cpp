@@ -7,10 +7,12 @@
 //    (decoding few sequences: reading the weight is the cost, and int8 reads half of bf16's bytes)
 //    the weight is converted in registers as it streams in, by byte-table lookups (AVX512-VBMI);
 //    with more rows a thread converts a chunk of 64 output columns into a small scratch once and
-//    runs every row against it, while prefetching its next chunk.
+//    runs every row against it (on AMX tiles where the CPU has them), while prefetching its next
+//    chunk.
 //  - dynamic (W8A8): each activation row is quantized to u8 with its own scale and zero point and
-//    the integer matmul runs on VNNI (vpdpbusd: u8 x s8, 64 multiply-adds an instruction, twice the
-//    rate of bf16), the zero point corrected with the weight's column sums:
+//    the integer matmul runs on AMX tiles (cpu_int8_amx.cpp) or VNNI (vpdpbusd: u8 x s8, 64
+//    multiply-adds an instruction, twice the rate of bf16), the zero point corrected with the
+//    weight's column sums:
 //      out[m, n] = sx[m] * sw[n] * (sum_k q[m, k] w[n, k] - zp[m] * sum_k w[n, k]) + bias[n]
 //
 // int8_linear(x, handle, out_features, bias, act_quant_min_rows) takes the W8A8 path when x has at
@@ -20,7 +22,7 @@
 // columns x 4 consecutive k (VNNI order); N and K are zero-padded to multiples of 16 and 4.
 //
 // The SIMD kernels carry target attributes and are chosen at run time from the CPU's features
-// (AVX-512 VNNI for W8A8, AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2 for W8 on CPUs
+// (AMX or AVX-512 VNNI for W8A8, AMX or AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2 for W8 on CPUs
 // without AVX-512, which multiplies in integers, the activations rounded to 16 bits: see its
 // section); scalar loops over the same layout serve other CPUs, slowly (50-100x the time of a
 // float32 matmul) but with the same results up to summation order.
@@ -30,6 +32,7 @@
 #include <torch/library.h>
 
 #include "cpu_avx2_tile.h"
+#include "cpu_int8_amx.h"
 #include "cpu_packed.h"
 
 #include <algorithm>
@@ -113,10 +116,11 @@ void release_int8_weight(int64_t handle) {
 // Which kernels this CPU runs
 
 struct Isa {
-  bool avx2 = false, avx512 = false, vnni = false, bf16 = false, vbmi = false;
+  bool avx2 = false, avx512 = false, vnni = false, bf16 = false, vbmi = false, amx = false;
 };
 
-// Tests check the kernels of lesser CPUs on any machine: 0 this CPU's, 1 AVX2's at most, 2 the scalar loops.
+// Tests check the kernels of lesser CPUs on any machine: 0 this CPU's, 1 AVX2's at most, 2 the scalar
+// loops, 3 this CPU's without AMX.
 std::atomic<int> forced_level{0};
 
 Isa detect() {
@@ -128,6 +132,7 @@ Isa detect() {
   isa.vnni = isa.avx512 && __builtin_cpu_supports("avx512vnni");
   isa.bf16 = isa.avx512 && __builtin_cpu_supports("avx512bf16");
   isa.vbmi = isa.avx512 && __builtin_cpu_supports("avx512vbmi");
+  isa.amx = isa.vnni && isa.bf16 && sluice::amx::available();
 #endif
   return isa;
 }
@@ -137,6 +142,11 @@ Isa isa() {
   switch (forced_level.load()) {
     case 0:
       return detected;
+    case 3: {
+      Isa no_amx = detected;
+      no_amx.amx = false;
+      return no_amx;
+    }
     case 1: {
       Isa avx2;
       avx2.avx2 = detected.avx2;
@@ -150,13 +160,20 @@ Isa isa() {
 std::string int8_kernels() {
   const Isa i = isa();
   if (!i.avx512) return i.avx2 ? "avx2" : "generic";
-  return std::string("avx512") + (i.vnni ? "+vnni" : "") + (i.bf16 ? "+bf16" : "") + (i.vbmi ? "+vbmi" : "");
+  return std::string("avx512") + (i.vnni ? "+vnni" : "") + (i.bf16 ? "+bf16" : "") + (i.vbmi ? "+vbmi" : "") +
+         (i.amx ? "+amx" : "");
 }
 
-// "native" (this CPU's best), "avx2" (at most AVX2's, where the CPU has it) or "generic".
+// "native" (this CPU's best), "avx512" (the same without AMX), "avx2" (at most AVX2's, where the
+// CPU has it) or "generic".
 void int8_force_kernels(const std::string& kernels) {
-  TORCH_CHECK(kernels == "native" || kernels == "avx2" || kernels == "generic", "no int8 kernels named ", kernels);
-  forced_level = kernels == "native" ? 0 : kernels == "avx2" ? 1 : 2;
+  static const char* const levels[] = {"native", "avx2", "generic", "avx512"};
+  for (int level = 0; level < 4; ++level)
+    if (kernels == levels[level]) {
+      forced_level = level;
+      return;
+    }
+  TORCH_CHECK(false, "no int8 kernels named ", kernels);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -612,7 +629,10 @@ const int8_t* next_chunk(const PackedInt8& w, int64_t b0, int nr) {
 }
 
 // x [rows, ldx] bf16 with Kp readable k (zero past K).
-void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o, bool vbmi) {
+// More than kMaxFusedMR rows: on AMX (k4 * 4 a multiple of 32), each dequantized chunk against 32
+// rows a pass of the tiles.
+void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o, bool vbmi,
+             bool amx) {
   const int64_t k4 = w.k4();
   if (vbmi && rows <= kMaxFusedMR) {
     using Fused = void (*)(const at::BFloat16*, int64_t, const int8_t*, int64_t, float*);
@@ -626,9 +646,19 @@ void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8&
       finish_w8(acc, static_cast<int>(rows), nr, o, 0, b0 * kCols);
     });
   }
+  const int64_t k_pairs = k4 * 2;
+  if (amx && k_pairs % 16 == 0) {
+    return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
+      uint16_t* chunk = scratch<uint16_t>(k4 * 4 * nr * kCols);
+      vbmi ? dequant_bf16_lut(w, b0, nr, chunk) : dequant_bf16(w, b0, nr, chunk);
+      alignas(64) float acc[sluice::amx::kTileRows * kMaxNR * kCols];
+      const auto* xu = reinterpret_cast<const uint16_t*>(x);
+      sluice::amx::w8_bf16_chunk(xu, ldx, rows, chunk, k_pairs, nr, acc,
+                                 [&](int64_t m0, int mr) { finish_w8(acc, mr, nr, o, m0, b0 * kCols); });
+    });
+  }
   using Tile = void (*)(const at::BFloat16*, int64_t, const uint16_t*, int64_t, const int8_t*, float*);
   static constexpr Tile tiles[kMaxMR][kMaxNR] = SLUICE_TILE_TABLE(w8_bf16_tile);
-  const int64_t k_pairs = k4 * 2;
   for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
     uint16_t* chunk = scratch<uint16_t>(k4 * 4 * nr * kCols);
     vbmi ? dequant_bf16_lut(w, b0, nr, chunk) : dequant_bf16(w, b0, nr, chunk);
@@ -663,6 +693,17 @@ void w8a8_vnni(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outp
     alignas(64) int32_t acc[kMaxMR * kMaxNR * kCols];
     sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       tiles[mr - 1][nr - 1](a.q + m0 * a.ld, a.ld, w.block(b0), k4, acc);
+      finish_w8a8(acc, mr, nr, a, col_sums, o, m0, b0 * kCols);
+    });
+  });
+}
+
+// The same on AMX, 32 rows a pass.
+void w8a8_amx(const QuantRows& a, int64_t rows, const PackedInt8& w, const Output& o) {
+  const int32_t* col_sums = w.col_sums.const_data_ptr<int32_t>();
+  for_each_chunk(w.blocks(), rows, w.k4() * 4, [&](int64_t b0, int nr) {
+    alignas(64) int32_t acc[sluice::amx::kTileRows * kMaxNR * kCols];
+    sluice::amx::w8a8_chunk(a.q, a.ld, rows, w.block(b0), w.k4(), nr, acc, [&](int64_t m0, int mr) {
       finish_w8a8(acc, mr, nr, a, col_sums, o, m0, b0 * kCols);
     });
   });
@@ -949,11 +990,13 @@ QuantBuffers quantize_rows(const at::Tensor& x, int64_t kp, bool simd) {
 
 void w8a8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
   const Isa cpu = isa();
-  const int64_t rows = x.size(0);
-  const QuantBuffers qb = quantize_rows(x, w.k4() * 4, cpu.avx512);
-  const QuantRows a{qb.q.const_data_ptr<uint8_t>(), w.k4() * 4, qb.scale.const_data_ptr<float>(),
+  const int64_t rows = x.size(0), kp = w.k4() * 4;
+  const bool amx = cpu.amx && kp % 64 == 0;  // AMX tiles take 64 k at a time
+  const QuantBuffers qb = quantize_rows(x, kp, cpu.avx512);
+  const QuantRows a{qb.q.const_data_ptr<uint8_t>(), kp, qb.scale.const_data_ptr<float>(),
                     qb.zero_point.const_data_ptr<int32_t>()};
 #if SLUICE_X86
+  if (amx) return w8a8_amx(a, rows, w, o);
   if (cpu.vnni) return w8a8_vnni(a, rows, w, o);
 #endif
   w8a8_generic(a, rows, w, o);
@@ -968,7 +1011,7 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
     // nothing past a row (NaN, say, where the weight's padding is 0) is read.
     const int64_t kp = w.k4() * 4;
     const at::Tensor xe = k < kp ? at::constant_pad_nd(x, {0, kp - k}) : x;
-    return w8_bf16(xe.const_data_ptr<at::BFloat16>(), xe.stride(0), rows, w, o, cpu.vbmi);
+    return w8_bf16(xe.const_data_ptr<at::BFloat16>(), xe.stride(0), rows, w, o, cpu.vbmi, cpu.amx);
   }
   if (cpu.avx512) {
     const at::Tensor xf = x.to(at::kFloat);  // bf16 -> fp32 is exact
