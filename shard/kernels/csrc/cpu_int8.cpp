@@ -393,12 +393,14 @@ TARGET_BF16_VBMI inline void lut_pairs(const Bf16Lut& t, __m512i v, __m512i& k01
 // ---------------------------------------------------------------------------------------------
 // Weight-only: dequantize a chunk into scratch, then tiles of rows against it
 
-// Chunk of nr blocks -> bf16 [Kp/2][nr][16 columns][2 k] (pairs of k per column, for vdpbf16ps).
-TARGET_AVX512 void dequant_bf16(const PackedInt8& w, int64_t b0, int nr, uint16_t* out) {
+// Chunk of nr blocks -> bf16 [Kp/2][nr][16 columns][2 k] (pairs of k per column, for vdpbf16ps),
+// prefetching the same bytes of the chunk at `next` (if not null) into L2 meanwhile.
+TARGET_AVX512 void dequant_bf16(const PackedInt8& w, int64_t b0, int nr, uint16_t* out, const int8_t* next) {
   const int64_t k4 = w.k4();
   for (int b = 0; b < nr; ++b) {
     const int8_t* src = w.block(b0 + b);
     for (int64_t i = 0; i < k4; ++i) {
+      if (next) _mm_prefetch(reinterpret_cast<const char*>(next + (b * k4 + i) * 64), _MM_HINT_T1);
       __m512 f[4];
       widen(_mm512_loadu_si512(src + i * 64), f);
       _mm512_storeu_si512(out + ((2 * i) * nr + b) * 32, bf16_pairs(f[0], f[1]));
@@ -407,12 +409,13 @@ TARGET_AVX512 void dequant_bf16(const PackedInt8& w, int64_t b0, int nr, uint16_
   }
 }
 
-TARGET_BF16_VBMI void dequant_bf16_lut(const PackedInt8& w, int64_t b0, int nr, uint16_t* out) {
+TARGET_BF16_VBMI void dequant_bf16_lut(const PackedInt8& w, int64_t b0, int nr, uint16_t* out, const int8_t* next) {
   const Bf16Lut lut = load_lut();
   const int64_t k4 = w.k4();
   for (int b = 0; b < nr; ++b) {
     const int8_t* src = w.block(b0 + b);
     for (int64_t i = 0; i < k4; ++i) {
+      if (next) _mm_prefetch(reinterpret_cast<const char*>(next + (b * k4 + i) * 64), _MM_HINT_T1);
       __m512i k01, k23;
       lut_pairs(lut, _mm512_loadu_si512(src + i * 64), k01, k23);
       _mm512_storeu_si512(out + ((2 * i) * nr + b) * 32, k01);
@@ -650,7 +653,8 @@ void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8&
   if (amx && k_pairs % 16 == 0) {
     return for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
       uint16_t* chunk = scratch<uint16_t>(k4 * 4 * nr * kCols);
-      vbmi ? dequant_bf16_lut(w, b0, nr, chunk) : dequant_bf16(w, b0, nr, chunk);
+      const int8_t* next = next_chunk(w, b0, nr);
+      vbmi ? dequant_bf16_lut(w, b0, nr, chunk, next) : dequant_bf16(w, b0, nr, chunk, next);
       alignas(64) float acc[sluice::amx::kTileRows * kMaxNR * kCols];
       const auto* xu = reinterpret_cast<const uint16_t*>(x);
       sluice::amx::w8_bf16_chunk(xu, ldx, rows, chunk, k_pairs, nr, acc,
@@ -661,7 +665,7 @@ void w8_bf16(const at::BFloat16* x, int64_t ldx, int64_t rows, const PackedInt8&
   static constexpr Tile tiles[kMaxMR][kMaxNR] = SLUICE_TILE_TABLE(w8_bf16_tile);
   for_each_chunk(w.blocks(), rows, k4 * 4, [&](int64_t b0, int nr) {
     uint16_t* chunk = scratch<uint16_t>(k4 * 4 * nr * kCols);
-    vbmi ? dequant_bf16_lut(w, b0, nr, chunk) : dequant_bf16(w, b0, nr, chunk);
+    vbmi ? dequant_bf16_lut(w, b0, nr, chunk, nullptr) : dequant_bf16(w, b0, nr, chunk, nullptr);
     alignas(64) float acc[kMaxMR * kMaxNR * kCols];
     sluice::for_each_tile<kMaxMR>(rows, [&](int64_t m0, int mr) {
       tiles[mr - 1][nr - 1](x + m0 * ldx, ldx, chunk, k_pairs, m0 == 0 ? next_chunk(w, b0, nr) : nullptr, acc);
