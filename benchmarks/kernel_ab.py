@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CSRC = "shard/kernels/csrc"
 SOURCES = {"attention": "cpu_attention.cpp", "int8": "cpu_int8.cpp", "dense": "cpu_dense_avx2.cpp"}
+COMPANIONS = {"int8": ["cpu_int8_amx.cpp"]}  # sources a case's file calls into, where the revision has them
 # SmolLM2-135M: attention heads, and its decoder linears (fused qkv, o, fused gate/up, down) as [N, K].
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -50,7 +51,8 @@ def _git(*args: str) -> str:
 
 
 def load_revision(case: str, rev: str, cache_dir: Path) -> None:
-    """Build and load `rev`'s copy of the case's source file (with that revision's headers) as sluice_ab."""
+    """Build and load `rev`'s copy of the case's source file (with that revision's headers and the
+    sources it calls into) as sluice_ab."""
     from shard.kernels import cpu_native
 
     commit = _git("rev-parse", rev).strip()
@@ -59,10 +61,14 @@ def load_revision(case: str, rev: str, cache_dir: Path) -> None:
     for name in _git("ls-tree", "--name-only", f"{commit}:{CSRC}").split():
         if name.endswith(".h"):
             (build / name).write_text(_git("show", f"{commit}:{CSRC}/{name}"))
-    source = build / f"ab_{SOURCES[case]}"
-    source.write_text(renamed(_git("show", f"{commit}:{CSRC}/{SOURCES[case]}")))
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
-    cpu_native.build_library(f"sluice_ab_{case}_{digest}", [source], build, include_dir=build)
+    present = set(_git("ls-tree", "--name-only", f"{commit}:{CSRC}").split())
+    sources = []
+    for name in [SOURCES[case], *COMPANIONS.get(case, [])]:
+        if name in present:
+            sources.append(build / f"ab_{name}")
+            sources[-1].write_text(renamed(_git("show", f"{commit}:{CSRC}/{name}")))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
+    cpu_native.build_library(f"sluice_ab_{case}_{digest}", sources, build, include_dir=build)
 
 
 def in_turns(old: Callable[[], None], new: Callable[[], None], rounds: int) -> tuple[float, float]:
