@@ -22,10 +22,10 @@
 // columns x 4 consecutive k (VNNI order); N and K are zero-padded to multiples of 16 and 4.
 //
 // The SIMD kernels carry target attributes and are chosen at run time from the CPU's features
-// (AMX or AVX-512 VNNI for W8A8, AMX or AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2 for W8 on CPUs
-// without AVX-512, which multiplies in integers, the activations rounded to 16 bits: see its
-// section); scalar loops over the same layout serve other CPUs, slowly (50-100x the time of a
-// float32 matmul) but with the same results up to summation order.
+// (AMX or AVX-512 VNNI for W8A8, AMX or AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2
+// for W8 on CPUs without AVX-512, which multiplies in integers, the activations rounded to 16
+// bits: see its section); scalar loops over the same layout serve other CPUs, slowly (50-100x
+// the time of a float32 matmul) but with the same results up to summation order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
