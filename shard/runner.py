@@ -314,25 +314,6 @@ class ModelRunner:
     def _check_step(self, step: StepInput) -> None:
         """Refuse (ValueError) a step that would read or write outside what it owns, before it
         changes any state: on CUDA an out-of-range index kills the whole process's context."""
-        b, bs, forgotten, max_positions = (
-            self.batch,
-            self.config.block_size,
-            set(step.forget_req_ids),
-            self.max_positions,
-        )
-
-        def check(req_id: int, start: int, n: int, num_known: int, num_blocks: int, new_block_ids) -> None:
-            if n < 1:
-                raise ValueError(f"request {req_id}: {n} tokens scheduled; every request computes at least one")
-            if start < 0 or start + n > num_known:
-                raise ValueError(f"request {req_id}: tokens {start}..{start + n} scheduled, {num_known} known")
-            if start + n > num_blocks * bs:
-                raise ValueError(f"request {req_id}: {num_blocks} blocks cannot hold {start + n} tokens")
-            if num_known > max_positions or num_blocks > b.max_blocks:
-                raise ValueError(f"request {req_id}: {num_known} tokens exceed the {max_positions} served")
-            if any(not 0 <= x < self.num_blocks for x in new_block_ids):  # earlier blocks were checked
-                raise ValueError(f"request {req_id}: a block id outside the cache's {self.num_blocks} blocks")
-
         vocab = self.hf_config.vocab_size
         for r in step.new_requests:
             if not 0 <= r.num_prompt_tokens <= len(r.token_ids):
@@ -342,29 +323,56 @@ class ModelRunner:
                     f"request {r.req_id}: a logit_bias token outside the vocabulary ({vocab}) or not finite"
                 )
             self._check_encoder_input(r)
-            num_blocks = len(r.block_ids)
-            check(r.req_id, r.num_cached_tokens, r.num_scheduled_tokens, len(r.token_ids), num_blocks, r.block_ids)
-        running = step.running_requests
+        new = step.new_requests
+        self._check_spans(
+            [r.req_id for r in new],
+            np.fromiter((r.num_cached_tokens for r in new), np.int64, len(new)),
+            np.fromiter((r.num_scheduled_tokens for r in new), np.int64, len(new)),
+            np.fromiter((len(r.token_ids) for r in new), np.int64, len(new)),
+            np.fromiter((len(r.block_ids) for r in new), np.int64, len(new)),
+            [r.block_ids for r in new],
+        )
+        running, b, forgotten = step.running_requests, self.batch, set(step.forget_req_ids)
         if not running:
             return
         rows = [None if r.req_id in forgotten else b.row_of.get(r.req_id) for r in running]
         if None in rows:
             raise ValueError(f"request {running[rows.index(None)].req_id} is not running on this shard")
-        # The running requests at once (a decode step has one per row); `check` names the first that fails.
-        n = np.fromiter((r.num_scheduled_tokens for r in running), np.int64, len(running))
-        num_blocks = b.num_blocks[rows] + np.fromiter((len(r.new_block_ids) for r in running), np.int64, len(running))
-        start, num_known = b.num_computed[rows], b.num_tokens[rows]
-        bad = (n < 1) | (start + n > num_known) | (start + n > num_blocks * bs)
-        bad |= (num_known > max_positions) | (num_blocks > b.max_blocks)
-        bad |= np.fromiter(
-            (any(not 0 <= x < self.num_blocks for x in r.new_block_ids) for r in running), bool, len(running)
+        self._check_spans(
+            [r.req_id for r in running],
+            b.num_computed[rows],
+            np.fromiter((r.num_scheduled_tokens for r in running), np.int64, len(running)),
+            b.num_tokens[rows],
+            b.num_blocks[rows] + np.fromiter((len(r.new_block_ids) for r in running), np.int64, len(running)),
+            [r.new_block_ids for r in running],
         )
+
+    def _check_spans(self, req_ids: list[int], start, n, num_known, num_blocks, new_block_ids) -> None:
+        """Each request computes tokens start .. start + n of the num_known it has, within its
+        num_blocks blocks and the positions served, and every block id in new_block_ids (those not
+        checked by an earlier step) lies in the cache. Arrays [R] int64, a row a request, checked at
+        once (a decode step has a row per running sequence); the first failing request is named,
+        with its first failed condition."""
+        end = start + n
+        bs, served, cache_blocks = self.config.block_size, self.max_positions, self.num_blocks
+        failures = [
+            (n < 1, lambda i: f"{n[i]} tokens scheduled; every request computes at least one"),
+            ((start < 0) | (end > num_known), lambda i: f"tokens {start[i]}..{end[i]} scheduled, {num_known[i]} known"),
+            (end > num_blocks * bs, lambda i: f"{num_blocks[i]} blocks cannot hold {end[i]} tokens"),
+            (
+                (num_known > served) | (num_blocks > self.batch.max_blocks),
+                lambda i: f"{num_known[i]} tokens exceed the {served} served",
+            ),
+            (
+                np.fromiter((any(not 0 <= x < cache_blocks for x in ids) for ids in new_block_ids), bool, len(req_ids)),
+                lambda i: f"a block id outside the cache's {cache_blocks} blocks",
+            ),
+        ]
+        bad = np.logical_or.reduce([failed for failed, _ in failures])
         if bad.any():
             i = int(bad.argmax())
-            r = running[i]
-            check(
-                r.req_id, int(start[i]), r.num_scheduled_tokens, int(num_known[i]), int(num_blocks[i]), r.new_block_ids
-            )
+            message = next(describe for failed, describe in failures if failed[i])
+            raise ValueError(f"request {req_ids[i]}: {message(i)}")
 
     def _check_encoder_input(self, r) -> None:
         """An encoder-decoder model's new request `r` brings its encoder input and blocks; no other does."""
