@@ -58,10 +58,10 @@ def load_revision(case: str, rev: str, cache_dir: Path) -> None:
     commit = _git("rev-parse", rev).strip()
     build = cache_dir / "kernel_ab" / f"{case}_{cpu_native.build_isa().lower()}_{commit[:12]}"
     build.mkdir(parents=True, exist_ok=True)
-    for name in _git("ls-tree", "--name-only", f"{commit}:{CSRC}").split():
+    present = set(_git("ls-tree", "--name-only", f"{commit}:{CSRC}").split())
+    for name in present:
         if name.endswith(".h"):
             (build / name).write_text(_git("show", f"{commit}:{CSRC}/{name}"))
-    present = set(_git("ls-tree", "--name-only", f"{commit}:{CSRC}").split())
     sources = []
     for name in [SOURCES[case], *COMPANIONS.get(case, [])]:
         if name in present:
