@@ -2,8 +2,8 @@
 within the rounding their arithmetic allows, on the SIMD kernels and on the generic C++ loops.
 
 Tolerances are bounds, not guesses. The kernels multiply exact values (bf16/fp32 x, int8 weights
-as exact bf16/fp32; u8 x s8, or on AVX2 x rounded to int16 x s8, in exact int32) and accumulate K
-products in fp32, so an entry differs from the exact sum of what they multiply by at most
+as exact bf16/fp32; u8 x s8, or x rounded to int16 x s8 on AVX2 and AMX, in exact int32) and
+accumulate K products in fp32, so an entry differs from the exact sum of what they multiply by at most
 gamma * sum_k |x_k w_k| (gamma = (K + 3) * 2^-24: K additions, the scale multiply, the bias add); a
 bf16 output adds its rounding, half a unit in the last place (2^-9 relative; 2^-8 allowed, to
 cover that and the fp32 noise before it).
@@ -79,11 +79,13 @@ def _assert_within(out, expected, magnitude, k):
     assert (err <= bound + 1e-30).all(), f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
 
 
-def _weight_only_x(x):
-    """The activations weight-only multiplies, exactly (float64): x itself, but on the AVX2 kernels,
-    which multiply in integers, x's rows rounded to 16 bits: q = rne(x * inv), inv = 32767 / max|x|
-    in float32 (0 for an all-zero row), times s = 1 / inv."""
-    if torch.ops.sluice_cpu.int8_kernels() != "avx2":
+def _weight_only_x(x, padded_k):
+    """The activations weight-only multiplies, exactly (float64): x itself, but where the kernels
+    multiply in integers (AVX2; AMX with more than 4 rows and K padded to 64s), x's rows rounded to
+    16 bits: q = rne(x * inv), inv = 32767 / max|x| in float32 (0 for an all-zero row), times s = 1 / inv."""
+    kernels = torch.ops.sluice_cpu.int8_kernels()
+    amx = kernels.endswith("+amx") and x.shape[0] > 4 and padded_k % 64 == 0
+    if kernels != "avx2" and not amx:
         return x.double()
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True)
@@ -93,7 +95,7 @@ def _weight_only_x(x):
 
 
 def _check_w8(out, x, w8, scales, bias):
-    w, xw = _dequantized(w8, scales), _weight_only_x(x)
+    w, xw = _dequantized(w8, scales), _weight_only_x(x, -(-x.shape[-1] // 4) * 4)
     expected = xw @ w.T + (bias.double() if bias is not None else 0)
     magnitude = xw.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
     _assert_within(out, expected, magnitude, x.shape[-1])
@@ -153,19 +155,23 @@ def test_avx2_weight_only_rows_come_out_the_same_alone_or_in_any_batch(kernels):
         assert torch.equal(cpu_int8.linear_w8(x[:rows], weight, bias), batched[:rows])
 
 
-def test_a_row_with_nan_or_inf_spoils_only_its_own_outputs(kernels):
-    """Weight-only: a NaN or infinity in a row makes that row's outputs non-finite (the AVX2 kernels
-    give it NaN, as its 16-bit rounding has no scale), an all-zero or subnormal row gives the bias,
-    and the other rows come out as they would alone."""
-    w8, scales, bias = _weight(80, 96)
+@pytest.mark.parametrize("k", [96, 128])  # 128: AMX multiplies the 7 rows in integers
+def test_a_row_with_nan_or_inf_spoils_only_its_own_outputs(kernels, k):
+    """Weight-only: a NaN or infinity in a row makes that row's outputs non-finite (the kernels that
+    round rows to 16 bits give it NaN, as the rounding has no scale), an all-zero or subnormal row
+    gives the bias, and the other rows come out as they would beside finite rows."""
+    w8, scales, bias = _weight(80, k)
     weight = cpu_int8.Int8Weight(w8, scales)
-    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
     x[1, 7], x[3, 50], x[4], x[6] = float("nan"), float("inf"), 0.0, 1e-40
     out = cpu_int8.linear_w8(x, weight, bias)
     assert not torch.isfinite(out[1]).any() and not torch.isfinite(out[3]).any()
     assert torch.equal(out[4], bias) and torch.equal(out[6], bias)
+    clean = x.clone()
+    clean[1], clean[3] = 1.0, -1.0
+    expected = cpu_int8.linear_w8(clean, weight, bias)
     for row in (0, 2, 5):
-        assert torch.equal(out[row], cpu_int8.linear_w8(x[row : row + 1], weight, bias)[0])
+        assert torch.equal(out[row], expected[row])
 
 
 def test_w8a8_is_close_to_the_weight_only_result():

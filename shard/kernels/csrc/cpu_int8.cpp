@@ -2,13 +2,15 @@
 // scale a column), packed once and named by an integer handle (as cpu_linear.cpp does for oneDNN
 // weights: a compiled graph calls the op with a constant int), and one op with two matmuls:
 //
-//  - weight-only (W8): activations stay bf16/fp32; int8 weights become exact bf16/fp32 values and
-//    are multiplied with AVX-512 BF16 dot products (bf16 activations) or FMAs (fp32). Up to 4 rows
+//  - weight-only (W8): activations keep their precision (or 16 bits of it where multiplied in
+//    integers); int8 weights become exact bf16/fp32 values and are multiplied with AVX-512 BF16
+//    dot products (bf16 activations) or FMAs (fp32). Up to 4 rows
 //    (decoding few sequences: reading the weight is the cost, and int8 reads half of bf16's bytes)
 //    the weight is converted in registers as it streams in, by byte-table lookups (AVX512-VBMI);
-//    with more rows a thread converts a chunk of 64 output columns into a small scratch once and
-//    runs every row against it (on AMX tiles where the CPU has them), while prefetching its next
-//    chunk.
+//    with more rows, on AMX, the rows are rounded to 16-bit integers and multiplied in integers
+//    straight from the packed weight (see its section); elsewhere a thread converts a chunk of 64
+//    output columns into a small scratch once and runs every row against it, while prefetching
+//    its next chunk.
 //  - dynamic (W8A8): each activation row is quantized to u8 with its own scale and zero point and
 //    the integer matmul runs on AMX tiles (cpu_int8_amx.cpp) or VNNI (vpdpbusd: u8 x s8, 64
 //    multiply-adds an instruction, twice the rate of bf16), the zero point corrected with the
@@ -22,9 +24,9 @@
 // columns x 4 consecutive k (VNNI order); N and K are zero-padded to multiples of 16 and 4.
 //
 // The SIMD kernels carry target attributes and are chosen at run time from the CPU's features
-// (AMX or AVX-512 VNNI for W8A8, AMX or AVX-512 BF16 for bf16 W8, AVX-512F for fp32 W8; AVX2
-// for W8 on CPUs without AVX-512, which multiplies in integers, the activations rounded to 16
-// bits: see its section); scalar loops over the same layout serve other CPUs, slowly (50-100x
+// (AMX or AVX-512 VNNI for W8A8; AMX, AVX-512 BF16 or AVX-512F for W8; AVX2 for W8 on CPUs
+// without AVX-512, which multiplies in integers, the activations rounded to 16 bits as on AMX:
+// see its section); scalar loops over the same layout serve other CPUs, slowly (50-100x
 // the time of a float32 matmul) but with the same results up to summation order.
 
 #include <ATen/ATen.h>
@@ -714,6 +716,89 @@ void w8a8_amx(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outpu
 }
 
 // ---------------------------------------------------------------------------------------------
+// Weight-only with more than kMaxFusedMR rows on AMX: in integers, as on AVX2 (below). Each row is
+// rounded to 16-bit integers with its own scale, q = rne(x * inv), inv = 32767 / max_k |x|, s =
+// 1 / inv, and split into bytes, q = 256 hi + lo (lo = q & 255, unsigned; hi = q >> 8, signed,
+// stored as hi + 128), and both byte planes pass through the u8 x s8 tiles with the packed weight
+// as W8A8's one plane does, the hi plane's offset taken out with the weight's column sums:
+//   out[m, n] = s[m] * scale[n] * (256 * (sum_k (hi + 128) w - 128 * sum_k w) + sum_k lo w) (+ bias)
+// The int32 sums are exact (up to 255 * 127 * Kp < 2^31: kMaxI16Kp) and add up in one fp32 rounding.
+// The weight streams once with no conversion: at 32 rows the bundled model's LM head takes 1.4 ms
+// against 2.3 for the bf16 tiles on its dequantized chunks (2-core AMX Xeon), its activations off
+// by at most 2^-16 of their row's largest magnitude instead of exact.
+constexpr int64_t kMaxI16Kp = (int64_t{1} << 31) / (255 * 127);
+
+// Activation rows as byte planes for the tiles: each group of 16 rows (the last may be shorter) is
+// its rows' lo planes, then their hi planes, so that a pass of 32 tile rows holds both for each row.
+struct I16Planes {
+  const uint8_t* q;    // [2 * M, Kp]
+  int64_t ld;          // Kp
+  const float* scale;  // [M]: s (NaN for a row with a NaN or infinity, 0 for an all-zero one)
+};
+
+template <typename T>
+TARGET_AVX512 void split_row_i16(const T* x, int64_t k, uint8_t* lo, uint8_t* hi, int64_t kp, float* scale) {
+  __m512 amax = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN once a NaN or inf is seen
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m512 v = load_f32(x + i, tail_mask(k - i));
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(v, _mm512_setzero_ps()));
+  }
+  const float m = _mm512_reduce_max_ps(amax);
+  float inv = 32767.f / m;
+  if (!(inv < std::numeric_limits<float>::infinity())) inv = 0.f;  // all zero (or subnormal): q = 0
+  *scale = inv > 0.f ? 1.f / inv : 0.f;
+  if (!std::isfinite(_mm512_reduce_add_ps(poison))) *scale = std::numeric_limits<float>::quiet_NaN(), inv = 0.f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i low_byte = _mm512_set1_epi32(255), offset = _mm512_set1_epi32(128);
+  for (int64_t i = 0; i < kp; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_f32(x + i, tail_mask(k - i)), vinv));  // 0 past K
+    const __mmask16 mask = tail_mask(kp - i);
+    _mm_mask_storeu_epi8(lo + i, mask, _mm512_cvtepi32_epi8(_mm512_and_si512(q, low_byte)));
+    _mm_mask_storeu_epi8(hi + i, mask, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_srai_epi32(q, 8), offset)));
+  }
+}
+
+// Epilogue of a pass over r rows: acc [2r][nr][16], the r rows' lo sums, then their hi sums.
+TARGET_AVX512 void finish_w8_i16(const int32_t* acc, int r, int nr, const float* s, const int32_t* col_sums,
+                                 const Output& o, int64_t m0, int64_t col0) {
+  for (int m = 0; m < r; ++m)
+    for (int j = 0; j < nr; ++j) {
+      const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(col_sums + col0 + j * kCols), 7);
+      const __m512i hi = _mm512_sub_epi32(_mm512_loadu_si512(acc + ((r + m) * nr + j) * 16), offset);
+      const __m512i lo = _mm512_loadu_si512(acc + (m * nr + j) * 16);
+      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(lo));
+      store16(o, m0 + m, col0 + j * kCols, v, s[m0 + m]);
+    }
+}
+
+template <typename T>
+void w8_i16_amx(const T* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
+  const int64_t k = w.k, kp = w.k4() * 4;
+  // This thread's buffers, kept between calls (the worker threads get the pointers).
+  thread_local std::vector<uint8_t> q_buffer;
+  thread_local std::vector<float> s_buffer;
+  if (q_buffer.size() < static_cast<size_t>(2 * rows * kp)) q_buffer.resize(2 * rows * kp);
+  if (s_buffer.size() < static_cast<size_t>(rows)) s_buffer.resize(rows);
+  uint8_t* q = q_buffer.data();
+  float* s = s_buffer.data();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t group = m / 16, r = std::min<int64_t>(16, rows - group * 16);
+      uint8_t* lo = q + (group * 32 + m % 16) * kp;
+      split_row_i16(x + m * ldx, k, lo, lo + r * kp, kp, s + m);
+    }
+  });
+  const int32_t* col_sums = w.col_sums.const_data_ptr<int32_t>();
+  for_each_chunk(w.blocks(), rows, kp, [&](int64_t b0, int nr) {
+    alignas(64) int32_t acc[sluice::amx::kTileRows * kMaxNR * kCols];
+    sluice::amx::w8a8_chunk(q, kp, 2 * rows, w.block(b0), w.k4(), nr, acc, [&](int64_t m0, int mr) {
+      finish_w8_i16(acc, mr / 2, nr, s, col_sums, o, m0 / 2, b0 * kCols);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // AVX2 (CPUs without AVX-512): weight-only, multiplied in integers. Without VNNI the fastest
 // multiply-add AVX2 has is vpmaddwd (16-bit pairs summed into int32: 16 products an instruction
 // against an fp32 FMA's 8; 78 against 50 GMAC/s on one Zen 3 core), so each activation row is
@@ -1010,10 +1095,14 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
   const Isa cpu = isa();
   const int64_t rows = x.size(0), k = x.size(1);
 #if SLUICE_X86
+  const int64_t kp = w.k4() * 4;
+  if (cpu.amx && rows > kMaxFusedMR && kp % 64 == 0 && kp <= kMaxI16Kp) {
+    if (x.scalar_type() == at::kBFloat16) return w8_i16_amx(x.const_data_ptr<at::BFloat16>(), x.stride(0), rows, w, o);
+    return w8_i16_amx(x.const_data_ptr<float>(), x.stride(0), rows, w, o);
+  }
   if (cpu.bf16 && x.scalar_type() == at::kBFloat16) {
     // The kernels read k in groups of 4 (the packing's): K % 4 != 0 gets zero columns, so that
     // nothing past a row (NaN, say, where the weight's padding is 0) is read.
-    const int64_t kp = w.k4() * 4;
     const at::Tensor xe = k < kp ? at::constant_pad_nd(x, {0, kp - k}) : x;
     return w8_bf16(xe.const_data_ptr<at::BFloat16>(), xe.stride(0), rows, w, o, cpu.vbmi, cpu.amx);
   }
@@ -1022,7 +1111,6 @@ void w8(const at::Tensor& x, const PackedInt8& w, const Output& o) {
     return w8_f32(xf.const_data_ptr<float>(), xf.stride(0), rows, w, o);
   }
   if (cpu.avx2) {
-    const int64_t kp = w.k4() * 4;
     // This thread's buffers, kept between calls: [rows, Kp] and [rows]. (A lambda that named a
     // thread_local would reach each thread's own: the threads get the pointers.)
     thread_local std::vector<int16_t> q_buffer;

@@ -16,9 +16,9 @@ bool available();
 // Called after each pass over up to 32 rows m0 .. m0 + mr: acc [mr][nr][16] holds their sums.
 using Done = std::function<void(int64_t m0, int mr)>;
 
-// W8A8: acc int32 <- sum_k x[m, k] * w[n, k] for the rows of x (u8, ldx bytes apart) and the nr
-// (1..4) column blocks of 16 at w, which follow each other k4 * 64 bytes apart in the packed
-// layout [k4][16][4]. k4 * 4 must be a multiple of 64.
+// u8 x s8 (W8A8, and weight-only's 16-bit rows as byte planes): acc int32 <- sum_k x[m, k] * w[n, k]
+// for the rows of x (u8, ldx bytes apart) and the nr (1..4) column blocks of 16 at w, which follow
+// each other k4 * 64 bytes apart in the packed layout [k4][16][4]. k4 * 4 must be a multiple of 64.
 void w8a8_chunk(const uint8_t* x, int64_t ldx, int64_t rows, const int8_t* w, int64_t k4, int nr, int32_t* acc,
                 const Done& done);
 
