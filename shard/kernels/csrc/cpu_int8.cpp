@@ -760,8 +760,8 @@ TARGET_AVX512 void split_row_i16(const T* x, int64_t k, uint8_t* lo, uint8_t* hi
 }
 
 // Epilogue of a pass over r rows: acc [2r][nr][16], the r rows' lo sums, then their hi sums.
-TARGET_AVX512 void finish_w8_i16(const int32_t* acc, int r, int nr, const float* s, const int32_t* col_sums,
-                                 const Output& o, int64_t m0, int64_t col0) {
+TARGET_AVX512 void finish_i16_planes(const int32_t* acc, int r, int nr, const float* s, const int32_t* col_sums,
+                                     const Output& o, int64_t m0, int64_t col0) {
   for (int m = 0; m < r; ++m)
     for (int j = 0; j < nr; ++j) {
       const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(col_sums + col0 + j * kCols), 7);
@@ -793,7 +793,7 @@ void w8_i16_amx(const T* x, int64_t ldx, int64_t rows, const PackedInt8& w, cons
   for_each_chunk(w.blocks(), rows, kp, [&](int64_t b0, int nr) {
     alignas(64) int32_t acc[sluice::amx::kTileRows * kMaxNR * kCols];
     sluice::amx::w8a8_chunk(q, kp, 2 * rows, w.block(b0), w.k4(), nr, acc, [&](int64_t m0, int mr) {
-      finish_w8_i16(acc, mr / 2, nr, s, col_sums, o, m0 / 2, b0 * kCols);
+      finish_i16_planes(acc, mr / 2, nr, s, col_sums, o, m0 / 2, b0 * kCols);
     });
   });
 }
