@@ -34,7 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CSRC = "shard/kernels/csrc"
 SOURCES = {"attention": "cpu_attention.cpp", "int8": "cpu_int8.cpp", "dense": "cpu_dense_avx2.cpp"}
-COMPANIONS = {"int8": ["cpu_int8_amx.cpp"]}  # sources a case's file calls into, where the revision has them
+COMPANIONS = {
+    "int8": ["cpu_int8_avx512.cpp", "cpu_int8_avx2.cpp", "cpu_int8_amx.cpp"]
+}  # sources a case's file calls into, where the revision has them
 # SmolLM2-135M: attention heads, and its decoder linears (fused qkv, o, fused gate/up, down) as [N, K].
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]

@@ -18,7 +18,18 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / f"cpu_{name}.cpp"
-    for name in ("attention", "extend", "step", "sampling", "linear", "int8", "int8_amx", "dense_avx2")
+    for name in (
+        "attention",
+        "extend",
+        "step",
+        "sampling",
+        "linear",
+        "int8",
+        "int8_avx512",
+        "int8_avx2",
+        "int8_amx",
+        "dense_avx2",
+    )
 ]
 _ISA_FLAGS = {  # what at::vec expects for each CPU_CAPABILITY, as Inductor compiles it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
