@@ -179,7 +179,7 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, vocab] float32 -> (argmax [N] int64, logsumexp [N] float32), one pass per row."""
+    """logits [N, vocab] float32 -> (argmax [N] int64, logsumexp [N] float32), in one call."""
     return torch.ops.sluice_cpu.argmax_logsumexp(logits)
 
 

@@ -99,6 +99,19 @@ def test_argmax_logsumexp_matches_torch(vocab):
     torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_argmax_logsumexp_of_rows_with_nan_and_infinities_matches_torch():
+    """A NaN is the maximum (its first one wins), +inf gives +inf, an all -inf row gives -inf."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.zeros(4, 40)
+    logits[0, [3, 30]] = nan
+    logits[1, [5, 33]] = inf
+    logits[2] = -inf
+    logits[3, 37] = 2.0  # the maximum past the last full vector
+    ids, lse = cpu_native.argmax_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(-1).tolist() == [3, 5, 0, 37]
+    torch.testing.assert_close(lse, logits.logsumexp(-1), equal_nan=True)
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 2, 10), (16, 1, 16)]
 )

@@ -1,6 +1,6 @@
-// Greedy sampling's reductions over the vocabulary in one pass per row: the argmax and the
-// log-sum-exp (for the chosen token's log-probability), instead of torch's separate argmax,
-// amax, subtract, exp, sum and log passes over [rows, vocab] fp32 logits.
+// Greedy sampling's reductions over the vocabulary in one call: the argmax and the log-sum-exp
+// (for the chosen token's log-probability), instead of torch's separate argmax, amax, subtract,
+// exp, sum and log passes over [rows, vocab] fp32 logits.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,36 +16,45 @@ namespace {
 using fVec = at::vec::Vectorized<float>;
 constexpr int kLanes = fVec::size();
 
-// Online log-sum-exp over one row (-inf entries, masked tokens, add nothing), with the index of
-// its first maximum; NaN counts as the maximum, as in torch.argmax.
+// One row's argmax (its first maximum; NaN counts as the maximum, as in torch.argmax) and
+// log-sum-exp (-inf entries, masked tokens, add nothing), in two passes over the row, the second
+// from cache: the max, then the sum of exp(x - max). One exp per element, against two for an
+// online log-sum-exp that rescales its running sum at every new maximum.
 std::pair<int64_t, float> argmax_lse_row(const float* x, int64_t n) {
-  const fVec neg_inf(-INFINITY), one(1.f), zero(0.f);
-  fVec vmax(neg_inf), vsum(zero);
+  const fVec neg_inf(-INFINITY), zero(0.f);
+  fVec vmax(neg_inf);  // at::vec::maximum propagates NaN
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const fVec v = fVec::loadu(x + i);
-    const fVec new_max = at::vec::maximum(vmax, v);
-    const fVec rescale = fVec::blendv((vmax - new_max).exp_u20(), one, vmax == new_max);
-    const fVec term = fVec::blendv((v - new_max).exp_u20(), zero, v == neg_inf);
-    vsum = vsum * rescale + term;
-    vmax = new_max;
-  }
-  float lanes_max[kLanes], lanes_sum[kLanes];
-  vmax.store(lanes_max);
-  vsum.store(lanes_sum);
+  for (; i + kLanes <= n; i += kLanes) vmax = at::vec::maximum(vmax, fVec::loadu(x + i));
+  float lanes[kLanes];
+  vmax.store(lanes);
   float max = -INFINITY;
-  for (int l = 0; l < kLanes; ++l) max = std::max(max, lanes_max[l]);
-  for (; i < n; ++i) max = std::max(max, x[i]);
-  float sum = 0.f;
-  for (int l = 0; l < kLanes; ++l)
-    if (lanes_max[l] > -INFINITY) sum += lanes_sum[l] * std::exp(lanes_max[l] - max);
-  for (i = n - n % kLanes; i < n; ++i) sum += std::exp(x[i] - max);
+  for (int l = 0; l < kLanes; ++l) max = std::isnan(lanes[l]) || std::isnan(max) ? NAN : std::max(max, lanes[l]);
+  for (; i < n; ++i) max = std::isnan(x[i]) || std::isnan(max) ? NAN : std::max(max, x[i]);
   int64_t index = 0;
   if (std::isnan(max)) {
     while (!std::isnan(x[index])) ++index;
-  } else {
-    while (x[index] != max) ++index;
+    return {index, max};
   }
+  // The first lane equal to the max: zero_mask() marks the lanes where x != max.
+  const fVec target(max);
+  for (; index + kLanes <= n; index += kLanes) {
+    const int unequal = (fVec::loadu(x + index) == target).zero_mask();
+    if (unequal != (1 << kLanes) - 1) {
+      index += __builtin_ctz(~unequal);
+      break;
+    }
+  }
+  while (x[index] != max) ++index;
+  if (std::isinf(max)) return {index, max};  // every entry masked (-inf), or an infinite logit (+inf)
+  fVec vsum(zero);
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    const fVec v = fVec::loadu(x + i);
+    vsum = vsum + fVec::blendv((v - target).exp_u20(), zero, v == neg_inf);
+  }
+  vsum.store(lanes);
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (; i < n; ++i) sum += std::exp(x[i] - max);
   return {index, max + std::log(sum)};
 }
 
