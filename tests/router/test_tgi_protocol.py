@@ -113,6 +113,7 @@ def test_refusals_after_tokenization():
     with pytest.raises(ValidationError, match=r"`inputs` must have at least one token. Given: 0"):
         validate({"inputs": "\x00"}, DroppingTokenizer(), LIMITS, stream=False)
     assert _refusal({"inputs": "x"}, input_ids=[256]) == "token ids must be in [0, 256)"
+    assert _refusal({"inputs": "x"}, input_ids=[3, -1]) == "token ids must be in [0, 256)"
 
 
 def test_tokenize_request():

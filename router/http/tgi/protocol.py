@@ -264,7 +264,7 @@ def validate(
         check_input_length(inputs, limits)
     if input_ids is None:
         input_ids = tokenizer.encode(_truncation_window(inputs, p.truncate), add_special_tokens=add_special_tokens)
-    elif any(not 0 <= i < tokenizer.vocab_size for i in input_ids):
+    elif input_ids and not (0 <= min(input_ids) and max(input_ids) < tokenizer.vocab_size):
         raise ValidationError(f"token ids must be in [0, {tokenizer.vocab_size})")
     if p.truncate is not None:
         input_ids = input_ids[-p.truncate :]
