@@ -453,17 +453,12 @@ void w8a8_amx(const QuantRows& a, int64_t rows, const PackedInt8& w, const Outpu
 // column sums:
 //   out[m, n] = s[m] * scale[n] * (256 * (sum_k (hi + 128) w - 128 * sum_k w) + sum_k lo w) (+ bias)
 // The int32 sums are exact (up to 255 * 127 * Kp < 2^31: kMaxI16Kp) and add up in one fp32
-// rounding. The weight streams once with no conversion: at 32 rows the bundled model's LM head takes 1.3 ms
-// against 2.3 for the bf16 tiles on its dequantized chunks (2-core AMX Xeon), its activations off
-// by at most 2^-16 of their row's largest magnitude instead of exact.
+// rounding. The weight streams once with no conversion: at 32 rows the bundled model's LM head
+// takes 1.3 ms against 2.3 for the bf16 tiles on its dequantized chunks (2-core AMX Xeon), its
+// activations off by at most 2^-16 of their row's largest magnitude instead of exact.
 
-// Activation rows as byte planes for the tiles: each group of 16 rows (the last may be shorter) is
-// its rows' lo planes, then their hi planes, so that a pass of 32 tile rows holds both for each row.
-struct I16Planes {
-  const uint8_t* q;    // [2 * M, Kp]
-  int64_t ld;          // Kp
-  const float* scale;  // [M]: s (NaN for a row with a NaN or infinity, 0 for an all-zero one)
-};
+// One row's planes (lo, hi: Kp bytes each) and its s (NaN for a row with a NaN or infinity, 0 for
+// an all-zero one).
 
 template <typename T>
 TARGET_AVX512 void split_row_i16(const T* x, int64_t k, uint8_t* lo, uint8_t* hi, int64_t kp, float* scale) {
@@ -511,6 +506,8 @@ void w8_i16_amx(const T* x, int64_t ldx, int64_t rows, const PackedInt8& w, cons
   if (s_buffer.size() < static_cast<size_t>(rows)) s_buffer.resize(rows);
   uint8_t* q = q_buffer.data();
   float* s = s_buffer.data();
+  // [2 * rows, Kp]: each group of 16 rows (the last may be shorter) is its rows' lo planes, then
+  // their hi planes, so that a pass of 32 tile rows holds both planes of each of its rows.
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t group = m / 16, r = std::min<int64_t>(16, rows - group * 16);
