@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -78,6 +79,30 @@ T* scratch(int64_t count) {
   const size_t lines = static_cast<size_t>((count * static_cast<int64_t>(sizeof(T)) + 63) / 64);
   if (buffer.size() < lines) buffer.resize(lines);
   return reinterpret_cast<T*>(buffer.data());
+}
+
+// The calling thread's buffer of `count` T for an op's prepared activation rows, kept between
+// calls; the chunk loops' threads read it through the pointer. Not scratch(): those threads, the
+// calling one among them, use their scratch meanwhile.
+template <typename T>
+T* rows_buffer(int64_t count) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < static_cast<size_t>(count)) buffer.resize(count);
+  return buffer.data();
+}
+
+// Weight-only rows multiplied in integers (AVX2, AMX) are rounded to 16 bits: q = rne(x * inv),
+// inv = 32767 / max|x|. Returns inv (0 for an all-zero or subnormal row, so q = 0) and sets *scale
+// = 1 / inv (0 there; NaN for a row with a NaN or infinity, which has no scale).
+inline float i16_row_inv(float amax, bool finite, float* scale) {
+  if (!finite) {
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    return 0.f;
+  }
+  float inv = 32767.f / amax;
+  if (!(inv < std::numeric_limits<float>::infinity())) inv = 0.f;
+  *scale = inv > 0.f ? 1.f / inv : 0.f;
+  return inv;
 }
 
 // Column blocks handed to threads in contiguous ranges; a range is walked in chunks of up to

@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 namespace sluice::int8 {
 
@@ -62,14 +61,11 @@ TARGET_AVX2 void quantize_row_i16(const T* x, int64_t k, int16_t* q, int64_t kp,
   float m = 0.f, p = 0.f;
   for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]), p += bad[j];
   for (; i < k; ++i) m = std::max(m, std::fabs(static_cast<float>(x[i]))), p += static_cast<float>(x[i]) * 0.f;
-  if (!std::isfinite(p)) {
+  const float inv = i16_row_inv(m, std::isfinite(p), scale);
+  if (std::isnan(*scale)) {
     std::memset(q, 0, kp * sizeof(int16_t));
-    *scale = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  float inv = 32767.f / m;
-  if (!(inv < std::numeric_limits<float>::infinity())) inv = 0.f;  // all zero (or subnormal): q = 0
-  *scale = inv > 0.f ? 1.f / inv : 0.f;
   static constexpr int kSlot[4] = {0, 2, 1, 3};  // where k0..k3 of a group go
   const __m256 vinv = _mm256_set1_ps(inv);
   const __m256i order = _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
@@ -254,14 +250,8 @@ void w8_i16_avx2(const I16Rows& a, int64_t rows, const PackedInt8& w, const Outp
 
 void w8_avx2(const at::Tensor& x, const PackedInt8& w, const Output& o) {
   const int64_t rows = x.size(0), k = x.size(1), kp = w.k4() * 4;
-  // This thread's buffers, kept between calls: [rows, Kp] and [rows]. (A lambda that named a
-  // thread_local would reach each thread's own: the threads get the pointers.)
-  thread_local std::vector<int16_t> q_buffer;
-  thread_local std::vector<float> s_buffer;
-  if (q_buffer.size() < static_cast<size_t>(rows * kp)) q_buffer.resize(rows * kp);
-  if (s_buffer.size() < static_cast<size_t>(rows)) s_buffer.resize(rows);
-  int16_t* q = q_buffer.data();
-  float* s = s_buffer.data();
+  int16_t* q = rows_buffer<int16_t>(rows * kp);  // [rows, Kp]
+  float* s = rows_buffer<float>(rows);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       if (x.scalar_type() == at::kBFloat16)

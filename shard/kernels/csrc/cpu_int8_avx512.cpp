@@ -11,7 +11,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 namespace sluice::int8 {
 
@@ -468,11 +467,7 @@ TARGET_AVX512 void split_row_i16(const T* x, int64_t k, uint8_t* lo, uint8_t* hi
     amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     poison = _mm512_add_ps(poison, _mm512_mul_ps(v, _mm512_setzero_ps()));
   }
-  const float m = _mm512_reduce_max_ps(amax);
-  float inv = 32767.f / m;
-  if (!(inv < std::numeric_limits<float>::infinity())) inv = 0.f;  // all zero (or subnormal): q = 0
-  *scale = inv > 0.f ? 1.f / inv : 0.f;
-  if (!std::isfinite(_mm512_reduce_add_ps(poison))) *scale = std::numeric_limits<float>::quiet_NaN(), inv = 0.f;
+  const float inv = i16_row_inv(_mm512_reduce_max_ps(amax), std::isfinite(_mm512_reduce_add_ps(poison)), scale);
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i low_byte = _mm512_set1_epi32(255), offset = _mm512_set1_epi32(128);
   for (int64_t i = 0; i < kp; i += 16) {
@@ -499,13 +494,8 @@ TARGET_AVX512 void finish_i16_planes(const int32_t* acc, int r, int nr, const fl
 template <typename T>
 void w8_i16_amx(const T* x, int64_t ldx, int64_t rows, const PackedInt8& w, const Output& o) {
   const int64_t k = w.k, kp = w.k4() * 4;
-  // This thread's buffers, kept between calls (the worker threads get the pointers).
-  thread_local std::vector<uint8_t> q_buffer;
-  thread_local std::vector<float> s_buffer;
-  if (q_buffer.size() < static_cast<size_t>(2 * rows * kp)) q_buffer.resize(2 * rows * kp);
-  if (s_buffer.size() < static_cast<size_t>(rows)) s_buffer.resize(rows);
-  uint8_t* q = q_buffer.data();
-  float* s = s_buffer.data();
+  uint8_t* q = rows_buffer<uint8_t>(2 * rows * kp);
+  float* s = rows_buffer<float>(rows);
   // [2 * rows, Kp]: each group of 16 rows (the last may be shorter) is its rows' lo planes, then
   // their hi planes, so that a pass of 32 tile rows holds both planes of each of its rows.
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {

@@ -27,9 +27,10 @@ std::pair<int64_t, float> argmax_lse_row(const float* x, int64_t n) {
   for (; i + kLanes <= n; i += kLanes) vmax = at::vec::maximum(vmax, fVec::loadu(x + i));
   float lanes[kLanes];
   vmax.store(lanes);
+  const auto fold = [](float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); };
   float max = -INFINITY;
-  for (int l = 0; l < kLanes; ++l) max = std::isnan(lanes[l]) || std::isnan(max) ? NAN : std::max(max, lanes[l]);
-  for (; i < n; ++i) max = std::isnan(x[i]) || std::isnan(max) ? NAN : std::max(max, x[i]);
+  for (int l = 0; l < kLanes; ++l) max = fold(max, lanes[l]);
+  for (; i < n; ++i) max = fold(max, x[i]);
   int64_t index = 0;
   if (std::isnan(max)) {
     while (!std::isnan(x[index])) ++index;
