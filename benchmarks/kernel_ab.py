@@ -13,10 +13,11 @@ there).
     .venv/bin/python -m benchmarks.kernel_ab attention --rev HEAD
     .venv/bin/python -m benchmarks.kernel_ab int8 --rev HEAD~2 --rows 1 8 32
     .venv/bin/python -m benchmarks.kernel_ab dense --rev HEAD --rows 1 32
+    .venv/bin/python -m benchmarks.kernel_ab dense_amx --rev HEAD --rows 1 32 256
 
 Cases: `attention` (paged decode attention on SmolLM2-135M's heads, 10 layers of a cache as large as
---cache-blocks, blocks in order and scattered at random), `int8` and `dense` (the model's 30 layers
-of decoder linears, int8 or bf16 weights, bf16 activations).
+--cache-blocks, blocks in order and scattered at random), `int8`, `dense` and `dense_amx` (the model's
+30 layers of decoder linears, int8 or bf16 weights, bf16 activations; the AVX2 or the AMX kernels).
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = "shard/kernels/csrc"
-SOURCES = {"attention": "cpu_attention.cpp", "int8": "cpu_int8.cpp", "dense": "cpu_dense_avx2.cpp"}
+SOURCES = {
+    "attention": "cpu_attention.cpp",
+    "int8": "cpu_int8.cpp",
+    "dense": "cpu_dense_avx2.cpp",
+    "dense_amx": "cpu_dense_amx.cpp",
+}
 COMPANIONS = {
-    "int8": ["cpu_int8_avx512.cpp", "cpu_int8_avx2.cpp", "cpu_int8_amx.cpp"]
-}  # sources a case's file calls into, where the revision has them
+    "int8": ["cpu_int8_avx512.cpp", "cpu_int8_avx2.cpp", "cpu_int8_amx.cpp", "cpu_amx.cpp"],
+    "dense_amx": ["cpu_amx.cpp"],
+}  # sources a case's file calls into, where the revision has them (cpu_amx.cpp was cpu_int8_amx.cpp)
 # SmolLM2-135M: attention heads, and its decoder linears (fused qkv, o, fused gate/up, down) as [N, K].
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -118,7 +125,7 @@ def attention_cases(args) -> list[tuple[str, Callable[[], None], Callable[[], No
     return cases
 
 
-def linear_cases(args, int8: bool) -> list[tuple[str, Callable[[], None], Callable[[], None], int]]:
+def linear_cases(args, case: str) -> list[tuple[str, Callable[[], None], Callable[[], None], int]]:
     """(label, old, new, calls per timing) for each row count, over 30 layers of the decoder linears."""
     import torch
 
@@ -130,11 +137,11 @@ def linear_cases(args, int8: bool) -> list[tuple[str, Callable[[], None], Callab
     for n, k in shapes:
         w = torch.randn(n, k) * 0.05
         for ns, ops in namespaces.items():
-            if int8:
+            if case == "int8":
                 w8, scales = cpu_int8.quantize_per_channel(w)
                 packed[ns].append(ops.pack_int8_weight(w8, scales))
             else:
-                packed[ns].append(ops.pack_dense_avx2(w.to(torch.bfloat16)))
+                packed[ns].append(getattr(ops, f"pack_{case}")(w.to(torch.bfloat16)))
     cases = []
     for rows in args.rows:
         xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in {k for _, k in LINEARS}}
@@ -142,10 +149,10 @@ def linear_cases(args, int8: bool) -> list[tuple[str, Callable[[], None], Callab
         def run(ns, xs=xs):
             ops = namespaces[ns]
             for (n, k), handle in zip(shapes, packed[ns]):
-                if int8:
+                if case == "int8":
                     ops.int8_linear(xs[k], handle, n, None, cpu_int8.NEVER)
                 else:
-                    ops.dense_avx2_linear(xs[k], handle, n, None)
+                    getattr(ops, f"{case}_linear")(xs[k], handle, n, None)
 
         cases.append((f"{rows} rows", lambda run=run: run("old"), lambda run=run: run("new"), len(shapes)))
     return cases
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("case", choices=sorted(SOURCES))
     p.add_argument("--rev", default="HEAD", help="the git revision of the old build (default HEAD)")
     p.add_argument("--rounds", type=int, default=12, help="timings of each build per shape")
-    p.add_argument("--rows", type=int, nargs="+", help="int8/dense: activation rows (default 1 4 8 32 64)")
+    p.add_argument("--rows", type=int, nargs="+", help="int8/dense(_amx): activation rows (default 1 4 8 32 64)")
     p.add_argument("--cache-blocks", type=int, help="attention: blocks per layer's K and V cache (default 4096)")
     args = p.parse_args(argv)
     if args.case == "attention" and args.rows is not None:
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cpu_native.load(default_cache_dir())
     load_revision(args.case, args.rev, default_cache_dir())
-    cases = attention_cases(args) if args.case == "attention" else linear_cases(args, int8=args.case == "int8")
+    cases = attention_cases(args) if args.case == "attention" else linear_cases(args, args.case)
     print(f"{SOURCES[args.case]}: {args.rev} (old) against the working tree (new), median µs per call")
     for label, old, new, calls in cases:
         t_old, t_new = in_turns(old, new, args.rounds)

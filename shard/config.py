@@ -34,7 +34,7 @@ def batch_sizes(text: str) -> tuple[int, ...]:
 
 
 CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-CPU_GEMM_KERNELS = ("auto", "onednn", "avx2", "aten")  # shard/kernels/cpu_gemm.py
+CPU_GEMM_KERNELS = ("auto", "onednn", "amx", "avx2", "aten")  # shard/kernels/cpu_gemm.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +85,9 @@ class ShardConfig:
     )
     cpu_gemm: str = flag(
         "auto",
-        "CPU linear layers, weights packed at load: oneDNN, or our AVX2 kernels (auto: AVX2 ones on CPUs "
-        "without AVX-512, oneDNN elsewhere); aten: F.linear (MKL)",
+        "CPU linear layers, weights packed at load: oneDNN, our AMX kernels (bfloat16 weights) or our AVX2 "
+        "ones (auto: AMX for bfloat16 weights on CPUs with AMX, AVX2 on CPUs without AVX-512, oneDNN "
+        "elsewhere); aten: F.linear (MKL)",
         choices=CPU_GEMM_KERNELS,
         forward=True,
     )

@@ -27,7 +27,8 @@ _SOURCES = [
         "int8",
         "int8_avx512",
         "int8_avx2",
-        "int8_amx",
+        "amx",
+        "dense_amx",
         "dense_avx2",
     )
 ]
@@ -91,6 +92,10 @@ def _register_fakes() -> None:
     """Shapes of the ops a compiled forward calls, for tracing."""
 
     @torch.library.register_fake("sluice_cpu::packed_linear")
+    def _(x, handle, out_features, bias):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("sluice_cpu::dense_amx_linear")
     def _(x, handle, out_features, bias):
         return x.new_empty(*x.shape[:-1], out_features)
 

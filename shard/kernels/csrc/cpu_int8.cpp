@@ -11,7 +11,7 @@
 //    weight; elsewhere a thread converts a chunk of 64 output columns into a small scratch once
 //    and runs every row against it, while prefetching its next chunk.
 //  - dynamic (W8A8): each activation row is quantized to u8 with its own scale and zero point and
-//    the integer matmul runs on AMX tiles (cpu_int8_amx.cpp) or VNNI (vpdpbusd: u8 x s8, 64
+//    the integer matmul runs on AMX tiles (cpu_amx.cpp) or VNNI (vpdpbusd: u8 x s8, 64
 //    multiply-adds an instruction, twice the rate of bf16), the zero point corrected with the
 //    weight's column sums:
 //      out[m, n] = sx[m] * sw[n] * (sum_k q[m, k] w[n, k] - zp[m] * sum_k w[n, k]) + bias[n]
@@ -29,7 +29,7 @@
 // matmul) but with the same results up to summation order.
 //
 // Files: this one packs weights, picks the kernels and holds the scalar loops; cpu_int8_avx512.cpp
-// the AVX-512 kernels (and the AMX paths' quantization and epilogues), cpu_int8_amx.cpp the AMX
+// the AVX-512 kernels (and the AMX paths' quantization and epilogues), cpu_amx.cpp the AMX
 // tiles, cpu_int8_avx2.cpp the AVX2 kernels; cpu_int8.h what they share.
 
 #include <ATen/ATen.h>
@@ -37,7 +37,7 @@
 #include <torch/library.h>
 
 #include "cpu_int8.h"
-#include "cpu_int8_amx.h"
+#include "cpu_amx.h"
 #include "cpu_packed.h"
 
 #include <algorithm>

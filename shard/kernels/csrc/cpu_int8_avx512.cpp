@@ -1,12 +1,12 @@
 // The int8 linears' AVX-512 kernels (see cpu_int8.cpp for the whole): weight-only by AVX512-BF16
 // dot products or FMAs against the weight converted in registers or in a scratch chunk, W8A8 by
-// VNNI, and the AMX paths' quantization and epilogues around cpu_int8_amx.cpp's tiles. Each
+// VNNI, and the AMX paths' quantization and epilogues around cpu_amx.cpp's tiles. Each
 // kernel carries its target attributes; cpu_int8.cpp calls them on CPUs that have the features.
 
 #include "cpu_int8.h"
 
 #if SLUICE_X86
-#include "cpu_int8_amx.h"
+#include "cpu_amx.h"
 #include "cpu_packed.h"
 
 #include <cmath>

@@ -1,4 +1,5 @@
-// The int8 linears' chunks on Intel AMX (cpu_int8_amx.cpp), for cpu_int8.cpp's chunk loops.
+// The int8 and bfloat16 linears' chunks on Intel AMX (cpu_amx.cpp), for cpu_int8.cpp's chunk loops
+// and cpu_dense_amx.cpp.
 #pragma once
 
 #include <cstdint>
@@ -26,5 +27,16 @@ void w8a8_chunk(const uint8_t* x, int64_t ldx, int64_t rows, const int8_t* w, in
 // of nr blocks dequantized to bf16 pairs [k_pairs][nr][16][2]. k_pairs * 2 must be a multiple of 32.
 void w8_bf16_chunk(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* w, int64_t k_pairs, int nr,
                    float* acc, const Done& done);
+
+// Called after each pass over up to 32 rows m0 .. m0 + mr of column block b: acc [mr][32] holds their sums.
+using BlockDone = std::function<void(int64_t b, int64_t m0, int mr)>;
+
+// Dense bf16: acc float <- sum_k x[m, k] * w[n, k] for bf16 rows x (ldx elements apart) and `blocks`
+// consecutive blocks of 32 columns, each stored as pairs [k_pairs][32][2] (k_pairs * 128 bytes);
+// k_pairs * 2 must be a multiple of 32. Each block takes every row in passes of 32, so a block is read
+// from memory once (prefetched ahead) while the rows, which the caller keeps few enough for L2, are
+// read once per block.
+void bf16_blocks(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* w, int64_t k_pairs, int64_t blocks,
+                 float* acc, const BlockDone& done);
 
 }  // namespace sluice::amx
