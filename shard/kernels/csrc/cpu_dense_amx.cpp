@@ -120,8 +120,8 @@ at::Tensor dense_amx_linear(const at::Tensor& x, int64_t handle, int64_t out_fea
   TORCH_CHECK(out_features == w->n, "AMX dense weight ", handle, " has ", w->n, " outputs, not ", out_features);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w->k, "x [..., ", w->k, "] expected, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = w->n;
+  const auto out_shape = sluice::linear_out_shape(x, w->n);
+  const at::Tensor b = sluice::float_bias(bias, w->n);
   at::Tensor xb = x.reshape({-1, w->k});  // [M, K]
   if (xb.size(0) > kMaxTileRows) {
     return onednn_linear(xb.contiguous(), *w, bias).view(out_shape);
@@ -131,11 +131,6 @@ at::Tensor dense_amx_linear(const at::Tensor& x, int64_t handle, int64_t out_fea
   const int64_t rows = xb.size(0);
   auto out = at::empty({rows, w->n}, x.options());  // [M, N]
   if (rows == 0 || w->n == 0) return out.view(out_shape);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == w->n, "bias must have ", w->n, " elements");
-    b = bias->to(at::kFloat).contiguous();
-  }
 #if SLUICE_X86
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const auto* xp = xb.const_data_ptr<at::BFloat16>();

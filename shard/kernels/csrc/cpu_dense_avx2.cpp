@@ -165,15 +165,10 @@ at::Tensor dense_avx2_linear(const at::Tensor& x, int64_t handle, int64_t out_fe
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const at::Tensor xf = x.reshape({-1, w->k}).to(at::kFloat).contiguous();  // [M, K]; bf16 -> fp32 is exact
   const int64_t rows = xf.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = w->n;
+  const auto out_shape = sluice::linear_out_shape(x, w->n);
   auto out = at::empty({rows, w->n}, x.options());  // [M, N]
   if (rows == 0 || w->n == 0) return out.view(out_shape);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == w->n, "bias must have ", w->n, " elements");
-    b = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor b = sluice::float_bias(bias, w->n);
 #if SLUICE_X86
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const float* xp = xf.const_data_ptr<float>();

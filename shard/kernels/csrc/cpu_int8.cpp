@@ -294,15 +294,10 @@ at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features
   auto x2 = x.reshape({-1, w->k});  // [M, K]
   if (x2.stride(-1) != 1 || (x2.size(0) > 1 && x2.stride(0) < w->k)) x2 = x2.contiguous();
   const int64_t rows = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = w->n;
+  const auto out_shape = sluice::linear_out_shape(x, w->n);
   auto out = at::empty({rows, w->n}, x.options());  // [M, N]
   if (rows == 0 || w->n == 0) return out.view(out_shape);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == w->n, "bias must have ", w->n, " elements");
-    b = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor b = sluice::float_bias(bias, w->n);
   const Output o{out.data_ptr(), w->n, x.scalar_type() == at::kBFloat16, w->scales.const_data_ptr<float>(),
                  b.defined() ? b.const_data_ptr<float>() : nullptr};
   if (rows >= act_quant_min_rows)

@@ -9,6 +9,8 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <vector>
 
 namespace sluice {
 
@@ -45,6 +47,20 @@ class PackedRegistry {
   std::mutex mutex_;
   std::deque<std::shared_ptr<const T>> slots_;  // released slots hold nullptr
 };
+
+// A linear's output shape: x's [..., K] with its last dimension n.
+inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+// A linear's bias [n] as contiguous float32, or an undefined tensor without one.
+inline at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK(bias->numel() == n, "bias must have ", n, " elements");
+  return bias->to(at::kFloat).contiguous();
+}
 
 // Rows in as few tiles of at most MaxMR as possible, of near-equal heights (8 rows with MaxMR 6:
 // 4 + 4, not 6 + 2: a short tile reloads the weights for few multiply-adds). tile(m0, mr).
